@@ -1,0 +1,72 @@
+/**
+ * The one configuration schema. The Config type is inferred from it, the defaults live in it, and
+ * docs/configuration.md documents it key by key. Names follow Synapse where Synapse has the same
+ * setting (server_name, signing_key_path, old_signing_keys, key_refresh_interval,
+ * registration_shared_secret, trusted_key_servers).
+ */
+import { Type, type Static } from '@sinclair/typebox';
+
+const Duration = Type.Union([Type.Integer({ minimum: 0 }), Type.String()], {
+  description: 'milliseconds, or a string such as "500ms", "30s", "10m", "1h", "1d", "1w"',
+});
+
+const strict = { additionalProperties: false } as const;
+
+export const ConfigSchema = Type.Object(
+  {
+    server_name: Type.String({ default: 'localhost', description: 'the Matrix server name (the part after ":" in user IDs)' }),
+    public_baseurl: Type.Optional(Type.String({ description: 'the public URL clients reach us at, for /.well-known/matrix/client' })),
+    listen: Type.Object(
+      {
+        host: Type.String({ default: '127.0.0.1' }),
+        port: Type.Integer({ minimum: 0, maximum: 65535, default: 8008 }),
+      },
+      { ...strict, default: {} },
+    ),
+    database: Type.Object(
+      {
+        sqlite: Type.Optional(Type.String({ description: 'path of the SQLite database file' })),
+        postgres: Type.Optional(Type.String({ description: 'a postgres:// connection URL' })),
+        pool_size: Type.Integer({ minimum: 1, maximum: 1000, default: 10, description: 'PostgreSQL connections per process' }),
+      },
+      { ...strict, default: {} },
+    ),
+    signing_key_path: Type.String({ default: './data/signing.key' }),
+    old_signing_keys: Type.Record(
+      Type.String(),
+      Type.Object({ key: Type.String(), expired_ts: Type.Integer({ minimum: 0 }) }, strict),
+      { default: {} },
+    ),
+    key_refresh_interval: Type.Union([Duration], { default: '1d' }),
+    registration_shared_secret: Type.Optional(Type.String({ minLength: 1 })),
+    federation: Type.Object(
+      {
+        resolve: Type.Record(Type.String(), Type.String(), { default: {} }),
+        trusted_key_servers: Type.Array(
+          Type.Object(
+            {
+              server_name: Type.String(),
+              verify_keys: Type.Optional(Type.Record(Type.String(), Type.String())),
+            },
+            strict,
+          ),
+          { default: [] },
+        ),
+        allow_device_name_lookup: Type.Boolean({ default: false }),
+      },
+      { ...strict, default: {} },
+    ),
+    max_request_body_bytes: Type.Integer({ minimum: 1024, default: 10 * 1024 * 1024 }),
+    log_level: Type.Union(
+      ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
+      { default: 'info' },
+    ),
+  },
+  strict,
+);
+
+export type Config = Static<typeof ConfigSchema>;
+
+/** Keys whose values are secrets: masked when the configuration is printed. */
+export const SECRET_KEYS: ReadonlySet<string> = new Set(['registration_shared_secret']);
+

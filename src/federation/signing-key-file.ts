@@ -1,0 +1,75 @@
+/**
+ * Signing key files in Synapse's format, so operators can bring an existing key: one key per line,
+ * `ed25519 <key_version> <unpadded base64 seed>`. The first key signs; every key in the file is
+ * published in `verify_keys`.
+ */
+import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { decodeBase64, encodeUnpaddedBase64 } from '../matrix/base64.js';
+import { generateSigningKey, KEY_VERSION, signingKeyFromSeed, type SigningKey } from '../matrix/signing.js';
+
+export class SigningKeyFileError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'SigningKeyFileError';
+  }
+}
+
+export function formatSigningKeys(keys: readonly SigningKey[]): string {
+  return keys.map((k) => `ed25519 ${k.version} ${encodeUnpaddedBase64(k.seed)}\n`).join('');
+}
+
+export function parseSigningKeys(text: string, source: string): SigningKey[] {
+  const keys: SigningKey[] = [];
+  text.split('\n').forEach((line, i) => {
+    const trimmed = line.trim();
+    if (trimmed === '' || trimmed.startsWith('#')) return;
+    const where = `${source} line ${i + 1}`;
+    const parts = trimmed.split(/\s+/);
+    if (parts.length !== 3) throw new SigningKeyFileError(`${where}: expected "ed25519 <key_version> <base64 seed>", found ${parts.length} fields`);
+    const [alg, version, seedText] = parts as [string, string, string];
+    if (alg !== 'ed25519') throw new SigningKeyFileError(`${where}: unsupported algorithm "${alg}"; only ed25519 keys are used in Matrix`);
+    if (!KEY_VERSION.test(version)) throw new SigningKeyFileError(`${where}: key version "${version}" may only contain a-z, A-Z, 0-9 and _`);
+    const seed = decodeBase64(seedText);
+    if (!seed || seed.length !== 32) throw new SigningKeyFileError(`${where}: the key must be the base64 of a 32-byte ed25519 seed`);
+    keys.push(signingKeyFromSeed(version, seed));
+  });
+  if (keys.length === 0) throw new SigningKeyFileError(`${source} holds no signing key; delete it to have a new one generated, or run "mxkeys generate-key --out ${source}"`);
+  return keys;
+}
+
+export function readSigningKeys(path: string): SigningKey[] {
+  let text: string;
+  try {
+    text = readFileSync(path, 'utf8');
+  } catch (e) {
+    throw new SigningKeyFileError(`cannot read the signing key file ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
+  return parseSigningKeys(text, path);
+}
+
+/** Writes a new key file (mode 0600); refuses to overwrite an existing file. */
+export function writeNewSigningKeyFile(path: string, key: SigningKey = generateSigningKey()): SigningKey {
+  mkdirSync(dirname(path), { recursive: true });
+  try {
+    writeFileSync(path, formatSigningKeys([key]), { flag: 'wx', mode: 0o600 });
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new SigningKeyFileError(`${path} already exists; refusing to overwrite a signing key`);
+    throw new SigningKeyFileError(`cannot write the signing key file ${path}: ${(e as Error).message}`);
+  }
+  chmodSync(path, 0o600);
+  return key;
+}
+
+/** Reads the key file, creating it with a fresh key on first start. */
+export function loadOrCreateSigningKeys(path: string): { keys: SigningKey[]; created: boolean } {
+  if (!existsSync(path)) {
+    try {
+      return { keys: [writeNewSigningKeyFile(path)], created: true };
+    } catch (e) {
+      // Another process sharing the data directory created it first.
+      if (!(e instanceof SigningKeyFileError) || !existsSync(path)) throw e;
+    }
+  }
+  return { keys: readSigningKeys(path), created: false };
+}

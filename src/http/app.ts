@@ -1,0 +1,122 @@
+/**
+ * The Fastify application, apart from `listen` so tests can drive it with real HTTP on port 0.
+ * Cross-cutting behaviour lives here: JSON bodies, the Matrix error mapping, 404/405, CORS.
+ * Routes are plugins that each receive only the services they need.
+ */
+import Fastify, { LogController, type FastifyInstance } from 'fastify';
+import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
+import type { Logger } from 'pino';
+import { randomBytes } from 'node:crypto';
+import { MatrixError } from '../matrix/errors.js';
+import { parseJsonBody } from './json-body.js';
+import { sendMatrixError } from './errors.js';
+import { serverKeyRoutes } from './routes/server-keys.js';
+import { federationInfoRoutes } from './routes/federation-info.js';
+import type { OwnServerKeys } from '../federation/own-keys.js';
+
+export type App = FastifyInstance<
+  import('node:http').Server,
+  import('node:http').IncomingMessage,
+  import('node:http').ServerResponse,
+  Logger,
+  TypeBoxTypeProvider
+>;
+
+export interface AppDeps {
+  readonly logger: Logger;
+  readonly maxRequestBodyBytes: number;
+  readonly ownKeys: OwnServerKeys;
+}
+
+const CORS_HEADERS = {
+  'access-control-allow-origin': '*',
+  'access-control-allow-methods': 'GET, POST, PUT, DELETE, OPTIONS',
+  'access-control-allow-headers': 'X-Requested-With, Content-Type, Authorization',
+};
+
+/** Turns a route URL (`/a/:b/*`) into a matcher for concrete paths, to tell 405 from 404. */
+function routeMatcher(url: string): RegExp {
+  const escaped = url
+    .split('/')
+    .map((seg) => (seg.startsWith(':') ? '[^/]+' : seg === '*' ? '.*' : seg.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')))
+    .join('/');
+  return new RegExp(`^${escaped}$`);
+}
+
+export function buildApp(deps: AppDeps): App {
+  const prefix = randomBytes(3).toString('hex');
+  let counter = 0;
+  const app = Fastify({
+    loggerInstance: deps.logger,
+    // Per-request logs cost throughput; request errors are logged by the error handler.
+    logController: new LogController({ disableRequestLogging: true }),
+    bodyLimit: deps.maxRequestBodyBytes,
+    genReqId: () => `${prefix}-${(++counter).toString(36)}`,
+    // User IDs (up to 255 bytes, percent-encoded up to 3x) travel in path segments.
+    routerOptions: { maxParamLength: 1024 },
+    // Validation must never change what a client sent: signed objects are stored verbatim.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
+    forceCloseConnections: 'idle',
+    return503OnClosing: true,
+    frameworkErrors: (error, request, reply) => {
+      sendMatrixError(error, request, reply);
+    },
+  }).withTypeProvider<TypeBoxTypeProvider>() as App;
+
+  app.removeAllContentTypeParsers();
+  app.addContentTypeParser('*', { parseAs: 'buffer' }, (_request, body, done) => {
+    try {
+      done(null, parseJsonBody(body as Buffer));
+    } catch (e) {
+      done(e as Error, undefined);
+    }
+  });
+
+  const routes: { method: string; matcher: RegExp }[] = [];
+  app.addHook('onRoute', (route) => {
+    const methods = Array.isArray(route.method) ? route.method : [route.method];
+    for (const method of methods) if (method !== 'OPTIONS') routes.push({ method, matcher: routeMatcher(route.url ?? route.path) });
+  });
+
+  app.addHook('onRequest', (_request, reply, done) => {
+    reply.headers(CORS_HEADERS);
+    done();
+  });
+
+  // While shutting down, answers to requests already in flight close their connection, so the
+  // process does not wait for idle keep-alive connections to time out.
+  let draining = false;
+  app.addHook('preClose', (done) => {
+    draining = true;
+    done();
+  });
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (draining) reply.header('connection', 'close');
+    done(null, payload);
+  });
+
+  app.setErrorHandler((error, request, reply) => sendMatrixError(error, request, reply));
+  app.setNotFoundHandler((request, reply) => {
+    const path = request.url.split('?', 1)[0]!;
+    const allowed = [...new Set(routes.filter((r) => r.matcher.test(path)).map((r) => r.method))];
+    if (allowed.length > 0) {
+      reply.header('allow', allowed.join(', '));
+      return sendMatrixError(
+        new MatrixError('M_UNRECOGNIZED', `${request.method} is not supported on ${path}; use ${allowed.join(' or ')}`, 405),
+        request,
+        reply,
+      );
+    }
+    return sendMatrixError(new MatrixError('M_UNRECOGNIZED', `Unrecognized request: ${request.method} ${path}`, 404), request, reply);
+  });
+
+  // CORS pre-flight: answered for every path without running any endpoint logic (C-S spec,
+  // "Web Browser Clients"); 200 with an empty object, as Synapse answers.
+  app.options('*', (_request, reply) => {
+    reply.type('application/json').send('{}');
+  });
+
+  app.register(serverKeyRoutes, { ownKeys: deps.ownKeys });
+  app.register(federationInfoRoutes);
+  return app;
+}

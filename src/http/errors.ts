@@ -1,0 +1,61 @@
+/**
+ * The one mapping from anything thrown in a request to a Matrix error response. Request handlers
+ * throw MatrixError; Fastify's own errors (validation, body size, bad URLs) are translated here;
+ * anything else is our bug: 500 M_UNKNOWN, logged with the request id, no details to the client.
+ */
+import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import { MatrixError, type Errcode } from '../matrix/errors.js';
+
+interface ValidationIssue {
+  keyword: string;
+  instancePath: string;
+  message?: string;
+  params: Record<string, unknown>;
+}
+
+function describeValidation(issue: ValidationIssue, context: string): string {
+  const where = `${context}${issue.instancePath.replace(/\//g, '.')}`;
+  switch (issue.keyword) {
+    case 'required':
+      return `${where} is missing the required field "${String(issue.params['missingProperty'])}"`;
+    case 'type':
+      return `${where} must be ${String(issue.params['type'])}`;
+    case 'additionalProperties':
+      return `${where} has an unexpected field "${String(issue.params['additionalProperty'])}"`;
+    default:
+      return `${where} ${issue.message ?? 'is invalid'}`;
+  }
+}
+
+/** Turns a thrown value into the MatrixError we answer with. */
+export function toMatrixError(error: unknown, requestId: string): { matrix: MatrixError; unexpected: boolean } {
+  if (error instanceof MatrixError) return { matrix: error, unexpected: false };
+  const fe = error as Partial<FastifyError> & { validation?: ValidationIssue[]; validationContext?: string };
+  if (Array.isArray(fe.validation) && fe.validation.length > 0) {
+    const issue = fe.validation[0]!;
+    const errcode: Errcode = issue.keyword === 'required' ? 'M_MISSING_PARAM' : 'M_BAD_JSON';
+    const context = fe.validationContext === 'body' ? 'the request body' : (fe.validationContext ?? 'the request');
+    return { matrix: new MatrixError(errcode, describeValidation(issue, context)), unexpected: false };
+  }
+  if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE' || fe.statusCode === 413) {
+    return { matrix: new MatrixError('M_TOO_LARGE', 'The request body is larger than this server accepts (max_request_body_bytes)', 413), unexpected: false };
+  }
+  if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
+    const errcode: Errcode = fe.statusCode === 400 ? 'M_BAD_JSON' : 'M_UNKNOWN';
+    return { matrix: new MatrixError(errcode, fe.message ?? 'Bad request', fe.statusCode), unexpected: false };
+  }
+  return {
+    matrix: new MatrixError('M_UNKNOWN', `Internal server error; the server log has the details under request id ${requestId}`, 500),
+    unexpected: true,
+  };
+}
+
+export function sendMatrixError(error: unknown, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+  const { matrix, unexpected } = toMatrixError(error, request.id);
+  if (unexpected) request.log.error({ err: error, method: request.method, url: request.url }, 'unexpected error while handling a request');
+  else if (matrix.status >= 500) request.log.warn({ errcode: matrix.errcode }, matrix.message);
+  if (matrix.status === 429 && typeof matrix.extra?.['retry_after_ms'] === 'number') {
+    reply.header('retry-after', Math.ceil(matrix.extra['retry_after_ms'] / 1000));
+  }
+  return reply.code(matrix.status).type('application/json').send(JSON.stringify(matrix.toJSON()));
+}

@@ -1,0 +1,133 @@
+/**
+ * PostgreSQL through `pg`, pooled. Statements are written with `?` placeholders and rewritten to
+ * `$1…$n` once per distinct SQL text; each one runs as a named prepared statement so the server
+ * parses it once per connection.
+ */
+import pg from 'pg';
+import { createHash } from 'node:crypto';
+import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+
+const INT8_OID = 20;
+// COUNT(*) and BIGINT columns come back as JS numbers: our values (timestamps, stream positions,
+// counts) stay far below 2^53.
+const types = {
+  getTypeParser(oid: number, format?: string) {
+    if (oid === INT8_OID) return (v: string) => Number(v);
+    return pg.types.getTypeParser(oid, format as 'text');
+  },
+};
+
+interface Prepared {
+  readonly name: string;
+  readonly text: string;
+}
+
+const preparedCache = new Map<string, Prepared>();
+
+function prepared(sql: string): Prepared {
+  let p = preparedCache.get(sql);
+  if (!p) {
+    let n = 0;
+    const text = sql.replace(/\?/g, () => `$${++n}`);
+    p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text };
+    preparedCache.set(sql, p);
+  }
+  return p;
+}
+
+/** SQLSTATEs after which the whole transaction can safely be run again. */
+const RETRYABLE = new Set(['40001', '40P01']);
+const MAX_ATTEMPTS = 5;
+
+function queryable(client: pg.Pool | pg.PoolClient): Queryable {
+  const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
+    const p = prepared(sql);
+    return client.query({ name: p.name, text: p.text, values: params ? [...params] : [] });
+  };
+  return {
+    dialect: 'postgres',
+    all: async <T extends object>(sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rows as T[],
+    get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rows[0] as T | undefined,
+    run: async (sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rowCount ?? 0,
+    exec: async (script: string) => {
+      await client.query(script);
+    },
+  };
+}
+
+export interface PostgresOptions {
+  readonly connectionString: string;
+  readonly poolSize?: number;
+}
+
+export class PostgresDatabase implements SqlDatabase {
+  readonly dialect = 'postgres' as const;
+  private readonly pool: pg.Pool;
+  private readonly direct: Queryable;
+
+  constructor(options: PostgresOptions) {
+    this.pool = new pg.Pool({ connectionString: options.connectionString, max: options.poolSize ?? 10, types });
+    // An idle connection that dies (server restart) must not take the process down.
+    this.pool.on('error', () => undefined);
+    this.direct = queryable(this.pool);
+  }
+
+  all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
+    return this.direct.all<T>(sql, params);
+  }
+
+  get<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T | undefined> {
+    return this.direct.get<T>(sql, params);
+  }
+
+  run(sql: string, params?: readonly SqlValue[]): Promise<number> {
+    return this.direct.run(sql, params);
+  }
+
+  exec(script: string): Promise<void> {
+    return this.direct.exec(script);
+  }
+
+  async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+    for (let attempt = 1; ; attempt++) {
+      const client = await this.pool.connect();
+      let broken = false;
+      try {
+        await client.query('BEGIN');
+        const result = await fn(queryable(client));
+        await client.query('COMMIT');
+        return result;
+      } catch (e) {
+        try {
+          await client.query('ROLLBACK');
+        } catch {
+          broken = true;
+        }
+        const code = (e as { code?: string }).code;
+        if (code !== undefined && RETRYABLE.has(code) && attempt < MAX_ATTEMPTS) continue;
+        throw e;
+      } finally {
+        client.release(broken);
+      }
+    }
+  }
+
+  async withExclusiveLock<T>(fn: () => Promise<T>): Promise<T> {
+    const client = await this.pool.connect();
+    try {
+      // One fixed key: "mxkeys migrations".
+      await client.query('SELECT pg_advisory_lock(7352831)');
+      try {
+        return await fn();
+      } finally {
+        await client.query('SELECT pg_advisory_unlock(7352831)');
+      }
+    } finally {
+      client.release();
+    }
+  }
+
+  async close(): Promise<void> {
+    await this.pool.end();
+  }
+}

@@ -1,0 +1,77 @@
+/** ServerKeysStore on the driver-neutral SQL surface (same SQL on both backends). */
+import type { SqlDatabase } from './sql.js';
+import type { ServerKeysResponse, ServerKeysStore, StoredKeysJson, StoredServerKey } from './store.js';
+import { placeholders } from './sql.js';
+
+interface KeyRow {
+  server_name: string;
+  key_id: string;
+  verify_key: string;
+  valid_until_ts: number;
+  expired_ts: number | null;
+}
+
+interface JsonRow {
+  server_name: string;
+  from_server: string;
+  valid_until_ts: number;
+  fetched_ts: number;
+  key_json: string;
+}
+
+export class SqlServerKeysStore implements ServerKeysStore {
+  constructor(private readonly db: SqlDatabase) {}
+
+  async storeServerKeys(r: ServerKeysResponse): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      for (const k of r.keys) {
+        await tx.run(
+          `INSERT INTO server_signing_keys (server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (server_name, key_id) DO UPDATE SET
+             verify_key = excluded.verify_key, valid_until_ts = excluded.valid_until_ts,
+             expired_ts = excluded.expired_ts, fetched_ts = excluded.fetched_ts`,
+          [r.serverName, k.keyId, k.verifyKey, r.validUntilTs, k.expiredTs, r.fetchedTs],
+        );
+      }
+      await tx.run(
+        `INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json)
+         VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (server_name) DO UPDATE SET
+           from_server = excluded.from_server, valid_until_ts = excluded.valid_until_ts,
+           fetched_ts = excluded.fetched_ts, key_json = excluded.key_json`,
+        [r.serverName, r.fromServer, r.validUntilTs, r.fetchedTs, r.keyJson],
+      );
+    });
+  }
+
+  async getServerKeys(serverName: string): Promise<StoredServerKey[]> {
+    const rows = await this.db.all<KeyRow>(
+      'SELECT server_name, key_id, verify_key, valid_until_ts, expired_ts FROM server_signing_keys WHERE server_name = ?',
+      [serverName],
+    );
+    return rows.map((r) => ({
+      serverName: r.server_name,
+      keyId: r.key_id,
+      verifyKey: r.verify_key,
+      validUntilTs: r.valid_until_ts,
+      expiredTs: r.expired_ts,
+    }));
+  }
+
+  async getServerKeysJson(serverNames: readonly string[]): Promise<StoredKeysJson[]> {
+    if (serverNames.length === 0) return [];
+    const rows = await this.db.all<JsonRow>(
+      `SELECT server_name, from_server, valid_until_ts, fetched_ts, key_json FROM server_keys_json
+       WHERE server_name IN (${placeholders(serverNames.length)})`,
+      [...serverNames],
+    );
+    return rows.map((r) => ({
+      serverName: r.server_name,
+      fromServer: r.from_server,
+      keyJson: r.key_json,
+      validUntilTs: r.valid_until_ts,
+      fetchedTs: r.fetched_ts,
+    }));
+  }
+}

@@ -1,0 +1,47 @@
+/**
+ * A small driver-neutral SQL surface, so the store's logic and most of its SQL are written once.
+ * Statements use `?` placeholders; the PostgreSQL driver rewrites them to `$1…$n`. Booleans are
+ * bound as 0/1 on SQLite; rows come back with plain JS numbers for integer columns on both.
+ */
+
+export type SqlValue = string | number | boolean | null | Buffer;
+export type Dialect = 'sqlite' | 'postgres';
+
+export interface Queryable {
+  readonly dialect: Dialect;
+  /** All rows of a query. */
+  all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]>;
+  /** The first row of a query, if any. */
+  get<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T | undefined>;
+  /** Runs a statement and returns the number of rows it changed. */
+  run(sql: string, params?: readonly SqlValue[]): Promise<number>;
+  /** Runs a script of several statements without parameters (migrations). */
+  exec(script: string): Promise<void>;
+}
+
+export interface SqlDatabase extends Queryable {
+  /**
+   * Runs `fn` in one transaction on one connection: committed when it resolves, rolled back when
+   * it throws. `fn` must only await statements on `tx` (no network calls): on SQLite the whole
+   * database is locked for its duration.
+   */
+  transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T>;
+  /**
+   * Runs `fn` while no other process runs `withExclusiveLock` on the same database (migrations).
+   * PostgreSQL: a session advisory lock. SQLite: nothing extra, since every transaction there
+   * already holds the database's write lock.
+   */
+  withExclusiveLock<T>(fn: () => Promise<T>): Promise<T>;
+  close(): Promise<void>;
+}
+
+/** `(?, ?, ?), (?, ?, ?)`: a VALUES list of `rows` tuples of `width` placeholders. */
+export function valuesList(rows: number, width: number): string {
+  const tuple = `(${new Array<string>(width).fill('?').join(', ')})`;
+  return new Array<string>(rows).fill(tuple).join(', ');
+}
+
+/** `?, ?, ?`: placeholders for an IN list. */
+export function placeholders(n: number): string {
+  return new Array<string>(n).fill('?').join(', ');
+}

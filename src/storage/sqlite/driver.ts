@@ -1,0 +1,146 @@
+/**
+ * SQLite through better-sqlite3 (v12; v13 crashes on Node 20), in WAL mode.
+ *
+ * better-sqlite3 is synchronous, so a single statement is atomic with respect to every other
+ * request in this process. An async transaction body, though, yields between statements; to keep
+ * other requests' statements out of an open transaction, statements issued outside it wait until
+ * it ends. Other processes (or other connections) sharing the file are kept out by SQLite's own
+ * locking: BEGIN IMMEDIATE takes the write lock. While someone else holds it we wait briefly in
+ * SQLite, then retry from the event loop, so two connections in one process cannot deadlock.
+ */
+import Database from 'better-sqlite3';
+import { mkdirSync } from 'node:fs';
+import { dirname } from 'node:path';
+import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+
+type Statement = Database.Statement<unknown[]>;
+
+function bind(params: readonly SqlValue[] | undefined): unknown[] {
+  if (!params) return [];
+  return params.map((p) => (typeof p === 'boolean' ? (p ? 1 : 0) : p));
+}
+
+export interface SqliteOptions {
+  readonly path: string;
+  /** How long to wait for another connection's write lock before failing, in ms. */
+  readonly busyTimeoutMs?: number;
+}
+
+/** Synchronous wait inside SQLite per attempt: short, since it blocks this process's event loop. */
+const SYNC_BUSY_MS = 5;
+
+function isBusy(e: unknown): boolean {
+  const code = (e as { code?: string }).code;
+  return code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED';
+}
+
+export class SqliteDatabase implements SqlDatabase {
+  readonly dialect = 'sqlite' as const;
+  private readonly db: Database.Database;
+  private readonly statements = new Map<string, Statement>();
+  /** Resolves when the transaction currently open (and every one queued before it) has ended. */
+  private txTail: Promise<void> = Promise.resolve();
+  private txOpen = false;
+  private readonly direct: Queryable;
+  private readonly busyTimeoutMs: number;
+
+  constructor(options: SqliteOptions) {
+    if (options.path !== ':memory:') mkdirSync(dirname(options.path), { recursive: true });
+    this.busyTimeoutMs = options.busyTimeoutMs ?? 15_000;
+    this.db = new Database(options.path, { timeout: SYNC_BUSY_MS });
+    this.db.pragma('journal_mode = WAL');
+    // FULL fsyncs the WAL on every commit (~0.1 ms here), so a claimed one-time key stays claimed
+    // even across power loss; NORMAL would only survive process crashes.
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('foreign_keys = ON');
+    this.direct = {
+      dialect: 'sqlite',
+      all: async <T extends object>(sql: string, params?: readonly SqlValue[]) => this.prepare(sql).all(...bind(params)) as T[],
+      get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => this.prepare(sql).get(...bind(params)) as T | undefined,
+      run: async (sql: string, params?: readonly SqlValue[]) => this.prepare(sql).run(...bind(params)).changes,
+      exec: async (script: string) => {
+        this.db.exec(script);
+      },
+    };
+  }
+
+  private prepare(sql: string): Statement {
+    let st = this.statements.get(sql);
+    if (!st) {
+      st = this.db.prepare(sql);
+      this.statements.set(sql, st);
+    }
+    return st;
+  }
+
+  private async outsideTransaction(): Promise<void> {
+    while (this.txOpen) await this.txTail;
+  }
+
+  /** Runs `op` outside any open transaction of ours, retrying while another connection holds the lock. */
+  private async retrying<T>(op: () => T): Promise<T> {
+    if (this.txOpen) await this.outsideTransaction();
+    try {
+      return op();
+    } catch (e) {
+      if (!isBusy(e)) throw e;
+    }
+    const deadline = Date.now() + this.busyTimeoutMs;
+    for (let delay = 1; ; delay = Math.min(delay * 2, 50)) {
+      await new Promise((r) => setTimeout(r, delay));
+      if (this.txOpen) await this.outsideTransaction();
+      try {
+        return op();
+      } catch (e) {
+        if (!isBusy(e) || Date.now() > deadline) throw e;
+      }
+    }
+  }
+
+  all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
+    return this.retrying(() => this.prepare(sql).all(...bind(params)) as T[]);
+  }
+
+  get<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T | undefined> {
+    return this.retrying(() => this.prepare(sql).get(...bind(params)) as T | undefined);
+  }
+
+  run(sql: string, params?: readonly SqlValue[]): Promise<number> {
+    return this.retrying(() => this.prepare(sql).run(...bind(params)).changes);
+  }
+
+  async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
+    const previous = this.txTail;
+    let release!: () => void;
+    this.txTail = new Promise<void>((resolve) => (release = resolve));
+    await previous;
+    try {
+      await this.retrying(() => this.db.exec('BEGIN IMMEDIATE'));
+      this.txOpen = true;
+      try {
+        const result = await fn(this.direct);
+        this.db.exec('COMMIT');
+        return result;
+      } catch (e) {
+        if (this.db.inTransaction) this.db.exec('ROLLBACK');
+        throw e;
+      }
+    } finally {
+      this.txOpen = false;
+      release();
+    }
+  }
+
+  async exec(script: string): Promise<void> {
+    await this.retrying(() => this.db.exec(script));
+  }
+
+  async withExclusiveLock<T>(fn: () => Promise<T>): Promise<T> {
+    return fn();
+  }
+
+  async close(): Promise<void> {
+    await this.outsideTransaction();
+    if (this.db.open) this.db.close();
+  }
+}

@@ -1,0 +1,150 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { describeEachBackend } from '../support/backends.js';
+import { migrateDatabase, openStore, postgresMigrations, SchemaTooNewError, sqliteMigrations } from '../../src/storage/index.js';
+import { SqliteDatabase } from '../../src/storage/sqlite/driver.js';
+import { PostgresDatabase } from '../../src/storage/postgres/driver.js';
+import type { SqlDatabase } from '../../src/storage/sql.js';
+import type { DatabaseConfig } from '../../src/storage/index.js';
+
+test('the SQLite and PostgreSQL migration sets declare the same versions', () => {
+  const versions = (ms: readonly { version: number }[]) => ms.map((m) => m.version);
+  assert.deepEqual(versions(sqliteMigrations), versions(postgresMigrations));
+  assert.deepEqual(
+    versions(sqliteMigrations),
+    sqliteMigrations.map((_, i) => i + 1),
+    'versions are numbered 1, 2, 3, … without gaps',
+  );
+  assert.deepEqual(sqliteMigrations.map((m) => m.name), postgresMigrations.map((m) => m.name));
+});
+
+function rawDatabase(config: DatabaseConfig): SqlDatabase {
+  return config.postgres ? new PostgresDatabase({ connectionString: config.postgres }) : new SqliteDatabase({ path: config.sqlite! });
+}
+
+const insertJson = 'INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, ?, ?, ?, ?)';
+
+describeEachBackend('storage', (backend) => {
+  test('opening a fresh database applies every migration and records it', async () => {
+    const config = await backend.freshDatabase();
+    const store = await openStore(config);
+    await store.close();
+    const db = rawDatabase(config);
+    try {
+      const rows = await db.all<{ version: number }>('SELECT version FROM mxkeys_schema ORDER BY version');
+      assert.deepEqual(rows.map((r) => r.version), sqliteMigrations.map((m) => m.version));
+    } finally {
+      await db.close();
+    }
+  });
+
+  test('migrating twice changes nothing the second time', async () => {
+    const config = await backend.freshDatabase();
+    const first = await migrateDatabase(config);
+    assert.equal(first.from, 0);
+    assert.equal(first.applied.length, sqliteMigrations.length);
+    const second = await migrateDatabase(config);
+    assert.equal(second.applied.length, 0);
+    assert.equal(second.from, second.to);
+  });
+
+  test('concurrent migrations from several connections apply each version once', async () => {
+    const config = await backend.freshDatabase();
+    const results = await Promise.all([migrateDatabase(config), migrateDatabase(config), migrateDatabase(config)]);
+    assert.equal(results.reduce((n, r) => n + r.applied.length, 0), sqliteMigrations.length);
+  });
+
+  test('the server refuses a schema newer than the code, and says so', async () => {
+    const config = await backend.freshDatabase();
+    await migrateDatabase(config);
+    const db = rawDatabase(config);
+    await db.run('INSERT INTO mxkeys_schema (version, name, applied_ts) VALUES (?, ?, ?)', [999, 'from the future', Date.now()]);
+    await db.close();
+    await assert.rejects(openStore(config), (e: unknown) => e instanceof SchemaTooNewError && /version 999/.test(e.message) && /newer mxkeys/.test(e.message));
+    await assert.rejects(openStore(config, { migrate: false }), SchemaTooNewError);
+  });
+
+  test('a failed transaction leaves nothing behind', async () => {
+    const config = await backend.freshDatabase();
+    await migrateDatabase(config);
+    const db = rawDatabase(config);
+    try {
+      await assert.rejects(
+        db.transaction(async (tx) => {
+          await tx.run(insertJson, ['a.example', 'a.example', 1, 1, '{}']);
+          throw new Error('boom');
+        }),
+        /boom/,
+      );
+      assert.equal((await db.all('SELECT * FROM server_keys_json')).length, 0);
+    } finally {
+      await db.close();
+    }
+  });
+
+  test('statements from other requests never see or join an open transaction', async () => {
+    const config = await backend.freshDatabase();
+    await migrateDatabase(config);
+    const db = rawDatabase(config);
+    try {
+      let release!: () => void;
+      const gate = new Promise<void>((r) => (release = r));
+      const tx = db.transaction(async (t) => {
+        await t.run(insertJson, ['b.example', 'b.example', 1, 1, '{}']);
+        await gate;
+        throw new Error('rolled back');
+      });
+      await new Promise((r) => setTimeout(r, 20));
+      // Issued while the transaction is open; must neither see its row nor be rolled back with it.
+      const read = db.all<{ server_name: string }>('SELECT server_name FROM server_keys_json');
+      const write = db.run(insertJson, ['c.example', 'c.example', 1, 1, '{}']);
+      await new Promise((r) => setTimeout(r, 20));
+      release();
+      await assert.rejects(tx, /rolled back/);
+      assert.ok(!(await read).some((r) => r.server_name === 'b.example'), 'the uncommitted row was visible outside its transaction');
+      assert.equal(await write, 1);
+      const names = (await db.all<{ server_name: string }>('SELECT server_name FROM server_keys_json')).map((r) => r.server_name);
+      assert.deepEqual(names, ['c.example']);
+    } finally {
+      await db.close();
+    }
+  });
+
+  test('server keys round-trip, and later responses update keys without dropping old ones', async () => {
+    const store = await openStore(await backend.freshDatabase());
+    try {
+      await store.serverKeys.storeServerKeys({
+        serverName: 'remote.example',
+        fromServer: 'remote.example',
+        keyJson: '{"server_name":"remote.example"}',
+        validUntilTs: 1000,
+        fetchedTs: 10,
+        keys: [
+          { keyId: 'ed25519:a', verifyKey: 'AAAA', expiredTs: null },
+          { keyId: 'ed25519:old', verifyKey: 'BBBB', expiredTs: 5 },
+        ],
+      });
+      await store.serverKeys.storeServerKeys({
+        serverName: 'remote.example',
+        fromServer: 'notary.example',
+        keyJson: '{"server_name":"remote.example","v":2}',
+        validUntilTs: 2000,
+        fetchedTs: 20,
+        keys: [{ keyId: 'ed25519:b', verifyKey: 'CCCC', expiredTs: null }],
+      });
+      const keys = (await store.serverKeys.getServerKeys('remote.example')).sort((a, b) => a.keyId.localeCompare(b.keyId));
+      assert.deepEqual(keys.map((k) => [k.keyId, k.verifyKey, k.validUntilTs, k.expiredTs]), [
+        ['ed25519:a', 'AAAA', 1000, null],
+        ['ed25519:b', 'CCCC', 2000, null],
+        ['ed25519:old', 'BBBB', 1000, 5],
+      ]);
+      const json = await store.serverKeys.getServerKeysJson(['remote.example', 'unknown.example']);
+      assert.equal(json.length, 1);
+      assert.equal(json[0]!.fromServer, 'notary.example');
+      assert.equal(json[0]!.keyJson, '{"server_name":"remote.example","v":2}');
+      assert.equal(json[0]!.validUntilTs, 2000);
+    } finally {
+      await store.close();
+    }
+  });
+});

@@ -1,0 +1,98 @@
+/**
+ * A real mxkeys on a real port for tests: real config loading, real database, real HTTP.
+ */
+import { after } from 'node:test';
+import { join } from 'node:path';
+import { loadConfig } from '../../src/config/load.js';
+import { createMxkeys, type Mxkeys } from '../../src/compose.js';
+import type { Config } from '../../src/config/schema.js';
+import pino from 'pino';
+import { tempDir, type Backend } from './backends.js';
+
+export interface TestServer {
+  readonly url: string;
+  readonly mx: Mxkeys;
+  readonly config: Readonly<Config>;
+  close(): Promise<void>;
+}
+
+const running: TestServer[] = [];
+after(async () => {
+  for (const s of running.splice(0)) await s.close();
+});
+
+export interface StartOptions {
+  readonly backend: Backend;
+  /** Top-level config values (server_name defaults to "test.local"). */
+  readonly config?: Readonly<Record<string, unknown>>;
+  /** Reuse a database from an earlier server (restart tests). */
+  readonly database?: Readonly<Record<string, unknown>>;
+  readonly signingKeyPath?: string;
+}
+
+export async function startServer(options: StartOptions): Promise<TestServer> {
+  const database = options.database ?? (await options.backend.freshDatabase());
+  const config = loadConfig({
+    env: {},
+    overrides: {
+      server_name: 'test.local',
+      listen: { host: '127.0.0.1', port: 0 },
+      signing_key_path: options.signingKeyPath ?? join(tempDir(), 'signing.key'),
+      log_level: 'silent',
+      ...options.config,
+      database,
+    },
+  });
+  const mx = await createMxkeys(config, { logger: pino({ level: process.env['MXKEYS_TEST_LOG'] ?? 'silent' }) });
+  const url = await mx.listen();
+  let closed = false;
+  const server: TestServer = {
+    url,
+    mx,
+    config,
+    async close() {
+      if (closed) return;
+      closed = true;
+      await mx.close();
+    },
+  };
+  running.push(server);
+  return server;
+}
+
+export interface HttpResult<T = Record<string, unknown>> {
+  readonly status: number;
+  readonly headers: Headers;
+  readonly text: string;
+  /** The parsed body (undefined when it is not JSON). */
+  readonly body: T;
+}
+
+export interface RequestOptions {
+  readonly body?: unknown;
+  /** Sent as-is instead of JSON-encoding `body`. */
+  readonly rawBody?: string | Buffer;
+  readonly token?: string;
+  readonly headers?: Readonly<Record<string, string>>;
+}
+
+/** One HTTP request with fetch; never throws for an HTTP error status. */
+export async function http<T = Record<string, unknown>>(base: string, method: string, path: string, options: RequestOptions = {}): Promise<HttpResult<T>> {
+  const headers: Record<string, string> = { ...options.headers };
+  if (options.token) headers['authorization'] = `Bearer ${options.token}`;
+  let body: string | Buffer | undefined;
+  if (options.rawBody !== undefined) body = options.rawBody;
+  else if (options.body !== undefined) {
+    body = JSON.stringify(options.body);
+    headers['content-type'] ??= 'application/json';
+  }
+  const res = await fetch(base + path, { method, headers, ...(body !== undefined ? { body } : {}) });
+  const text = await res.text();
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  return { status: res.status, headers: res.headers, text, body: parsed as T };
+}
