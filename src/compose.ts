@@ -9,12 +9,14 @@ import { openStore, type Store } from './storage/index.js';
 import { loadOrCreateSigningKeys } from './federation/signing-key-file.js';
 import { OwnServerKeys } from './federation/own-keys.js';
 import { buildApp, type App } from './http/app.js';
+import { Accounts } from './accounts/service.js';
 
 export interface Mxkeys {
   readonly config: Readonly<Config>;
   readonly app: App;
   readonly store: Store;
   readonly ownKeys: OwnServerKeys;
+  readonly accounts: Accounts;
   readonly logger: Logger;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
@@ -24,6 +26,16 @@ export interface Mxkeys {
 
 export interface CreateOptions {
   readonly logger?: Logger;
+}
+
+function accountsFor(config: Readonly<Config>, store: Store): Accounts {
+  return new Accounts({
+    store: store.accounts,
+    serverName: config.server_name,
+    registrationSharedSecret: config.registration_shared_secret,
+    enableRegistration: config.enable_registration,
+    failedLoginLimit: config.rc_login.failed_attempts,
+  });
 }
 
 export function createLogger(config: Readonly<Config>): Logger {
@@ -41,7 +53,19 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     oldVerifyKeys: config.old_signing_keys,
     validityMs: durationMs(config.key_refresh_interval),
   });
-  const app = buildApp({ logger, maxRequestBodyBytes: config.max_request_body_bytes, ownKeys });
+  const accounts = accountsFor(config, store);
+  const app = buildApp({
+    logger,
+    maxRequestBodyBytes: config.max_request_body_bytes,
+    trustProxy: config.listen.x_forwarded,
+    ownKeys,
+    accounts,
+    client: {
+      allowAccessTokenInQuery: config.allow_access_token_in_query,
+      publicBaseurl: config.public_baseurl,
+      serveServerWellknown: config.serve_server_wellknown,
+    },
+  });
 
   let closed = false;
   return {
@@ -49,6 +73,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     app,
     store,
     ownKeys,
+    accounts,
     logger,
     async listen() {
       const address = await app.listen({ host: config.listen.host, port: config.listen.port });
@@ -61,4 +86,14 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       await store.close();
     },
   };
+}
+
+/** Creates a user straight in the configured database (`mxkeys register-user`). */
+export async function registerUser(config: Readonly<Config>, localpart: string, password: string, admin: boolean): Promise<string> {
+  const store = await openStore(config.database);
+  try {
+    return await accountsFor(config, store).createUser(localpart, password, admin);
+  } finally {
+    await store.close();
+  }
 }

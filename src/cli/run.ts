@@ -3,11 +3,13 @@
  * configuration, 1 runtime failure. Every error names what was wrong, where, and what to do.
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
+import { MatrixError } from '../matrix/errors.js';
+import { parseUserId } from '../matrix/ids.js';
 import { stringify as toYaml } from 'yaml';
 import { ConfigError, loadConfig, maskSecrets } from '../config/load.js';
 import type { Config } from '../config/schema.js';
-import { createMxkeys } from '../compose.js';
+import { createMxkeys, registerUser } from '../compose.js';
 import { migrateDatabase, SchemaTooNewError } from '../storage/index.js';
 import { formatSigningKeys, SigningKeyFileError, writeNewSigningKeyFile } from '../federation/signing-key-file.js';
 import { generateSigningKey } from '../matrix/signing.js';
@@ -125,6 +127,53 @@ start; run this to upgrade ahead of a deployment. Safe to run while other mxkeys
       );
       return EXIT_OK;
     },
+  },
+};
+
+commands['register-user'] = {
+  summary: 'create a user account in the configured database',
+  usage: `mxkeys register-user --config FILE --user NAME (--password P | --password-file F) [--admin]
+
+Creates @NAME:<server_name> directly in the database (a running server sees it at once). NAME is a
+localpart (a-z, 0-9 and . _ = - / +). --password-file - reads the password from standard input;
+a trailing newline is ignored. Prints the new user ID.`,
+  options: {
+    ...configOption,
+    user: { type: 'string', short: 'u' },
+    password: { type: 'string', short: 'p' },
+    'password-file': { type: 'string' },
+    admin: { type: 'boolean' },
+  },
+  async run(values, io) {
+    const user = values['user'] as string | undefined;
+    if (user === undefined) throw new UsageError('--user NAME is required');
+    const password = values['password'] as string | undefined;
+    const file = values['password-file'] as string | undefined;
+    if ((password === undefined) === (file === undefined)) throw new UsageError('give exactly one of --password P or --password-file F');
+    let secret = password;
+    if (file !== undefined) {
+      try {
+        secret = readFileSync(file === '-' ? 0 : file, 'utf8').replace(/\r?\n$/, '');
+      } catch (e) {
+        throw new UsageError(`cannot read --password-file ${file}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+      }
+    }
+    if (!secret) throw new UsageError('the password is empty');
+    const config = configFrom(values, io, true);
+    let localpart = user;
+    if (user.startsWith('@')) {
+      const parts = parseUserId(user);
+      if (!parts || parts.serverName !== config.server_name) throw new UsageError(`--user ${user} is not a user of this server (${config.server_name}); give just the localpart`);
+      localpart = parts.localpart;
+    }
+    try {
+      const userId = await registerUser(config, localpart, secret, values['admin'] === true);
+      io.stdout(`${userId}\n`);
+      return EXIT_OK;
+    } catch (e) {
+      if (e instanceof MatrixError) throw new UsageError(e.message);
+      throw e;
+    }
   },
 };
 

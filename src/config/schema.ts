@@ -20,6 +20,7 @@ export const ConfigSchema = Type.Object(
       {
         host: Type.String({ default: '127.0.0.1' }),
         port: Type.Integer({ minimum: 0, maximum: 65535, default: 8008 }),
+        x_forwarded: Type.Boolean({ default: false, description: 'trust X-Forwarded-For from a reverse proxy for client addresses' }),
       },
       { ...strict, default: {} },
     ),
@@ -39,6 +40,21 @@ export const ConfigSchema = Type.Object(
     ),
     key_refresh_interval: Type.Union([Duration], { default: '1d' }),
     registration_shared_secret: Type.Optional(Type.String({ minLength: 1 })),
+    enable_registration: Type.Boolean({ default: false }),
+    allow_access_token_in_query: Type.Boolean({ default: true }),
+    serve_server_wellknown: Type.Boolean({ default: false }),
+    rc_login: Type.Object(
+      {
+        failed_attempts: Type.Object(
+          {
+            per_second: Type.Number({ exclusiveMinimum: 0, default: 0.17 }),
+            burst_count: Type.Integer({ minimum: 1, default: 3 }),
+          },
+          { ...strict, default: {} },
+        ),
+      },
+      { ...strict, default: {} },
+    ),
     federation: Type.Object(
       {
         resolve: Type.Record(Type.String(), Type.String(), { default: {} }),

@@ -13,6 +13,9 @@ import { sendMatrixError } from './errors.js';
 import { serverKeyRoutes } from './routes/server-keys.js';
 import { federationInfoRoutes } from './routes/federation-info.js';
 import type { OwnServerKeys } from '../federation/own-keys.js';
+import type { Accounts } from '../accounts/service.js';
+import { accountRoutes } from './routes/accounts.js';
+import { discoveryRoutes } from './routes/discovery.js';
 
 export type App = FastifyInstance<
   import('node:http').Server,
@@ -25,7 +28,15 @@ export type App = FastifyInstance<
 export interface AppDeps {
   readonly logger: Logger;
   readonly maxRequestBodyBytes: number;
+  /** Trust X-Forwarded-For from a reverse proxy for client addresses. */
+  readonly trustProxy: boolean;
   readonly ownKeys: OwnServerKeys;
+  readonly accounts: Accounts;
+  readonly client: {
+    readonly allowAccessTokenInQuery: boolean;
+    readonly publicBaseurl: string | undefined;
+    readonly serveServerWellknown: boolean;
+  };
 }
 
 const CORS_HEADERS = {
@@ -57,6 +68,7 @@ export function buildApp(deps: AppDeps): App {
     // Validation must never change what a client sent: signed objects are stored verbatim.
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
     forceCloseConnections: 'idle',
+    trustProxy: deps.trustProxy,
     return503OnClosing: true,
     frameworkErrors: (error, request, reply) => {
       sendMatrixError(error, request, reply);
@@ -116,7 +128,10 @@ export function buildApp(deps: AppDeps): App {
     reply.type('application/json').send('{}');
   });
 
+  app.decorateRequest('requester', undefined);
   app.register(serverKeyRoutes, { ownKeys: deps.ownKeys });
   app.register(federationInfoRoutes);
+  app.register(discoveryRoutes, { publicBaseurl: deps.client.publicBaseurl, serveServerWellknown: deps.client.serveServerWellknown });
+  app.register(accountRoutes, { accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   return app;
 }

@@ -9,6 +9,8 @@ import { assertSchemaNotNewer, migrate, type Migration, type MigrationResult } f
 import type { SqlDatabase } from './sql.js';
 import type { Store } from './store.js';
 import { SqlServerKeysStore } from './server-keys.js';
+import { SqlAccountsStore } from './accounts.js';
+import { SqlDeviceListsStore } from './device-lists.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
@@ -39,10 +41,14 @@ function openDatabase(config: DatabaseConfig): { db: SqlDatabase; migrations: re
 class SqlStore implements Store {
   readonly backend;
   readonly serverKeys;
+  readonly accounts;
+  readonly deviceLists;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
     this.serverKeys = new SqlServerKeysStore(db);
+    this.accounts = new SqlAccountsStore(db);
+    this.deviceLists = new SqlDeviceListsStore(db);
   }
 
   async tableNames(): Promise<string[]> {

@@ -41,9 +41,103 @@ export interface ServerKeysStore {
   getServerKeysJson(serverNames: readonly string[]): Promise<StoredKeysJson[]>;
 }
 
+export interface StoredUser {
+  readonly userId: string;
+  /** Null when the account cannot log in with a password. */
+  readonly passwordHash: string | null;
+  readonly admin: boolean;
+}
+
+export interface StoredDevice {
+  readonly userId: string;
+  readonly deviceId: string;
+  readonly displayName: string | null;
+  readonly lastSeenTs: number | null;
+  readonly lastSeenIp: string | null;
+}
+
+export interface NewSession {
+  /** SHA-256 of the access token; the token itself is never stored. */
+  readonly tokenHash: string;
+  readonly deviceId: string;
+  /** Used only when the device is created. */
+  readonly displayName: string | null;
+  readonly ts: number;
+  readonly ip: string | null;
+}
+
+export interface UiaSession {
+  readonly sessionId: string;
+  /** The user the session authenticates; null during registration. */
+  readonly userId: string | null;
+  /** A hash of the request the session was started for: it cannot be reused for another one. */
+  readonly operation: string;
+  readonly completed: readonly string[];
+  readonly createdTs: number;
+}
+
+/** Users, devices, access tokens, registration nonces and user-interactive auth sessions. */
+export interface AccountsStore {
+  /**
+   * Creates a user and, when `session` is given, its first device and access token, in one
+   * transaction. Returns false (and changes nothing) when the user ID is taken.
+   */
+  createUser(user: StoredUser & { readonly createdTs: number }, session?: NewSession): Promise<boolean>;
+  getUser(userId: string): Promise<StoredUser | undefined>;
+  /**
+   * Logs a device in: creates the device if the user does not have it (recording a device-list
+   * change), otherwise keeps it and its keys but revokes its earlier access tokens; then stores the
+   * new token. One transaction. Returns whether the device was created.
+   */
+  loginDevice(userId: string, session: NewSession): Promise<{ created: boolean }>;
+  /** The user and device an access token belongs to, if the token is live. */
+  getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined>;
+  getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined>;
+  /** The user's devices, ordered by device ID. */
+  listDevices(userId: string): Promise<StoredDevice[]>;
+  /** Renames a device and records a device-list change; false when the device does not exist. */
+  setDeviceDisplayName(userId: string, deviceId: string, displayName: string | null): Promise<boolean>;
+  /**
+   * Deletes devices and everything keyed to them (access tokens, device keys, one-time and
+   * fallback keys, signatures made on or by them) in one transaction, and records a device-list
+   * change for each device that existed. Devices already gone are ignored. Returns the IDs deleted.
+   */
+  deleteDevices(userId: string, deviceIds: readonly string[] | 'all'): Promise<string[]>;
+  /** Remembers a shared-secret registration nonce. */
+  addRegistrationNonce(nonce: string, createdTs: number): Promise<void>;
+  /** Uses up a nonce: true only once, and only if it was created at or after `notBeforeTs`. */
+  consumeRegistrationNonce(nonce: string, notBeforeTs: number): Promise<boolean>;
+  createUiaSession(session: UiaSession): Promise<void>;
+  getUiaSession(sessionId: string): Promise<UiaSession | undefined>;
+  /** Adds a completed stage to a session. */
+  completeUiaStage(sessionId: string, stage: string): Promise<void>;
+  deleteUiaSession(sessionId: string): Promise<void>;
+  /** Drops sessions and nonces created before `beforeTs`. */
+  deleteExpiredAuthState(uiaBeforeTs: number, nonceBeforeTs: number): Promise<void>;
+}
+
+/** One row of the device-list change stream: a user's device list (or cross-signing keys) changed. */
+export interface DeviceListChange {
+  readonly streamId: number;
+  readonly userId: string;
+  /** Null when the change is not about one device (e.g. cross-signing keys). */
+  readonly deviceId: string | null;
+}
+
+export interface DeviceListsStore {
+  /** The highest stream position written so far (0 when empty). */
+  currentStreamId(): Promise<number>;
+  /** Changes with from < stream_id <= to, oldest first. */
+  changesBetween(fromExclusive: number, toInclusive: number): Promise<DeviceListChange[]>;
+  /** The latest stream position of one user's device list (0 when it never changed). */
+  latestStreamIdForUser(userId: string): Promise<number>;
+}
+
 export interface Store {
   readonly backend: 'sqlite' | 'postgres';
   readonly serverKeys: ServerKeysStore;
+  readonly accounts: AccountsStore;
+  readonly deviceLists: DeviceListsStore;
   /** Names of the tables that hold data (for tests and operator tooling). */
   tableNames(): Promise<string[]>;
   close(): Promise<void>;

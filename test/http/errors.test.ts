@@ -2,26 +2,24 @@ import { test, describe, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { Type } from '@sinclair/typebox';
 import pino from 'pino';
-import { buildApp, type App } from '../../src/http/app.js';
-import { OwnServerKeys } from '../../src/federation/own-keys.js';
-import { generateSigningKey } from '../../src/matrix/signing.js';
+import type { App } from '../../src/http/app.js';
+import type { Mxkeys } from '../../src/compose.js';
 import { MatrixError } from '../../src/matrix/errors.js';
-import { http } from '../support/server.js';
+import { createTestMxkeys, http } from '../support/server.js';
+import { backends } from '../support/backends.js';
 
 // The application with its real error mapping, plus a few probe routes that stand in for the
 // endpoints later issues add, so every row of the error table is exercised over real HTTP.
 describe('HTTP errors are Matrix errors', () => {
+  let mx: Mxkeys;
   let app: App;
   let base: string;
   const logged: unknown[] = [];
 
   before(async () => {
     const logger = pino({ level: 'error' }, { write: (line: string) => logged.push(JSON.parse(line)) });
-    app = buildApp({
-      logger,
-      maxRequestBodyBytes: 4096,
-      ownKeys: new OwnServerKeys({ serverName: 'test.local', keys: [generateSigningKey()], oldVerifyKeys: {}, validityMs: 86_400_000 }),
-    });
+    mx = await createTestMxkeys({ backend: backends[0]!, logger, config: { max_request_body_bytes: 4096 } });
+    app = mx.app;
     app.post(
       '/_matrix/client/v3/probe',
       { schema: { body: Type.Object({ device_keys: Type.Record(Type.String(), Type.Array(Type.String())) }) } },
@@ -33,9 +31,9 @@ describe('HTTP errors are Matrix errors', () => {
     app.get('/_matrix/client/v3/probe/crash', async () => {
       throw new Error('database password is hunter2');
     });
-    base = await app.listen({ host: '127.0.0.1', port: 0 });
+    base = await mx.listen();
   });
-  after(() => app.close());
+  after(() => mx.close());
 
   test('an unknown endpoint is 404 M_UNRECOGNIZED', async () => {
     const r = await http(base, 'GET', '/_matrix/client/v3/no/such/thing');

@@ -30,7 +30,8 @@ export interface StartOptions {
   readonly signingKeyPath?: string;
 }
 
-export async function startServer(options: StartOptions): Promise<TestServer> {
+/** Builds (but does not start) an mxkeys with test defaults: a fresh database and a temp signing key. */
+export async function createTestMxkeys(options: StartOptions & { logger?: pino.Logger }): Promise<Mxkeys> {
   const database = options.database ?? (await options.backend.freshDatabase());
   const config = loadConfig({
     env: {},
@@ -43,13 +44,17 @@ export async function startServer(options: StartOptions): Promise<TestServer> {
       database,
     },
   });
-  const mx = await createMxkeys(config, { logger: pino({ level: process.env['MXKEYS_TEST_LOG'] ?? 'silent' }) });
+  return createMxkeys(config, { logger: options.logger ?? pino({ level: process.env['MXKEYS_TEST_LOG'] ?? 'silent' }) });
+}
+
+export async function startServer(options: StartOptions): Promise<TestServer> {
+  const mx = await createTestMxkeys(options);
   const url = await mx.listen();
   let closed = false;
   const server: TestServer = {
     url,
     mx,
-    config,
+    config: mx.config,
     async close() {
       if (closed) return;
       closed = true;

@@ -24,4 +24,50 @@ export const migrations: readonly Migration[] = [
       );
     `,
   },
+  {
+    version: 2,
+    name: 'users, devices, access tokens, user-interactive auth, device list stream',
+    sql: `
+      CREATE TABLE users (
+        user_id TEXT NOT NULL PRIMARY KEY,
+        password_hash TEXT,
+        admin BOOLEAN NOT NULL DEFAULT false,
+        created_ts BIGINT NOT NULL
+      );
+      CREATE TABLE devices (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        display_name TEXT,
+        created_ts BIGINT NOT NULL,
+        last_seen_ts BIGINT,
+        last_seen_ip TEXT,
+        PRIMARY KEY (user_id, device_id)
+      );
+      CREATE TABLE access_tokens (
+        token_hash TEXT NOT NULL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        created_ts BIGINT NOT NULL
+      );
+      CREATE INDEX access_tokens_by_device ON access_tokens (user_id, device_id);
+      CREATE TABLE registration_nonces (
+        nonce TEXT NOT NULL PRIMARY KEY,
+        created_ts BIGINT NOT NULL
+      );
+      CREATE TABLE uia_sessions (
+        session_id TEXT NOT NULL PRIMARY KEY,
+        user_id TEXT,
+        operation TEXT NOT NULL,
+        completed TEXT NOT NULL,
+        created_ts BIGINT NOT NULL
+      );
+      CREATE TABLE device_lists_stream (
+        stream_id BIGSERIAL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        device_id TEXT,
+        ts BIGINT NOT NULL
+      );
+      CREATE INDEX device_lists_stream_by_user ON device_lists_stream (user_id, stream_id);
+    `,
+  },
 ];

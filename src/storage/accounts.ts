@@ -1,0 +1,196 @@
+/** AccountsStore on the driver-neutral SQL surface (same SQL on both backends). */
+import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
+import type { AccountsStore, NewSession, StoredDevice, StoredUser, UiaSession } from './store.js';
+import { recordDeviceListChanges } from './device-lists.js';
+
+interface UserRow {
+  user_id: string;
+  password_hash: string | null;
+  admin: number | boolean;
+}
+
+interface DeviceRow {
+  user_id: string;
+  device_id: string;
+  display_name: string | null;
+  last_seen_ts: number | null;
+  last_seen_ip: string | null;
+}
+
+interface UiaRow {
+  session_id: string;
+  user_id: string | null;
+  operation: string;
+  completed: string;
+  created_ts: number;
+}
+
+const toDevice = (r: DeviceRow): StoredDevice => ({
+  userId: r.user_id,
+  deviceId: r.device_id,
+  displayName: r.display_name,
+  lastSeenTs: r.last_seen_ts,
+  lastSeenIp: r.last_seen_ip,
+});
+
+/**
+ * Tables with rows per (user_id, device_id) that go when the device goes. Every table that
+ * references a device must be listed here (a test checks that no row of a deleted device remains
+ * in any table).
+ */
+const PER_DEVICE_TABLES = ['access_tokens', 'devices'] as const;
+
+export class SqlAccountsStore implements AccountsStore {
+  constructor(private readonly db: SqlDatabase) {}
+
+  private async insertDevice(tx: Queryable, userId: string, s: NewSession): Promise<void> {
+    await tx.run('INSERT INTO devices (user_id, device_id, display_name, created_ts, last_seen_ts, last_seen_ip) VALUES (?, ?, ?, ?, ?, ?)', [
+      userId,
+      s.deviceId,
+      s.displayName,
+      s.ts,
+      s.ts,
+      s.ip,
+    ]);
+  }
+
+  private async insertToken(tx: Queryable, userId: string, s: NewSession): Promise<void> {
+    await tx.run('INSERT INTO access_tokens (token_hash, user_id, device_id, created_ts) VALUES (?, ?, ?, ?)', [s.tokenHash, userId, s.deviceId, s.ts]);
+  }
+
+  async createUser(user: StoredUser & { readonly createdTs: number }, session?: NewSession): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      const inserted = await tx.run('INSERT INTO users (user_id, password_hash, admin, created_ts) VALUES (?, ?, ?, ?) ON CONFLICT (user_id) DO NOTHING', [
+        user.userId,
+        user.passwordHash,
+        user.admin,
+        user.createdTs,
+      ]);
+      if (inserted === 0) return false;
+      if (session) {
+        await this.insertDevice(tx, user.userId, session);
+        await this.insertToken(tx, user.userId, session);
+        await recordDeviceListChanges(tx, user.userId, [session.deviceId], session.ts);
+      }
+      return true;
+    });
+  }
+
+  async getUser(userId: string): Promise<StoredUser | undefined> {
+    const r = await this.db.get<UserRow>('SELECT user_id, password_hash, admin FROM users WHERE user_id = ?', [userId]);
+    return r && { userId: r.user_id, passwordHash: r.password_hash, admin: Boolean(r.admin) };
+  }
+
+  async loginDevice(userId: string, session: NewSession): Promise<{ created: boolean }> {
+    return this.db.transaction(async (tx) => {
+      const existing = await tx.get('SELECT device_id FROM devices WHERE user_id = ? AND device_id = ?', [userId, session.deviceId]);
+      if (existing) {
+        await tx.run('DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?', [userId, session.deviceId]);
+        await tx.run('UPDATE devices SET last_seen_ts = ?, last_seen_ip = ? WHERE user_id = ? AND device_id = ?', [session.ts, session.ip, userId, session.deviceId]);
+      } else {
+        await this.insertDevice(tx, userId, session);
+      }
+      await this.insertToken(tx, userId, session);
+      if (!existing) await recordDeviceListChanges(tx, userId, [session.deviceId], session.ts);
+      return { created: !existing };
+    });
+  }
+
+  async getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined> {
+    const r = await this.db.get<{ user_id: string; device_id: string }>('SELECT user_id, device_id FROM access_tokens WHERE token_hash = ?', [tokenHash]);
+    return r && { userId: r.user_id, deviceId: r.device_id };
+  }
+
+  async getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined> {
+    const r = await this.db.get<DeviceRow>(
+      'SELECT user_id, device_id, display_name, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ? AND device_id = ?',
+      [userId, deviceId],
+    );
+    return r && toDevice(r);
+  }
+
+  async listDevices(userId: string): Promise<StoredDevice[]> {
+    const rows = await this.db.all<DeviceRow>(
+      'SELECT user_id, device_id, display_name, last_seen_ts, last_seen_ip FROM devices WHERE user_id = ? ORDER BY device_id',
+      [userId],
+    );
+    return rows.map(toDevice);
+  }
+
+  async setDeviceDisplayName(userId: string, deviceId: string, displayName: string | null): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      const changed = await tx.run('UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?', [displayName, userId, deviceId]);
+      if (changed === 0) return false;
+      await recordDeviceListChanges(tx, userId, [deviceId], Date.now());
+      return true;
+    });
+  }
+
+  async deleteDevices(userId: string, deviceIds: readonly string[] | 'all'): Promise<string[]> {
+    if (deviceIds !== 'all' && deviceIds.length === 0) return [];
+    return this.db.transaction(async (tx) => {
+      const rows =
+        deviceIds === 'all'
+          ? await tx.all<{ device_id: string }>('SELECT device_id FROM devices WHERE user_id = ?', [userId])
+          : await tx.all<{ device_id: string }>(`SELECT device_id FROM devices WHERE user_id = ? AND device_id IN (${placeholders(deviceIds.length)})`, [
+              userId,
+              ...deviceIds,
+            ]);
+      const existing = rows.map((r) => r.device_id);
+      // Rows keyed to a device may outlive a device row that is already gone (e.g. after a crash
+      // of an older version); the requested IDs are cleaned up either way.
+      const targets = deviceIds === 'all' ? existing : [...deviceIds];
+      if (targets.length === 0) return [];
+      const inList = placeholders(targets.length);
+      for (const table of PER_DEVICE_TABLES) {
+        await tx.run(`DELETE FROM ${table} WHERE user_id = ? AND device_id IN (${inList})`, [userId, ...targets]);
+      }
+      await recordDeviceListChanges(tx, userId, existing, Date.now());
+      return existing;
+    });
+  }
+
+  async addRegistrationNonce(nonce: string, createdTs: number): Promise<void> {
+    await this.db.run('INSERT INTO registration_nonces (nonce, created_ts) VALUES (?, ?)', [nonce, createdTs]);
+  }
+
+  async consumeRegistrationNonce(nonce: string, notBeforeTs: number): Promise<boolean> {
+    // One statement: two concurrent registrations with the same nonce cannot both succeed.
+    const row = await this.db.get<{ created_ts: number }>('DELETE FROM registration_nonces WHERE nonce = ? RETURNING created_ts', [nonce]);
+    return row !== undefined && row.created_ts >= notBeforeTs;
+  }
+
+  async createUiaSession(s: UiaSession): Promise<void> {
+    await this.db.run('INSERT INTO uia_sessions (session_id, user_id, operation, completed, created_ts) VALUES (?, ?, ?, ?, ?)', [
+      s.sessionId,
+      s.userId,
+      s.operation,
+      JSON.stringify(s.completed),
+      s.createdTs,
+    ]);
+  }
+
+  async getUiaSession(sessionId: string): Promise<UiaSession | undefined> {
+    const r = await this.db.get<UiaRow>('SELECT session_id, user_id, operation, completed, created_ts FROM uia_sessions WHERE session_id = ?', [sessionId]);
+    return r && { sessionId: r.session_id, userId: r.user_id, operation: r.operation, completed: JSON.parse(r.completed) as string[], createdTs: r.created_ts };
+  }
+
+  async completeUiaStage(sessionId: string, stage: string): Promise<void> {
+    await this.db.transaction(async (tx) => {
+      const r = await tx.get<{ completed: string }>('SELECT completed FROM uia_sessions WHERE session_id = ?', [sessionId]);
+      if (!r) return;
+      const completed = JSON.parse(r.completed) as string[];
+      if (!completed.includes(stage)) completed.push(stage);
+      await tx.run('UPDATE uia_sessions SET completed = ? WHERE session_id = ?', [JSON.stringify(completed), sessionId]);
+    });
+  }
+
+  async deleteUiaSession(sessionId: string): Promise<void> {
+    await this.db.run('DELETE FROM uia_sessions WHERE session_id = ?', [sessionId]);
+  }
+
+  async deleteExpiredAuthState(uiaBeforeTs: number, nonceBeforeTs: number): Promise<void> {
+    await this.db.run('DELETE FROM uia_sessions WHERE created_ts < ?', [uiaBeforeTs]);
+    await this.db.run('DELETE FROM registration_nonces WHERE created_ts < ?', [nonceBeforeTs]);
+  }
+}

@@ -1,0 +1,51 @@
+/**
+ * The device-list change stream (`device_lists_stream`): one row each time a user's device list
+ * or cross-signing keys change. Its positions are the `/keys/changes` tokens and the federation
+ * `stream_id`s.
+ *
+ * Positions must become visible in order, or a reader that has seen position N could later miss
+ * a smaller one that committed after it. SQLite has one writer at a time anyway; on PostgreSQL the
+ * writer takes a transaction-scoped advisory lock before drawing a position, so positions are
+ * drawn and committed in the same order, across all processes.
+ */
+import type { Queryable, SqlDatabase } from './sql.js';
+import type { DeviceListChange, DeviceListsStore } from './store.js';
+
+const STREAM_LOCK = 7352832;
+
+/** Appends one change per device (or one with no device) for `userId`. Call last in a transaction. */
+export async function recordDeviceListChanges(tx: Queryable, userId: string, deviceIds: readonly (string | null)[], ts: number): Promise<void> {
+  if (deviceIds.length === 0) return;
+  if (tx.dialect === 'postgres') await tx.get('SELECT pg_advisory_xact_lock(?)', [STREAM_LOCK]);
+  for (const deviceId of deviceIds) {
+    await tx.run('INSERT INTO device_lists_stream (user_id, device_id, ts) VALUES (?, ?, ?)', [userId, deviceId, ts]);
+  }
+}
+
+interface ChangeRow {
+  stream_id: number;
+  user_id: string;
+  device_id: string | null;
+}
+
+export class SqlDeviceListsStore implements DeviceListsStore {
+  constructor(private readonly db: SqlDatabase) {}
+
+  async currentStreamId(): Promise<number> {
+    const row = await this.db.get<{ v: number | null }>('SELECT MAX(stream_id) AS v FROM device_lists_stream');
+    return row?.v ?? 0;
+  }
+
+  async changesBetween(fromExclusive: number, toInclusive: number): Promise<DeviceListChange[]> {
+    const rows = await this.db.all<ChangeRow>(
+      'SELECT stream_id, user_id, device_id FROM device_lists_stream WHERE stream_id > ? AND stream_id <= ? ORDER BY stream_id',
+      [fromExclusive, toInclusive],
+    );
+    return rows.map((r) => ({ streamId: r.stream_id, userId: r.user_id, deviceId: r.device_id }));
+  }
+
+  async latestStreamIdForUser(userId: string): Promise<number> {
+    const row = await this.db.get<{ v: number | null }>('SELECT MAX(stream_id) AS v FROM device_lists_stream WHERE user_id = ?', [userId]);
+    return row?.v ?? 0;
+  }
+}

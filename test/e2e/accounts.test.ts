@@ -1,0 +1,320 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { describeEachBackend } from '../support/backends.js';
+import { http, startServer } from '../support/server.js';
+import { login, passwordAuth, registerUser, registrationMac, SHARED_SECRET } from '../support/client.js';
+import { runCli } from '../support/process.js';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { tempDir } from '../support/backends.js';
+
+const C = '/_matrix/client/v3';
+
+function expectError(r: { status: number; body: Record<string, unknown> }, status: number, errcode: string): void {
+  assert.equal(r.status, status, JSON.stringify(r.body));
+  assert.equal(r.body['errcode'], errcode, JSON.stringify(r.body));
+  assert.equal(typeof r.body['error'], 'string');
+}
+
+describeEachBackend('accounts and devices', (backend) => {
+  const start = (config: Record<string, unknown> = {}) => startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config } });
+
+  test('the whole life of an account: register, log in, whoami, list and rename devices, delete one with UIA, log out', async () => {
+    const s = await start();
+    const alice = await registerUser(s, 'alice', 'correct horse');
+    assert.equal(alice.userId, '@alice:test.local');
+    assert.match(alice.deviceId, /^[A-Z]{10}$/);
+
+    const phone = await login(s, 'alice', 'correct horse', { initial_device_display_name: 'Alice phone' });
+    assert.notEqual(phone.deviceId, alice.deviceId);
+    const who = await http(s.url, 'GET', `${C}/account/whoami`, { token: phone.accessToken });
+    assert.deepEqual(who.body, { user_id: '@alice:test.local', device_id: phone.deviceId, is_guest: false });
+
+    const list = await http<{ devices: Record<string, unknown>[] }>(s.url, 'GET', `${C}/devices`, { token: alice.accessToken });
+    assert.deepEqual(list.body.devices.map((d) => d['device_id']).sort(), [alice.deviceId, phone.deviceId].sort());
+    const phoneEntry = list.body.devices.find((d) => d['device_id'] === phone.deviceId)!;
+    assert.equal(phoneEntry['display_name'], 'Alice phone');
+    assert.equal(typeof phoneEntry['last_seen_ts'], 'number');
+
+    const renamed = await http(s.url, 'PUT', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { display_name: 'Work phone' } });
+    assert.equal(renamed.status, 200);
+    const one = await http(s.url, 'GET', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken });
+    assert.equal(one.body['display_name'], 'Work phone');
+
+    // Deleting a device needs the password: first a 401 with the flows and a session, no errcode.
+    const challenge = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken });
+    assert.equal(challenge.status, 401);
+    assert.deepEqual(challenge.body['flows'], [{ stages: ['m.login.password'] }]);
+    assert.equal(typeof challenge.body['session'], 'string');
+    assert.equal(challenge.body['errcode'], undefined);
+    const session = challenge.body['session'] as string;
+
+    const wrong = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: { ...passwordAuth(alice, session), password: 'nope' } } });
+    expectError(wrong, 401, 'M_FORBIDDEN');
+    assert.equal(wrong.body['session'], session);
+    assert.deepEqual(wrong.body['flows'], [{ stages: ['m.login.password'] }]);
+    assert.equal((await http(s.url, 'GET', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken })).status, 200, 'still there');
+
+    const ok = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: passwordAuth(alice, session) } });
+    assert.equal(ok.status, 200, ok.text);
+    expectError(await http(s.url, 'GET', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken }), 404, 'M_NOT_FOUND');
+    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: phone.accessToken }), 401, 'M_UNKNOWN_TOKEN');
+    // Retrying the completed request gets its result, as the spec requires.
+    const again = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: { session } } });
+    assert.equal(again.status, 200, again.text);
+
+    const out = await http(s.url, 'POST', `${C}/logout`, { token: alice.accessToken });
+    assert.equal(out.status, 200);
+    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: alice.accessToken }), 401, 'M_UNKNOWN_TOKEN');
+    const fresh = await login(s, '@alice:test.local', 'correct horse');
+    const devices = await http<{ devices: unknown[] }>(s.url, 'GET', `${C}/devices`, { token: fresh.accessToken });
+    assert.equal(devices.body.devices.length, 1, 'logout removed the device');
+  });
+
+  test('shared-secret registration refuses a bad MAC, a reused nonce, an expired nonce, and says when no secret is set', async () => {
+    const s = await start();
+    const nonce = async () => (await http<{ nonce: string }>(s.url, 'GET', '/_synapse/admin/v1/register')).body.nonce;
+    const attempt = (n: string, mac: string) => http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: n, username: 'bob', password: 'pw', admin: false, mac } });
+
+    const n1 = await nonce();
+    expectError(await attempt(n1, registrationMac('wrong secret', n1, 'bob', 'pw', false)), 403, 'M_FORBIDDEN');
+    expectError(await attempt(n1, registrationMac(SHARED_SECRET, n1, 'bob', 'pw', false)), 400, 'M_UNKNOWN'); // used up by the failed attempt
+    const n2 = await nonce();
+    assert.equal((await attempt(n2, registrationMac(SHARED_SECRET, n2, 'bob', 'pw', false))).status, 200);
+    expectError(await attempt(n2, registrationMac(SHARED_SECRET, n2, 'bob', 'pw', false)), 400, 'M_UNKNOWN');
+    // A nonce older than a minute is refused even with the right MAC.
+    await s.mx.store.accounts.addRegistrationNonce('stale-nonce', Date.now() - 61_000);
+    expectError(
+      await http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'stale-nonce', username: 'carol', password: 'pw', admin: false, mac: registrationMac(SHARED_SECRET, 'stale-nonce', 'carol', 'pw', false) } }),
+      400,
+      'M_UNKNOWN',
+    );
+    const n3 = await nonce();
+    expectError(await attempt(n3, 'zz'), 403, 'M_FORBIDDEN');
+    const n4 = await nonce();
+    expectError(
+      await http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: n4, username: 'bob', password: 'pw', admin: false, mac: registrationMac(SHARED_SECRET, n4, 'bob', 'pw', false) } }),
+      400,
+      'M_USER_IN_USE',
+    );
+    const n5 = await nonce();
+    expectError(
+      await http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: n5, username: 'Bad Name', password: 'pw', admin: false, mac: registrationMac(SHARED_SECRET, n5, 'Bad Name', 'pw', false) } }),
+      400,
+      'M_INVALID_USERNAME',
+    );
+
+    const noSecret = await startServer({ backend });
+    const get = await http(noSecret.url, 'GET', '/_synapse/admin/v1/register');
+    expectError(get, 400, 'M_UNKNOWN');
+    assert.match(String(get.body['error']), /registration_shared_secret/);
+    expectError(await http(noSecret.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'x', username: 'a', password: 'b', mac: '00' } }), 400, 'M_UNKNOWN');
+  });
+
+  test('login: wrong password and unknown user get the same 403; legacy "user" and full user IDs work', async () => {
+    const s = await start();
+    await registerUser(s, 'dave', 'pw-dave');
+    const wrong = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', identifier: { type: 'm.id.user', user: 'dave' }, password: 'x' } });
+    const unknown = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', identifier: { type: 'm.id.user', user: 'nobody' }, password: 'x' } });
+    expectError(wrong, 403, 'M_FORBIDDEN');
+    assert.deepEqual(unknown.body, wrong.body);
+    const legacy = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'dave', password: 'pw-dave' } });
+    assert.equal(legacy.status, 200);
+    assert.equal(legacy.body['home_server'], 'test.local');
+    const full = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', identifier: { type: 'm.id.user', user: '@dave:test.local' }, password: 'pw-dave' } });
+    assert.equal(full.status, 200);
+    expectError(await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.token', token: 'x' } }), 400, 'M_UNKNOWN');
+    const flows = await http(s.url, 'GET', `${C}/login`);
+    assert.deepEqual(flows.body, { flows: [{ type: 'm.login.password' }] });
+  });
+
+  test('logging in with an existing device ID keeps the device and revokes its old token', async () => {
+    const s = await start();
+    const erin = await registerUser(s, 'erin', 'pw-erin');
+    const first = await login(s, 'erin', 'pw-erin', { device_id: 'ERINLAPTOP', initial_device_display_name: 'Laptop' });
+    assert.equal(first.deviceId, 'ERINLAPTOP');
+    const second = await login(s, 'erin', 'pw-erin', { device_id: 'ERINLAPTOP', initial_device_display_name: 'Ignored' });
+    assert.equal(second.deviceId, 'ERINLAPTOP');
+    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: first.accessToken }), 401, 'M_UNKNOWN_TOKEN');
+    assert.equal((await http(s.url, 'GET', `${C}/account/whoami`, { token: second.accessToken })).status, 200);
+    const device = await http(s.url, 'GET', `${C}/devices/ERINLAPTOP`, { token: erin.accessToken });
+    assert.equal(device.body['display_name'], 'Laptop');
+    expectError(
+      await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'erin', password: 'pw-erin', device_id: 'has space' } }),
+      400,
+      'M_INVALID_PARAM',
+    );
+  });
+
+  test('access tokens: missing is M_MISSING_TOKEN, unknown is M_UNKNOWN_TOKEN, the query parameter works unless disabled', async () => {
+    const s = await start();
+    const frank = await registerUser(s, 'frank');
+    expectError(await http(s.url, 'GET', `${C}/account/whoami`), 401, 'M_MISSING_TOKEN');
+    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: 'mxk_made_up' }), 401, 'M_UNKNOWN_TOKEN');
+    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { headers: { authorization: 'Basic abc' } }), 401, 'M_MISSING_TOKEN');
+    const viaQuery = await http(s.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(frank.accessToken)}`);
+    assert.equal(viaQuery.status, 200);
+    assert.equal(viaQuery.body['user_id'], '@frank:test.local');
+
+    const strict = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, allow_access_token_in_query: false } });
+    const g = await registerUser(strict, 'grace');
+    expectError(await http(strict.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(g.accessToken)}`), 401, 'M_MISSING_TOKEN');
+  });
+
+  test('repeated failed logins are rate limited with 429 M_LIMIT_EXCEEDED and retry_after_ms', async () => {
+    const s = await start({ rc_login: { failed_attempts: { per_second: 0.1, burst_count: 2 } } });
+    await registerUser(s, 'heidi', 'pw-heidi');
+    const attempt = (password: string) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'heidi', password } });
+    expectError(await attempt('a'), 403, 'M_FORBIDDEN');
+    expectError(await attempt('b'), 403, 'M_FORBIDDEN');
+    const limited = await attempt('pw-heidi');
+    expectError(limited, 429, 'M_LIMIT_EXCEEDED');
+    assert.ok((limited.body['retry_after_ms'] as number) > 0);
+    assert.ok(Number(limited.headers.get('retry-after')) >= 1);
+  });
+
+  test('POST /delete_devices deletes several devices behind user-interactive auth, and /logout/all removes every device', async () => {
+    const s = await start();
+    const ivan = await registerUser(s, 'ivan');
+    const d1 = await login(s, 'ivan', ivan.password);
+    const d2 = await login(s, 'ivan', ivan.password);
+    const body = { devices: [d1.deviceId, d2.deviceId, 'NOSUCHDEVICE'] };
+    const challenge = await http(s.url, 'POST', `${C}/delete_devices`, { token: ivan.accessToken, body });
+    assert.equal(challenge.status, 401);
+    // The session is bound to this request: it cannot authorise deleting a different set.
+    const other = await http(s.url, 'POST', `${C}/delete_devices`, { token: ivan.accessToken, body: { devices: [ivan.deviceId], auth: passwordAuth(ivan, challenge.body['session'] as string) } });
+    expectError(other, 403, 'M_FORBIDDEN');
+    const ok = await http(s.url, 'POST', `${C}/delete_devices`, { token: ivan.accessToken, body: { ...body, auth: passwordAuth(ivan, challenge.body['session'] as string) } });
+    assert.equal(ok.status, 200, ok.text);
+    const left = await http<{ devices: { device_id: string }[] }>(s.url, 'GET', `${C}/devices`, { token: ivan.accessToken });
+    assert.deepEqual(left.body.devices.map((d) => d.device_id), [ivan.deviceId]);
+    // Someone else's password does not count.
+    const judy = await registerUser(s, 'judy');
+    const d3 = await login(s, 'ivan', ivan.password);
+    const wrongUser = await http(s.url, 'DELETE', `${C}/devices/${d3.deviceId}`, { token: ivan.accessToken, body: { auth: passwordAuth(judy) } });
+    expectError(wrongUser, 401, 'M_FORBIDDEN');
+
+    assert.equal((await http(s.url, 'POST', `${C}/logout/all`, { token: d3.accessToken })).status, 200);
+    for (const t of [ivan.accessToken, d3.accessToken]) expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: t }), 401, 'M_UNKNOWN_TOKEN');
+  });
+
+  test('deleting a device leaves no row of it in any table, except the device-list change that records the deletion', async () => {
+    const s = await start();
+    const kim = await registerUser(s, 'kim');
+    const gone = await login(s, 'kim', kim.password, { initial_device_display_name: 'To delete' });
+    const challenge = await http(s.url, 'DELETE', `${C}/devices/${gone.deviceId}`, { token: kim.accessToken });
+    const ok = await http(s.url, 'DELETE', `${C}/devices/${gone.deviceId}`, { token: kim.accessToken, body: { auth: passwordAuth(kim, challenge.body['session'] as string) } });
+    assert.equal(ok.status, 200);
+    const db = (s.mx.store as unknown as { db: import('../../src/storage/sql.js').SqlDatabase }).db;
+    const mentions: string[] = [];
+    for (const table of await s.mx.store.tableNames()) {
+      for (const row of await db.all<Record<string, unknown>>(`SELECT * FROM ${table}`)) {
+        if (JSON.stringify(row).includes(gone.deviceId)) mentions.push(`${table}: ${JSON.stringify(row)}`);
+      }
+    }
+    assert.equal(mentions.length, 2, mentions.join('\n'));
+    assert.ok(mentions.every((m) => m.startsWith('device_lists_stream:')), mentions.join('\n'));
+  });
+
+  test('open registration: off by default, then the m.login.dummy flow; taken and invalid names and guests are refused', async () => {
+    const closed = await startServer({ backend });
+    expectError(await http(closed.url, 'POST', `${C}/register`, { body: { username: 'x', password: 'y' } }), 403, 'M_FORBIDDEN');
+
+    const s = await start({ enable_registration: true });
+    const first = await http(s.url, 'POST', `${C}/register`, { body: { username: 'lena', password: 'pw', initial_device_display_name: 'Web' } });
+    assert.equal(first.status, 401);
+    assert.deepEqual(first.body['flows'], [{ stages: ['m.login.dummy'] }]);
+    const done = await http(s.url, 'POST', `${C}/register`, {
+      body: { username: 'lena', password: 'pw', initial_device_display_name: 'Web', auth: { type: 'm.login.dummy', session: first.body['session'] } },
+    });
+    assert.equal(done.status, 200, done.text);
+    assert.equal(done.body['user_id'], '@lena:test.local');
+    assert.equal(typeof done.body['access_token'], 'string');
+    const me = await login(s, 'lena', 'pw');
+    assert.equal(me.userId, '@lena:test.local');
+
+    expectError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'lena', password: 'pw' } }), 400, 'M_USER_IN_USE');
+    expectError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'Lena!', password: 'pw' } }), 400, 'M_INVALID_USERNAME');
+    expectError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'x'.repeat(300), password: 'pw' } }), 400, 'M_INVALID_USERNAME');
+    expectError(await http(s.url, 'POST', `${C}/register?kind=guest`, { body: {} }), 403, 'M_FORBIDDEN');
+    expectError(await http(s.url, 'GET', `${C}/register/available?username=lena`), 400, 'M_USER_IN_USE');
+    assert.deepEqual((await http(s.url, 'GET', `${C}/register/available?username=mona`)).body, { available: true });
+  });
+
+  test('bad input gets 4xx Matrix errors, never a 500', async () => {
+    const s = await start();
+    const nia = await registerUser(s, 'nia');
+    const cases: [string, string, unknown, string?][] = [
+      ['POST', `${C}/login`, { type: 'm.login.password', identifier: { type: 'm.id.user', user: 42 }, password: 'x' }],
+      ['POST', `${C}/login`, { type: 'm.login.password', identifier: 'nia', password: 'x' }],
+      ['POST', `${C}/login`, { type: 'm.login.password', user: 'nia', password: ['x'] }],
+      ['POST', `${C}/login`, { type: 'm.login.password', user: 'nia', password: 'x', initial_device_display_name: 7 }],
+      ['POST', `${C}/login`, [1, 2]],
+      ['POST', `${C}/login`, 'just a string'],
+      ['POST', `${C}/login`, { type: 'm.login.password', identifier: { type: 'm.id.thirdparty', medium: 'email', address: 'a@b' }, password: 'x' }],
+      ['POST', `${C}/login`, { type: 'm.login.password', user: `@${'a'.repeat(300)}:test.local`, password: 'x' }],
+      ['PUT', `${C}/devices/${nia.deviceId}`, { display_name: 5 }, nia.accessToken],
+      ['PUT', `${C}/devices/${nia.deviceId}`, { display_name: 'x'.repeat(101) }, nia.accessToken],
+      ['PUT', `${C}/devices/NOSUCH`, { display_name: 'x' }, nia.accessToken],
+      ['POST', `${C}/delete_devices`, { devices: 'all' }, nia.accessToken],
+      ['POST', `${C}/delete_devices`, { devices: [1] }, nia.accessToken],
+      ['POST', `${C}/delete_devices`, {}, nia.accessToken],
+      ['DELETE', `${C}/devices/${nia.deviceId}`, { auth: 'password' }, nia.accessToken],
+      ['DELETE', `${C}/devices/${nia.deviceId}`, { auth: { type: 'm.login.password', session: 5 } }, nia.accessToken],
+      ['DELETE', `${C}/devices/${nia.deviceId}`, { auth: { type: 'm.login.recaptcha' } }, nia.accessToken],
+      ['DELETE', `${C}/devices/${nia.deviceId}`, { auth: { type: 'm.login.password', session: 'unknown' } }, nia.accessToken],
+      ['POST', '/_synapse/admin/v1/register', { nonce: 1, username: 'x', password: 'y', mac: 'z' }],
+      ['POST', '/_synapse/admin/v1/register', { nonce: 'n', username: 'x', password: 'y', mac: 'z', admin: 'yes' }],
+      ['POST', `${C}/register`, { username: 5 }],
+    ];
+    for (const [method, path, body, token] of cases) {
+      const r = await http(s.url, method, path, { body, ...(token ? { token } : {}) });
+      assert.ok(r.status >= 400 && r.status < 500, `${method} ${path} ${JSON.stringify(body)} → ${r.status} ${r.text}`);
+      assert.equal(typeof r.body['errcode'], 'string', `${method} ${path} ${JSON.stringify(body)} → ${r.text}`);
+    }
+    const nonJson = await http(s.url, 'POST', `${C}/login`, { rawBody: '{"type":', headers: { 'content-type': 'application/json' } });
+    expectError(nonJson, 400, 'M_NOT_JSON');
+    // Nothing changed: the device is still there under its name, and nia can still log in.
+    assert.equal((await http(s.url, 'GET', `${C}/devices/${nia.deviceId}`, { token: nia.accessToken })).status, 200);
+    await login(s, 'nia', nia.password);
+  });
+
+  test('discovery: /versions, and the .well-known documents from public_baseurl', async () => {
+    const bare = await startServer({ backend });
+    const versions = await http(bare.url, 'GET', '/_matrix/client/versions');
+    assert.ok((versions.body['versions'] as string[]).includes('v1.1'));
+    expectError(await http(bare.url, 'GET', '/.well-known/matrix/client'), 404, 'M_NOT_FOUND');
+    expectError(await http(bare.url, 'GET', '/.well-known/matrix/server'), 404, 'M_NOT_FOUND');
+    const s = await startServer({ backend, config: { public_baseurl: 'https://matrix.example.org/', serve_server_wellknown: true } });
+    assert.deepEqual((await http(s.url, 'GET', '/.well-known/matrix/client')).body, { 'm.homeserver': { base_url: 'https://matrix.example.org' } });
+    assert.deepEqual((await http(s.url, 'GET', '/.well-known/matrix/server')).body, { 'm.server': 'matrix.example.org:443' });
+  });
+});
+
+describeEachBackend('mxkeys register-user', (backend) => {
+  test('creates a user in the database of a running server, which can then log in', async () => {
+    const database = await backend.freshDatabase();
+    const s = await startServer({ backend, database: { ...database } });
+    const dir = tempDir();
+    const config = join(dir, 'mxkeys.yaml');
+    const dbYaml = database.postgres ? `{ postgres: "${database.postgres}" }` : `{ sqlite: "${database.sqlite}" }`;
+    writeFileSync(config, `server_name: test.local\ndatabase: ${dbYaml}\nsigning_key_path: ${join(dir, 'k')}\n`);
+    const pwFile = join(dir, 'pw');
+    writeFileSync(pwFile, 'from a file\n');
+    const r = runCli(['register-user', '--config', config, '--user', 'olga', '--password-file', pwFile, '--admin']);
+    assert.equal(r.code, 0, r.stderr);
+    assert.equal(r.stdout.trim(), '@olga:test.local');
+    const session = await login(s, 'olga', 'from a file');
+    assert.equal(session.userId, '@olga:test.local');
+
+    const taken = runCli(['register-user', '--config', config, '--user', 'olga', '--password', 'x']);
+    assert.equal(taken.code, 2);
+    assert.match(taken.stderr, /already taken/);
+    const noPassword = runCli(['register-user', '--config', config, '--user', 'pia']);
+    assert.equal(noPassword.code, 2);
+    const foreign = runCli(['register-user', '--config', config, '--user', '@pia:elsewhere.example', '--password', 'x']);
+    assert.equal(foreign.code, 2);
+    assert.match(foreign.stderr, /not a user of this server/);
+  });
+});
+

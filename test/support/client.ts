@@ -1,0 +1,45 @@
+/** Client-side helpers for tests: accounts over real HTTP, the way admin tools and clients do it. */
+import { createHmac } from 'node:crypto';
+import assert from 'node:assert/strict';
+import { http, type TestServer } from './server.js';
+
+export const SHARED_SECRET = 'test-shared-secret';
+
+export interface Session {
+  readonly userId: string;
+  readonly accessToken: string;
+  readonly deviceId: string;
+  readonly password: string;
+}
+
+export function registrationMac(secret: string, nonce: string, username: string, password: string, admin: boolean): string {
+  return createHmac('sha1', secret).update(`${nonce}\0${username}\0${password}\0${admin ? 'admin' : 'notadmin'}`).digest('hex');
+}
+
+/** Registers a user through Synapse's shared-secret admin API (the server needs SHARED_SECRET). */
+export async function registerUser(server: TestServer, username: string, password = `pw-${username}`, admin = false): Promise<Session> {
+  const { body } = await http<{ nonce: string }>(server.url, 'GET', '/_synapse/admin/v1/register');
+  const r = await http(server.url, 'POST', '/_synapse/admin/v1/register', {
+    body: { nonce: body.nonce, username, password, admin, mac: registrationMac(SHARED_SECRET, body.nonce, username, password, admin) },
+  });
+  assert.equal(r.status, 200, r.text);
+  return { userId: r.body['user_id'] as string, accessToken: r.body['access_token'] as string, deviceId: r.body['device_id'] as string, password };
+}
+
+export async function login(server: TestServer, user: string, password: string, extra: Record<string, unknown> = {}): Promise<Session> {
+  const r = await http(server.url, 'POST', '/_matrix/client/v3/login', {
+    body: { type: 'm.login.password', identifier: { type: 'm.id.user', user }, password, ...extra },
+  });
+  assert.equal(r.status, 200, r.text);
+  return { userId: r.body['user_id'] as string, accessToken: r.body['access_token'] as string, deviceId: r.body['device_id'] as string, password };
+}
+
+/** The user-interactive auth dict for a password stage. */
+export function passwordAuth(session: Session, uiaSession?: string): Record<string, unknown> {
+  return {
+    type: 'm.login.password',
+    identifier: { type: 'm.id.user', user: session.userId },
+    password: session.password,
+    ...(uiaSession ? { session: uiaSession } : {}),
+  };
+}
