@@ -10,6 +10,8 @@ import { loadOrCreateSigningKeys } from './federation/signing-key-file.js';
 import { OwnServerKeys } from './federation/own-keys.js';
 import { buildApp, type App } from './http/app.js';
 import { Accounts } from './accounts/service.js';
+import { Keys } from './keys/service.js';
+import { CrossSigning } from './keys/cross-signing.js';
 
 export interface Mxkeys {
   readonly config: Readonly<Config>;
@@ -17,6 +19,7 @@ export interface Mxkeys {
   readonly store: Store;
   readonly ownKeys: OwnServerKeys;
   readonly accounts: Accounts;
+  readonly keys: Keys;
   readonly logger: Logger;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
@@ -28,13 +31,23 @@ export interface CreateOptions {
   readonly logger?: Logger;
 }
 
-function accountsFor(config: Readonly<Config>, store: Store): Accounts {
+function keysFor(config: Readonly<Config>, store: Store): Keys {
+  return new Keys({
+    store: store.keys,
+    deviceLists: store.deviceLists,
+    serverName: config.server_name,
+    maxOneTimeKeysPerDevice: config.max_one_time_keys_per_device,
+  });
+}
+
+function accountsFor(config: Readonly<Config>, store: Store, keys: Keys): Accounts {
   return new Accounts({
     store: store.accounts,
     serverName: config.server_name,
     registrationSharedSecret: config.registration_shared_secret,
     enableRegistration: config.enable_registration,
     failedLoginLimit: config.rc_login.failed_attempts,
+    isReservedDeviceId: (userId, deviceId) => keys.isReservedDeviceId(userId, deviceId),
   });
 }
 
@@ -44,22 +57,30 @@ export function createLogger(config: Readonly<Config>): Logger {
 
 export async function createMxkeys(config: Readonly<Config>, options: CreateOptions = {}): Promise<Mxkeys> {
   const logger = options.logger ?? createLogger(config);
-  const { keys, created } = loadOrCreateSigningKeys(config.signing_key_path);
-  if (created) logger.info({ path: config.signing_key_path, keyId: keys[0]!.keyId }, 'generated a new server signing key');
+  const signingKeys = loadOrCreateSigningKeys(config.signing_key_path);
+  if (signingKeys.created) logger.info({ path: config.signing_key_path, keyId: signingKeys.keys[0]!.keyId }, 'generated a new server signing key');
   const store = await openStore(config.database);
   const ownKeys = new OwnServerKeys({
     serverName: config.server_name,
-    keys,
+    keys: signingKeys.keys,
     oldVerifyKeys: config.old_signing_keys,
     validityMs: durationMs(config.key_refresh_interval),
   });
-  const accounts = accountsFor(config, store);
+  const keys = keysFor(config, store);
+  const accounts = accountsFor(config, store, keys);
+  const crossSigning = new CrossSigning({
+    store: store.keys,
+    serverName: config.server_name,
+    requireUserInteractiveAuth: (requester, request) => accounts.requirePassword(requester, request),
+  });
   const app = buildApp({
     logger,
     maxRequestBodyBytes: config.max_request_body_bytes,
     trustProxy: config.listen.x_forwarded,
     ownKeys,
     accounts,
+    keys,
+    crossSigning,
     client: {
       allowAccessTokenInQuery: config.allow_access_token_in_query,
       publicBaseurl: config.public_baseurl,
@@ -74,6 +95,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     store,
     ownKeys,
     accounts,
+    keys,
     logger,
     async listen() {
       const address = await app.listen({ host: config.listen.host, port: config.listen.port });
@@ -92,7 +114,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
 export async function registerUser(config: Readonly<Config>, localpart: string, password: string, admin: boolean): Promise<string> {
   const store = await openStore(config.database);
   try {
-    return await accountsFor(config, store).createUser(localpart, password, admin);
+    return await accountsFor(config, store, keysFor(config, store)).createUser(localpart, password, admin);
   } finally {
     await store.close();
   }

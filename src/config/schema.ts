@@ -73,6 +73,7 @@ export const ConfigSchema = Type.Object(
       { ...strict, default: {} },
     ),
     max_request_body_bytes: Type.Integer({ minimum: 1024, default: 10 * 1024 * 1024 }),
+    max_one_time_keys_per_device: Type.Integer({ minimum: 1, default: 10_000 }),
     log_level: Type.Union(
       ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
       { default: 'info' },

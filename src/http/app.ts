@@ -16,6 +16,9 @@ import type { OwnServerKeys } from '../federation/own-keys.js';
 import type { Accounts } from '../accounts/service.js';
 import { accountRoutes } from './routes/accounts.js';
 import { discoveryRoutes } from './routes/discovery.js';
+import { keyRoutes } from './routes/keys.js';
+import type { Keys } from '../keys/service.js';
+import type { CrossSigning } from '../keys/cross-signing.js';
 
 export type App = FastifyInstance<
   import('node:http').Server,
@@ -32,6 +35,8 @@ export interface AppDeps {
   readonly trustProxy: boolean;
   readonly ownKeys: OwnServerKeys;
   readonly accounts: Accounts;
+  readonly keys: Keys;
+  readonly crossSigning: CrossSigning;
   readonly client: {
     readonly allowAccessTokenInQuery: boolean;
     readonly publicBaseurl: string | undefined;
@@ -133,5 +138,11 @@ export function buildApp(deps: AppDeps): App {
   app.register(federationInfoRoutes);
   app.register(discoveryRoutes, { publicBaseurl: deps.client.publicBaseurl, serveServerWellknown: deps.client.serveServerWellknown });
   app.register(accountRoutes, { accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
+  app.register(keyRoutes, {
+    keys: deps.keys,
+    crossSigning: deps.crossSigning,
+    accounts: deps.accounts,
+    allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery,
+  });
   return app;
 }

@@ -38,7 +38,7 @@ const toDevice = (r: DeviceRow): StoredDevice => ({
  * references a device must be listed here (a test checks that no row of a deleted device remains
  * in any table).
  */
-const PER_DEVICE_TABLES = ['access_tokens', 'devices'] as const;
+const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices'] as const;
 
 export class SqlAccountsStore implements AccountsStore {
   constructor(private readonly db: SqlDatabase) {}
@@ -145,6 +145,12 @@ export class SqlAccountsStore implements AccountsStore {
       for (const table of PER_DEVICE_TABLES) {
         await tx.run(`DELETE FROM ${table} WHERE user_id = ? AND device_id IN (${inList})`, [userId, ...targets]);
       }
+      // Signatures made on the device (by the self-signing key) and by it (on the master key).
+      await tx.run(
+        `DELETE FROM e2e_cross_signing_signatures
+         WHERE (target_user_id = ? AND target_key_id IN (${inList})) OR (signer_user_id = ? AND signer_key_id IN (${inList}))`,
+        [userId, ...targets, userId, ...targets.map((d) => `ed25519:${d}`)],
+      );
       await recordDeviceListChanges(tx, userId, existing, Date.now());
       return existing;
     });

@@ -13,12 +13,22 @@ import type { DeviceListChange, DeviceListsStore } from './store.js';
 
 const STREAM_LOCK = 7352832;
 
-/** Appends one change per device (or one with no device) for `userId`. Call last in a transaction. */
-export async function recordDeviceListChanges(tx: Queryable, userId: string, deviceIds: readonly (string | null)[], ts: number): Promise<void> {
+/**
+ * Appends one change per device (or one with no device) for `userId`; with `privateTo`, only that
+ * user is told about it. Call as late as possible in a transaction: on PostgreSQL it holds the
+ * stream lock until commit.
+ */
+export async function recordDeviceListChanges(
+  tx: Queryable,
+  userId: string,
+  deviceIds: readonly (string | null)[],
+  ts: number,
+  privateTo: string | null = null,
+): Promise<void> {
   if (deviceIds.length === 0) return;
   if (tx.dialect === 'postgres') await tx.get('SELECT pg_advisory_xact_lock(?)', [STREAM_LOCK]);
   for (const deviceId of deviceIds) {
-    await tx.run('INSERT INTO device_lists_stream (user_id, device_id, ts) VALUES (?, ?, ?)', [userId, deviceId, ts]);
+    await tx.run('INSERT INTO device_lists_stream (user_id, device_id, ts, private_to) VALUES (?, ?, ?, ?)', [userId, deviceId, ts, privateTo]);
   }
 }
 
@@ -38,14 +48,14 @@ export class SqlDeviceListsStore implements DeviceListsStore {
 
   async changesBetween(fromExclusive: number, toInclusive: number): Promise<DeviceListChange[]> {
     const rows = await this.db.all<ChangeRow>(
-      'SELECT stream_id, user_id, device_id FROM device_lists_stream WHERE stream_id > ? AND stream_id <= ? ORDER BY stream_id',
+      'SELECT stream_id, user_id, device_id FROM device_lists_stream WHERE stream_id > ? AND stream_id <= ? AND private_to IS NULL ORDER BY stream_id',
       [fromExclusive, toInclusive],
     );
     return rows.map((r) => ({ streamId: r.stream_id, userId: r.user_id, deviceId: r.device_id }));
   }
 
   async latestStreamIdForUser(userId: string): Promise<number> {
-    const row = await this.db.get<{ v: number | null }>('SELECT MAX(stream_id) AS v FROM device_lists_stream WHERE user_id = ?', [userId]);
+    const row = await this.db.get<{ v: number | null }>('SELECT MAX(stream_id) AS v FROM device_lists_stream WHERE user_id = ? AND private_to IS NULL', [userId]);
     return row?.v ?? 0;
   }
 }

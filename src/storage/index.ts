@@ -11,6 +11,7 @@ import type { Store } from './store.js';
 import { SqlServerKeysStore } from './server-keys.js';
 import { SqlAccountsStore } from './accounts.js';
 import { SqlDeviceListsStore } from './device-lists.js';
+import { SqlKeysStore } from './keys.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
@@ -43,12 +44,18 @@ class SqlStore implements Store {
   readonly serverKeys;
   readonly accounts;
   readonly deviceLists;
+  readonly keys;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
     this.serverKeys = new SqlServerKeysStore(db);
     this.accounts = new SqlAccountsStore(db);
     this.deviceLists = new SqlDeviceListsStore(db);
+    this.keys = new SqlKeysStore(db);
+  }
+
+  statementCount(): number {
+    return this.db.statementCount;
   }
 
   async tableNames(): Promise<string[]> {

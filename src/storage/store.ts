@@ -127,17 +127,137 @@ export interface DeviceListChange {
 export interface DeviceListsStore {
   /** The highest stream position written so far (0 when empty). */
   currentStreamId(): Promise<number>;
-  /** Changes with from < stream_id <= to, oldest first. */
+  /** Public changes (those every server may hear of) with from < stream_id <= to, oldest first. */
   changesBetween(fromExclusive: number, toInclusive: number): Promise<DeviceListChange[]>;
-  /** The latest stream position of one user's device list (0 when it never changed). */
+  /** The latest public stream position of one user's device list (0 when it never changed). */
   latestStreamIdForUser(userId: string): Promise<number>;
+}
+
+/** A one-time or fallback key as stored: its algorithm, key ID and the uploaded value as JSON text. */
+export interface StoredOneTimeKey {
+  readonly algorithm: string;
+  readonly keyId: string;
+  /** The uploaded value (a string or a signed key object) as JSON text, verbatim. */
+  readonly json: string;
+}
+
+export interface StoredFallbackKey extends StoredOneTimeKey {
+  /** Whether a claim has handed it out since it was uploaded. */
+  readonly used: boolean;
+}
+
+export type CrossSigningKeyType = 'master' | 'self_signing' | 'user_signing';
+
+export interface StoredCrossSigningKey {
+  readonly userId: string;
+  readonly keyType: CrossSigningKeyType;
+  /** Unpadded base64 Ed25519 public key (the part after `ed25519:` in its key ID). */
+  readonly publicKey: string;
+  /** The uploaded key object as JSON text, verbatim. */
+  readonly json: string;
+}
+
+/**
+ * A signature uploaded through /keys/signatures/upload, kept apart from the signed object so
+ * visibility rules can be applied per viewer. The target is a device (`targetKeyId` = device ID)
+ * or a cross-signing key (`targetKeyId` = its public key); the signer key ID is `ed25519:<…>`.
+ */
+export interface StoredSignature {
+  readonly targetUserId: string;
+  readonly targetKeyId: string;
+  readonly signerUserId: string;
+  readonly signerKeyId: string;
+  readonly signature: string;
+}
+
+export interface StoredDeviceKeys {
+  readonly userId: string;
+  readonly deviceId: string;
+  readonly displayName: string | null;
+  /** The uploaded device keys object (without `unsigned`) as JSON text, verbatim. */
+  readonly json: string;
+}
+
+export interface ClaimRequest {
+  readonly userId: string;
+  readonly deviceId: string;
+  readonly algorithm: string;
+}
+
+export interface ClaimedKey extends StoredOneTimeKey {
+  readonly userId: string;
+  readonly deviceId: string;
+  /** True when the device had no one-time key left and its fallback key was handed out. */
+  readonly fallback: boolean;
+}
+
+/** What one key-changing request may do, inside one transaction. */
+export interface KeysTransaction {
+  /** Whether the device exists; on PostgreSQL also locks it, serialising uploads per device. */
+  lockDevice(userId: string, deviceId: string): Promise<boolean>;
+  getDeviceKeys(userId: string, deviceId: string): Promise<string | undefined>;
+  putDeviceKeys(userId: string, deviceId: string, json: string): Promise<void>;
+  /** Which of the given one-time key IDs the device already holds (unclaimed). */
+  findOneTimeKeys(userId: string, deviceId: string, ids: readonly { algorithm: string; keyId: string }[]): Promise<StoredOneTimeKey[]>;
+  countOneTimeKeys(userId: string, deviceId: string): Promise<number>;
+  /** Adds keys; all keys of one call count as uploaded at the same time. */
+  addOneTimeKeys(userId: string, deviceId: string, keys: readonly StoredOneTimeKey[]): Promise<void>;
+  getFallbackKeys(userId: string, deviceId: string): Promise<StoredFallbackKey[]>;
+  /** Inserts or replaces the device's fallback key for the key's algorithm. */
+  putFallbackKey(userId: string, deviceId: string, key: StoredFallbackKey): Promise<void>;
+  /** Unclaimed one-time keys per algorithm. */
+  oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>>;
+  getCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]>;
+  putCrossSigningKey(key: StoredCrossSigningKey): Promise<void>;
+  /** Drops signatures made by, or made on, one of the user's keys (`publicKey` of a replaced key). */
+  deleteSignaturesOfKey(userId: string, publicKey: string): Promise<void>;
+  /** The user's device IDs. */
+  deviceIds(userId: string): Promise<string[]>;
+  putSignatures(signatures: readonly StoredSignature[]): Promise<void>;
+  /**
+   * Appends to the device-list change stream. `privateTo` limits who sees the change
+   * (e.g. a new user-signing key concerns only its owner).
+   */
+  recordDeviceListChange(userId: string, deviceId: string | null, privateTo?: string): Promise<void>;
+}
+
+/** End-to-end keys: the `e2e_*` tables. */
+export interface KeysStore {
+  transaction<T>(fn: (tx: KeysTransaction) => Promise<T>): Promise<T>;
+  /** Device keys of the given users' devices that have uploaded keys. */
+  getDeviceKeys(userIds: readonly string[]): Promise<StoredDeviceKeys[]>;
+  getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]>;
+  /** Uploaded signatures on the given users' devices and keys. */
+  getSignaturesOn(userIds: readonly string[]): Promise<StoredSignature[]>;
+  /**
+   * Claims one key per request: the device's oldest one-time key of the algorithm, deleted in the
+   * same statement so it is handed out at most once even across processes; for devices that have
+   * none left, the fallback key (marked used). Two statements, whatever the number of devices.
+   * Devices with neither are absent from the result.
+   */
+  claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]>;
+  oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>>;
+  /** Algorithms whose fallback key has not been handed out since it was uploaded. */
+  unusedFallbackKeyTypes(userId: string, deviceId: string): Promise<string[]>;
+  /** Remembers that `userId` has asked for these users' keys (for /keys/changes). */
+  trackUsers(userId: string, tracked: readonly string[]): Promise<void>;
+  /**
+   * Users whose device lists changed with from < position <= to and whom `viewer` sees: the viewer
+   * and the users they track; changes private to someone else are left out.
+   */
+  changedUsers(viewer: string, fromExclusive: number, toInclusive: number): Promise<string[]>;
+  /** Whether `key` is the public key of one of the user's cross-signing keys. */
+  isCrossSigningPublicKey(userId: string, key: string): Promise<boolean>;
 }
 
 export interface Store {
   readonly backend: 'sqlite' | 'postgres';
+  readonly keys: KeysStore;
   readonly serverKeys: ServerKeysStore;
   readonly accounts: AccountsStore;
   readonly deviceLists: DeviceListsStore;
+  /** Database statements this process has run (a metric; tests use it to count round trips). */
+  statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */
   tableNames(): Promise<string[]>;
   close(): Promise<void>;

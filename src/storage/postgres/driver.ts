@@ -39,8 +39,9 @@ function prepared(sql: string): Prepared {
 const RETRYABLE = new Set(['40001', '40P01']);
 const MAX_ATTEMPTS = 5;
 
-function queryable(client: pg.Pool | pg.PoolClient): Queryable {
+function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: number }): Queryable {
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
+    counter.statementCount++;
     const p = prepared(sql);
     return client.query({ name: p.name, text: p.text, values: params ? [...params] : [] });
   };
@@ -64,12 +65,13 @@ export class PostgresDatabase implements SqlDatabase {
   readonly dialect = 'postgres' as const;
   private readonly pool: pg.Pool;
   private readonly direct: Queryable;
+  statementCount = 0;
 
   constructor(options: PostgresOptions) {
     this.pool = new pg.Pool({ connectionString: options.connectionString, max: options.poolSize ?? 10, types });
     // An idle connection that dies (server restart) must not take the process down.
     this.pool.on('error', () => undefined);
-    this.direct = queryable(this.pool);
+    this.direct = queryable(this.pool, this);
   }
 
   all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
@@ -94,7 +96,7 @@ export class PostgresDatabase implements SqlDatabase {
       let broken = false;
       try {
         await client.query('BEGIN');
-        const result = await fn(queryable(client));
+        const result = await fn(queryable(client, this));
         await client.query('COMMIT');
         return result;
       } catch (e) {

@@ -70,4 +70,64 @@ export const migrations: readonly Migration[] = [
       CREATE INDEX device_lists_stream_by_user ON device_lists_stream (user_id, stream_id);
     `,
   },
+  {
+    version: 3,
+    name: 'end-to-end keys: device keys, one-time and fallback keys, cross-signing keys and signatures, tracked users',
+    sql: `
+      CREATE TABLE e2e_device_keys (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        key_json TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, device_id)
+      );
+      CREATE TABLE e2e_one_time_keys (
+        id BIGSERIAL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        key_json TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        UNIQUE (user_id, device_id, algorithm, key_id)
+      );
+      CREATE INDEX e2e_one_time_keys_oldest ON e2e_one_time_keys (user_id, device_id, algorithm, id);
+      CREATE TABLE e2e_fallback_keys (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        algorithm TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        key_json TEXT NOT NULL,
+        used BOOLEAN NOT NULL DEFAULT false,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, device_id, algorithm)
+      );
+      CREATE TABLE e2e_cross_signing_keys (
+        user_id TEXT NOT NULL,
+        key_type TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        key_json TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, key_type)
+      );
+      CREATE INDEX e2e_cross_signing_keys_by_public_key ON e2e_cross_signing_keys (user_id, public_key);
+      CREATE TABLE e2e_cross_signing_signatures (
+        target_user_id TEXT NOT NULL,
+        target_key_id TEXT NOT NULL,
+        signer_user_id TEXT NOT NULL,
+        signer_key_id TEXT NOT NULL,
+        signature TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (target_user_id, target_key_id, signer_user_id, signer_key_id)
+      );
+      CREATE INDEX e2e_cross_signing_signatures_by_signer ON e2e_cross_signing_signatures (signer_user_id, signer_key_id);
+      CREATE TABLE e2e_tracked_users (
+        user_id TEXT NOT NULL,
+        tracked_user_id TEXT NOT NULL,
+        PRIMARY KEY (user_id, tracked_user_id)
+      );
+      CREATE INDEX e2e_tracked_users_by_tracked ON e2e_tracked_users (tracked_user_id);
+      ALTER TABLE device_lists_stream ADD COLUMN private_to TEXT;
+    `,
+  },
 ];

@@ -43,6 +43,7 @@ export class SqliteDatabase implements SqlDatabase {
   private txOpen = false;
   private readonly direct: Queryable;
   private readonly busyTimeoutMs: number;
+  statementCount = 0;
 
   constructor(options: SqliteOptions) {
     if (options.path !== ':memory:') mkdirSync(dirname(options.path), { recursive: true });
@@ -65,6 +66,7 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   private prepare(sql: string): Statement {
+    this.statementCount++;
     let st = this.statements.get(sql);
     if (!st) {
       st = this.db.prepare(sql);

@@ -1,0 +1,293 @@
+/**
+ * The end-to-end key rules: upload, claim, query, changes, cross-signing keys and signatures, and
+ * the key parts of /sync. Used by the client-server API and, with a server as the viewer, by the
+ * federation API. Uses the KeysStore and DeviceListsStore only; no HTTP, no driver.
+ */
+import { MatrixError } from '../matrix/errors.js';
+import { canonicalJson } from '../matrix/canonical-json.js';
+import { parseUserId } from '../matrix/ids.js';
+import type { ClaimRequest, DeviceListsStore, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
+import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
+import { badJson, parseKeyMap, requireObject, validateDeviceKeys } from './validate.js';
+
+/** The user and device making a client request. */
+export interface Requester {
+  readonly userId: string;
+  readonly deviceId: string;
+}
+
+/** Who reads keys: a local user, or another server (no user: only owners' own signatures show). */
+export type Viewer = { readonly userId: string } | null;
+
+export interface KeysOptions {
+  readonly store: KeysStore;
+  readonly deviceLists: DeviceListsStore;
+  readonly serverName: string;
+  readonly maxOneTimeKeysPerDevice: number;
+}
+
+/** A `failures` entry for a server we could not ask. */
+export interface ServerFailure {
+  readonly status: number;
+  readonly message: string;
+}
+
+type JsonObject = Record<string, unknown>;
+
+/** `{"k":v,…}` from keys and already-encoded JSON values. */
+export function objectText(entries: Iterable<readonly [string, string]>): string {
+  let out = '{';
+  let first = true;
+  for (const [k, v] of entries) {
+    if (!first) out += ',';
+    first = false;
+    out += `${JSON.stringify(k)}:${v}`;
+  }
+  return `${out}}`;
+}
+
+/** Sync and /keys/changes tokens: opaque to clients, `s<stream position>` to us. */
+export function streamToken(position: number): string {
+  return `s${position}`;
+}
+
+export function parseStreamToken(token: string, name: string): number {
+  const m = /^s(\d{1,15})$/.exec(token);
+  if (!m) throw new MatrixError('M_INVALID_PARAM', `"${name}" is not a token this server issued (expected the next_batch of a /sync)`);
+  return Number(m[1]);
+}
+
+/** Whose signatures `viewer` may see on `owner`'s keys (e2e spec, "Key and signature security"). */
+function visibleSignatures(signatures: readonly StoredSignature[], owner: string, viewer: Viewer): StoredSignature[] {
+  // Only user-signing-key signatures are made by someone other than the key's owner; those are
+  // for the signer's eyes only.
+  return signatures.filter((s) => s.signerUserId === owner || (viewer !== null && s.signerUserId === viewer.userId));
+}
+
+export interface QueryOptions {
+  /** Add `unsigned.device_display_name` (always for clients; per config over federation). */
+  readonly displayNames: boolean;
+  /** Include `failures` and `user_signing_keys` (client-server API only). */
+  readonly clientApi: boolean;
+}
+
+export class Keys {
+  private readonly store: KeysStore;
+
+  constructor(private readonly options: KeysOptions) {
+    this.store = options.store;
+  }
+
+  private isLocal(userId: string): boolean {
+    return parseUserId(userId)?.serverName === this.options.serverName;
+  }
+
+  /** Splits the user IDs of a request into ours and other servers'; a malformed ID is a 400. */
+  private partition(userIds: Iterable<string>, field: string): { local: string[]; remoteServers: Set<string> } {
+    const local: string[] = [];
+    const remoteServers = new Set<string>();
+    for (const userId of userIds) {
+      const parts = parseUserId(userId);
+      if (!parts) throw new MatrixError('M_INVALID_PARAM', `${field}: "${userId}" is not a valid user ID`);
+      if (parts.serverName === this.options.serverName) local.push(userId);
+      else remoteServers.add(parts.serverName);
+    }
+    return { local, remoteServers };
+  }
+
+  /** Federation requests may only name our users (Synapse answers 400 otherwise). */
+  requireLocalUsers(userIds: Iterable<string>, field: string): string[] {
+    const { local, remoteServers } = this.partition(userIds, field);
+    if (remoteServers.size > 0) {
+      const foreign = [...userIds].find((u) => !this.isLocal(u));
+      throw new MatrixError('M_INVALID_PARAM', `${field}: user ${foreign} is not hosted on this server (${this.options.serverName})`);
+    }
+    return local;
+  }
+
+  private static remoteFailures(servers: Set<string>): string {
+    const failure: ServerFailure = { status: 503, message: 'mxkeys does not fetch keys from other servers' };
+    return objectText([...servers].map((s) => [s, JSON.stringify(failure)] as const));
+  }
+
+  /** POST /keys/upload */
+  async upload(requester: Requester, body: JsonObject): Promise<{ one_time_key_counts: Record<string, number> }> {
+    const { userId, deviceId } = requester;
+    const deviceKeys = body['device_keys'] === undefined || body['device_keys'] === null ? undefined : validateDeviceKeys(body['device_keys'], userId, deviceId);
+    const oneTimeKeys = parseKeyMap(body['one_time_keys'], 'one_time_keys');
+    const fallbackKeys = parseKeyMap(body['fallback_keys'], 'fallback_keys');
+    const fallbackAlgorithms = new Set<string>();
+    for (const k of fallbackKeys) {
+      if (fallbackAlgorithms.has(k.algorithm)) throw new MatrixError('M_INVALID_PARAM', `fallback_keys: at most one key per algorithm, found several for ${k.algorithm}`);
+      fallbackAlgorithms.add(k.algorithm);
+    }
+    const max = this.options.maxOneTimeKeysPerDevice;
+
+    const counts = await this.store.transaction(async (tx) => {
+      if (!(await tx.lockDevice(userId, deviceId))) throw new MatrixError('M_UNKNOWN_TOKEN', 'This device has been deleted; log in again', 401, { soft_logout: false });
+
+      if (deviceKeys) {
+        const existing = await tx.getDeviceKeys(userId, deviceId);
+        const json = JSON.stringify(deviceKeys.object);
+        if (existing === undefined) {
+          await tx.putDeviceKeys(userId, deviceId, json);
+          await tx.recordDeviceListChange(userId, deviceId);
+        } else {
+          const old = JSON.parse(existing) as JsonObject;
+          if (canonicalJson(old['keys']) !== canonicalJson(deviceKeys.object['keys'])) {
+            throw new MatrixError(
+              'M_INVALID_PARAM',
+              `device_keys: device ${deviceId} already has different identity keys. Identity keys cannot change; log in as a new device to use new keys`,
+            );
+          }
+          if (canonicalJson(old) !== canonicalJson(deviceKeys.object)) {
+            await tx.putDeviceKeys(userId, deviceId, json);
+            await tx.recordDeviceListChange(userId, deviceId);
+          }
+        }
+      }
+
+      if (oneTimeKeys.length > 0) {
+        const existing = new Map((await tx.findOneTimeKeys(userId, deviceId, oneTimeKeys)).map((k) => [`${k.algorithm}:${k.keyId}`, k]));
+        const fresh = oneTimeKeys.filter((k) => {
+          const old = existing.get(`${k.algorithm}:${k.keyId}`);
+          if (old === undefined) return true;
+          if (!sameKeyIgnoringSignatures(JSON.parse(old.json), k.value)) {
+            throw new MatrixError('M_INVALID_PARAM', `One-time key ${k.algorithm}:${k.keyId} already exists with a different value; nothing from this upload was stored`);
+          }
+          return false;
+        });
+        if (fresh.length > 0) {
+          const held = await tx.countOneTimeKeys(userId, deviceId);
+          if (held + fresh.length > max) {
+            throw new MatrixError(
+              'M_INVALID_PARAM',
+              `Too many one-time keys: device ${deviceId} holds ${held} and this upload adds ${fresh.length}, but at most ${max} may be stored per device`,
+            );
+          }
+          await tx.addOneTimeKeys(userId, deviceId, fresh.map((k) => ({ algorithm: k.algorithm, keyId: k.keyId, json: k.json })));
+        }
+      }
+
+      if (fallbackKeys.length > 0) {
+        const current = new Map((await tx.getFallbackKeys(userId, deviceId)).map((k) => [k.algorithm, k]));
+        for (const k of fallbackKeys) {
+          const old = current.get(k.algorithm);
+          // Re-uploading the same key keeps its "used" flag; a new key starts unused.
+          if (old && old.keyId === k.keyId && sameKeyIgnoringSignatures(JSON.parse(old.json), k.value)) continue;
+          await tx.putFallbackKey(userId, deviceId, { algorithm: k.algorithm, keyId: k.keyId, json: k.json, used: false });
+        }
+      }
+      return tx.oneTimeKeyCounts(userId, deviceId);
+    });
+    // Some clients (matrix-nio) require signed_curve25519 to be present.
+    return { one_time_key_counts: { signed_curve25519: 0, ...counts } };
+  }
+
+  /**
+   * POST /keys/claim (client) and /user/keys/claim (federation): the response body as JSON text.
+   * `localOnly` makes other servers' users a 400 instead of a `failures` entry.
+   */
+  async claim(body: JsonObject, localOnly: boolean): Promise<string> {
+    const wanted = requireObject(body['one_time_keys'], 'one_time_keys');
+    const { local, remoteServers } = localOnly
+      ? { local: this.requireLocalUsers(Object.keys(wanted), 'one_time_keys'), remoteServers: new Set<string>() }
+      : this.partition(Object.keys(wanted), 'one_time_keys');
+    const requests: ClaimRequest[] = [];
+    for (const userId of local) {
+      const devices = requireObject(wanted[userId], `one_time_keys["${userId}"]`);
+      for (const [deviceId, algorithm] of Object.entries(devices)) {
+        if (typeof algorithm !== 'string') throw badJson(`one_time_keys["${userId}"]["${deviceId}"]`, 'an algorithm name (a string)');
+        requests.push({ userId, deviceId, algorithm });
+      }
+    }
+    const localSet = new Set(local);
+    for (const userId of Object.keys(wanted)) if (!localSet.has(userId)) requireObject(wanted[userId], `one_time_keys["${userId}"]`);
+
+    const claimed = requests.length > 0 ? await this.store.claimKeys(requests) : [];
+    const byUser = new Map<string, Map<string, string[]>>();
+    for (const k of claimed) {
+      let devices = byUser.get(k.userId);
+      if (!devices) byUser.set(k.userId, (devices = new Map()));
+      let keys = devices.get(k.deviceId);
+      if (!keys) devices.set(k.deviceId, (keys = []));
+      keys.push(`${JSON.stringify(`${k.algorithm}:${k.keyId}`)}:${k.json}`);
+    }
+    const oneTimeKeys = objectText([...byUser].map(([u, devices]) => [u, objectText([...devices].map(([d, keys]) => [d, `{${keys.join(',')}}`]))] as const));
+    return localOnly ? `{"one_time_keys":${oneTimeKeys}}` : `{"one_time_keys":${oneTimeKeys},"failures":${Keys.remoteFailures(remoteServers)}}`;
+  }
+
+  /**
+   * POST /keys/query (client) and /user/keys/query (federation): the response body as JSON text.
+   * Keys come back exactly as uploaded, plus `unsigned` and the signatures the viewer may see.
+   */
+  async query(viewer: Viewer, body: JsonObject, options: QueryOptions): Promise<string> {
+    const wanted = requireObject(body['device_keys'], 'device_keys');
+    for (const [userId, devices] of Object.entries(wanted)) {
+      if (!Array.isArray(devices) || devices.some((d) => typeof d !== 'string')) throw badJson(`device_keys["${userId}"]`, 'a list of device IDs');
+    }
+    const { local, remoteServers } = options.clientApi
+      ? this.partition(Object.keys(wanted), 'device_keys')
+      : { local: this.requireLocalUsers(Object.keys(wanted), 'device_keys'), remoteServers: new Set<string>() };
+
+    const [devices, crossSigning, signatures] = local.length
+      ? await Promise.all([this.store.getDeviceKeys(local), this.store.getCrossSigningKeys(local), this.store.getSignaturesOn(local)])
+      : [[], [], []];
+    if (viewer) await this.store.trackUsers(viewer.userId, Object.keys(wanted));
+
+    const sigsByTarget = new Map<string, StoredSignature[]>();
+    for (const s of signatures) {
+      const key = `${s.targetUserId}\0${s.targetKeyId}`;
+      const list = sigsByTarget.get(key);
+      if (list) list.push(s);
+      else sigsByTarget.set(key, [s]);
+    }
+    const signed = (json: string, owner: string, targetKeyId: string): string =>
+      withSignatures(json, visibleSignatures(sigsByTarget.get(`${owner}\0${targetKeyId}`) ?? [], owner, viewer));
+
+    const deviceEntries = new Map<string, [string, string][]>(local.map((u) => [u, []]));
+    for (const d of devices) {
+      const only = wanted[d.userId] as string[];
+      if (only.length > 0 && !only.includes(d.deviceId)) continue;
+      const unsigned = options.displayNames && d.displayName !== null ? `{"device_display_name":${JSON.stringify(d.displayName)}}` : '{}';
+      deviceEntries.get(d.userId)!.push([d.deviceId, withUnsigned(signed(d.json, d.userId, d.deviceId), unsigned)]);
+    }
+
+    const keysOfType = (type: StoredCrossSigningKey['keyType']): [string, string][] =>
+      crossSigning
+        .filter((k) => k.keyType === type && (type !== 'user_signing' || (viewer !== null && k.userId === viewer.userId)))
+        .map((k) => [k.userId, signed(k.json, k.userId, k.publicKey)]);
+
+    let out = `{"device_keys":${objectText([...deviceEntries].map(([u, entries]) => [u, objectText(entries)] as const))}`;
+    out += `,"master_keys":${objectText(keysOfType('master'))},"self_signing_keys":${objectText(keysOfType('self_signing'))}`;
+    if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${Keys.remoteFailures(remoteServers)}`;
+    return `${out}}`;
+  }
+
+  /** GET /keys/changes: users the viewer follows whose keys changed between two tokens. */
+  async changes(viewer: string, from: string, to: string | undefined): Promise<{ changed: string[]; left: string[] }> {
+    const fromPos = parseStreamToken(from, 'from');
+    const toPos = to === undefined ? await this.options.deviceLists.currentStreamId() : parseStreamToken(to, 'to');
+    const changed = toPos > fromPos ? await this.store.changedUsers(viewer, fromPos, toPos) : [];
+    return { changed, left: [] };
+  }
+
+  /** The current position of the change stream, as a token. */
+  async currentToken(): Promise<string> {
+    return streamToken(await this.options.deviceLists.currentStreamId());
+  }
+
+  /** The `device_one_time_keys_count` and `device_unused_fallback_key_types` of /sync. */
+  async deviceKeyCounts(requester: Requester): Promise<{ device_one_time_keys_count: Record<string, number>; device_unused_fallback_key_types: string[] }> {
+    const [counts, fallback] = await Promise.all([
+      this.store.oneTimeKeyCounts(requester.userId, requester.deviceId),
+      this.store.unusedFallbackKeyTypes(requester.userId, requester.deviceId),
+    ]);
+    return { device_one_time_keys_count: { signed_curve25519: 0, ...counts }, device_unused_fallback_key_types: fallback };
+  }
+
+  /** Whether a device ID would collide with one of the user's cross-signing public keys. */
+  isReservedDeviceId(userId: string, deviceId: string): Promise<boolean> {
+    return this.store.isCrossSigningPublicKey(userId, deviceId);
+  }
+}

@@ -1,0 +1,151 @@
+/**
+ * Checking uploaded key objects (device keys, one-time/fallback key maps, cross-signing keys).
+ * Every failure is a 400 MatrixError whose message names the field, so a client developer can see
+ * what to fix. Nothing here stores anything.
+ */
+import { MatrixError } from '../matrix/errors.js';
+import { CanonicalJsonError } from '../matrix/canonical-json.js';
+import { isUnpaddedBase64OfLength } from '../matrix/base64.js';
+import { getSignature, isObject, verifyJsonSignature } from '../matrix/signing.js';
+import type { CrossSigningKeyType } from '../storage/store.js';
+
+type JsonObject = Record<string, unknown>;
+
+export function badJson(path: string, expected: string): MatrixError {
+  return new MatrixError('M_BAD_JSON', `${path} must be ${expected}`);
+}
+
+export function requireObject(value: unknown, path: string): JsonObject {
+  if (!isObject(value)) throw badJson(path, 'an object');
+  return value;
+}
+
+function requireField(obj: JsonObject, key: string, path: string): unknown {
+  if (obj[key] === undefined) throw new MatrixError('M_MISSING_PARAM', `${path}.${key} is required`);
+  return obj[key];
+}
+
+function requireStringMap(value: unknown, path: string): Record<string, string> {
+  const obj = requireObject(value, path);
+  for (const [k, v] of Object.entries(obj)) if (typeof v !== 'string') throw badJson(`${path}["${k}"]`, 'a string');
+  return obj as Record<string, string>;
+}
+
+/** `signatures`: user ID → key ID → signature string. */
+function requireSignatures(value: unknown, path: string): void {
+  const obj = requireObject(value, path);
+  for (const [user, sigs] of Object.entries(obj)) requireStringMap(sigs, `${path}["${user}"]`);
+}
+
+/** Verifies a signature, turning a non-canonical object into a 400 rather than a crash. */
+function verifies(obj: JsonObject, entity: string, keyId: string, publicKey: string, path: string): boolean {
+  try {
+    return verifyJsonSignature(obj, entity, keyId, publicKey);
+  } catch (e) {
+    if (e instanceof CanonicalJsonError) throw new MatrixError('M_BAD_JSON', `${path} cannot be signed as canonical JSON: ${e.message}`);
+    throw e;
+  }
+}
+
+export interface ValidDeviceKeys {
+  /** The object as uploaded, without `unsigned`. */
+  readonly object: JsonObject;
+}
+
+/**
+ * `device_keys` of /keys/upload: the caller's own user and device, the required fields with the
+ * right types, key names `<algorithm>:<device_id>`, and a valid self-signature by the device's
+ * ed25519 key.
+ */
+export function validateDeviceKeys(value: unknown, userId: string, deviceId: string): ValidDeviceKeys {
+  const path = 'device_keys';
+  const obj = requireObject(value, path);
+  const { unsigned: _unsigned, ...object } = obj;
+  const uid = requireField(object, 'user_id', path);
+  const did = requireField(object, 'device_id', path);
+  const algorithms = requireField(object, 'algorithms', path);
+  const keys = requireField(object, 'keys', path);
+  requireField(object, 'signatures', path);
+  if (typeof uid !== 'string') throw badJson(`${path}.user_id`, 'a string');
+  if (typeof did !== 'string') throw badJson(`${path}.device_id`, 'a string');
+  if (uid !== userId) throw new MatrixError('M_INVALID_PARAM', `${path}.user_id is ${uid}, but you are logged in as ${userId}`);
+  if (did !== deviceId) throw new MatrixError('M_INVALID_PARAM', `${path}.device_id is ${did}, but your access token belongs to device ${deviceId}`);
+  if (!Array.isArray(algorithms) || algorithms.some((a) => typeof a !== 'string')) throw badJson(`${path}.algorithms`, 'a list of strings');
+  const keyMap = requireStringMap(keys, `${path}.keys`);
+  for (const name of Object.keys(keyMap)) {
+    const colon = name.indexOf(':');
+    if (colon <= 0 || name.slice(colon + 1) !== deviceId) {
+      throw new MatrixError('M_INVALID_PARAM', `${path}.keys["${name}"]: key names must be "<algorithm>:${deviceId}"`);
+    }
+  }
+  requireSignatures(object['signatures'], `${path}.signatures`);
+  const ed25519 = keyMap[`ed25519:${deviceId}`];
+  if (ed25519 === undefined) throw new MatrixError('M_MISSING_PARAM', `${path}.keys must include the device's "ed25519:${deviceId}" key`);
+  if (getSignature(object, userId, `ed25519:${deviceId}`) === undefined) {
+    throw new MatrixError('M_INVALID_SIGNATURE', `${path} must be signed by the device's own key: ${path}.signatures["${userId}"]["ed25519:${deviceId}"] is missing`);
+  }
+  if (!verifies(object, userId, `ed25519:${deviceId}`, ed25519, path)) {
+    throw new MatrixError('M_INVALID_SIGNATURE', `${path}: the signature by ed25519:${deviceId} does not verify; sign the object without "signatures" and "unsigned" as canonical JSON`);
+  }
+  return { object };
+}
+
+export interface UploadedKey {
+  readonly algorithm: string;
+  readonly keyId: string;
+  readonly value: unknown;
+  readonly json: string;
+}
+
+/**
+ * A `one_time_keys` or `fallback_keys` map: `<algorithm>:<key_id>` → a key string or a key object
+ * `{key, signatures?, …}`.
+ */
+export function parseKeyMap(value: unknown, path: string): UploadedKey[] {
+  if (value === undefined || value === null) return [];
+  const obj = requireObject(value, path);
+  return Object.entries(obj).map(([name, key]) => {
+    const colon = name.indexOf(':');
+    if (colon <= 0 || colon === name.length - 1) {
+      throw new MatrixError('M_INVALID_PARAM', `${path}["${name}"]: key names must be "<algorithm>:<key_id>"`);
+    }
+    if (typeof key !== 'string') {
+      if (!isObject(key)) throw badJson(`${path}["${name}"]`, 'a key string or a key object');
+      if (typeof key['key'] !== 'string') throw badJson(`${path}["${name}"].key`, 'a string');
+      if (key['signatures'] !== undefined) requireSignatures(key['signatures'], `${path}["${name}"].signatures`);
+    }
+    return { algorithm: name.slice(0, colon), keyId: name.slice(colon + 1), value: key, json: JSON.stringify(key) };
+  });
+}
+
+export interface ValidCrossSigningKey {
+  readonly keyType: CrossSigningKeyType;
+  readonly object: JsonObject;
+  readonly publicKey: string;
+}
+
+/** A CrossSigningKey: the caller's user, the right usage, exactly one `ed25519:<public key>` key. */
+export function validateCrossSigningKey(value: unknown, path: string, userId: string, keyType: CrossSigningKeyType): ValidCrossSigningKey {
+  const obj = requireObject(value, path);
+  const { unsigned: _unsigned, ...object } = obj;
+  const uid = requireField(object, 'user_id', path);
+  const usage = requireField(object, 'usage', path);
+  const keys = requireStringMap(requireField(object, 'keys', path), `${path}.keys`);
+  if (typeof uid !== 'string') throw badJson(`${path}.user_id`, 'a string');
+  if (uid !== userId) throw new MatrixError('M_INVALID_PARAM', `${path}.user_id is ${uid}, but you are logged in as ${userId}`);
+  if (!Array.isArray(usage) || usage.some((u) => typeof u !== 'string')) throw badJson(`${path}.usage`, 'a list of strings');
+  if (!usage.includes(keyType)) throw new MatrixError('M_INVALID_PARAM', `${path}.usage must contain "${keyType}"`);
+  const entries = Object.entries(keys);
+  if (entries.length !== 1) throw new MatrixError('M_INVALID_PARAM', `${path}.keys must have exactly one entry, found ${entries.length}`);
+  const [name, publicKey] = entries[0]!;
+  if (name !== `ed25519:${publicKey}` || !isUnpaddedBase64OfLength(publicKey, 32)) {
+    throw new MatrixError('M_INVALID_PARAM', `${path}.keys must be {"ed25519:<public key>": "<public key>"} with an unpadded base64 Ed25519 public key`);
+  }
+  if (object['signatures'] !== undefined) requireSignatures(object['signatures'], `${path}.signatures`);
+  return { keyType, object, publicKey };
+}
+
+/** True when `obj` carries a valid signature by `userId`'s key `publicKey`. */
+export function signedBy(obj: JsonObject, userId: string, publicKey: string, path: string): boolean {
+  return verifies(obj, userId, `ed25519:${publicKey}`, publicKey, path);
+}

@@ -1,0 +1,318 @@
+/**
+ * KeysStore: the `e2e_*` tables. The SQL is shared by both backends except the claim, where each
+ * database gets the statement that makes "at most once" hold under concurrency on it:
+ *  - SQLite: one DELETE … RETURNING picking each device's oldest key in a subquery; a statement
+ *    holds the database's write lock, so no other connection or process can take the same row.
+ *  - PostgreSQL: one DELETE … RETURNING over a LATERAL pick with FOR UPDATE SKIP LOCKED, so
+ *    concurrent claimers each lock (and delete) a different row instead of queueing on one.
+ */
+import { placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
+import type {
+  ClaimedKey,
+  ClaimRequest,
+  CrossSigningKeyType,
+  KeysStore,
+  KeysTransaction,
+  StoredCrossSigningKey,
+  StoredDeviceKeys,
+  StoredFallbackKey,
+  StoredOneTimeKey,
+  StoredSignature,
+} from './store.js';
+import { recordDeviceListChanges } from './device-lists.js';
+
+/** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
+const CHUNK = 500;
+
+function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
+interface CrossSigningRow {
+  user_id: string;
+  key_type: CrossSigningKeyType;
+  public_key: string;
+  key_json: string;
+}
+
+interface SignatureRow {
+  target_user_id: string;
+  target_key_id: string;
+  signer_user_id: string;
+  signer_key_id: string;
+  signature: string;
+}
+
+interface ClaimRow {
+  user_id: string;
+  device_id: string;
+  algorithm: string;
+  key_id: string;
+  key_json: string;
+}
+
+const toCrossSigning = (r: CrossSigningRow): StoredCrossSigningKey => ({ userId: r.user_id, keyType: r.key_type, publicKey: r.public_key, json: r.key_json });
+const toSignature = (r: SignatureRow): StoredSignature => ({
+  targetUserId: r.target_user_id,
+  targetKeyId: r.target_key_id,
+  signerUserId: r.signer_user_id,
+  signerKeyId: r.signer_key_id,
+  signature: r.signature,
+});
+
+async function oneTimeKeyCounts(q: Queryable, userId: string, deviceId: string): Promise<Record<string, number>> {
+  const rows = await q.all<{ algorithm: string; n: number }>(
+    'SELECT algorithm, COUNT(*) AS n FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? GROUP BY algorithm',
+    [userId, deviceId],
+  );
+  return Object.fromEntries(rows.map((r) => [r.algorithm, r.n]));
+}
+
+class SqlKeysTransaction implements KeysTransaction {
+  constructor(
+    private readonly tx: Queryable,
+    private readonly now: number,
+  ) {}
+
+  async lockDevice(userId: string, deviceId: string): Promise<boolean> {
+    const forUpdate = this.tx.dialect === 'postgres' ? ' FOR UPDATE' : '';
+    return (await this.tx.get(`SELECT 1 AS x FROM devices WHERE user_id = ? AND device_id = ?${forUpdate}`, [userId, deviceId])) !== undefined;
+  }
+
+  async getDeviceKeys(userId: string, deviceId: string): Promise<string | undefined> {
+    return (await this.tx.get<{ key_json: string }>('SELECT key_json FROM e2e_device_keys WHERE user_id = ? AND device_id = ?', [userId, deviceId]))?.key_json;
+  }
+
+  async putDeviceKeys(userId: string, deviceId: string, json: string): Promise<void> {
+    await this.tx.run(
+      `INSERT INTO e2e_device_keys (user_id, device_id, key_json, ts) VALUES (?, ?, ?, ?)
+       ON CONFLICT (user_id, device_id) DO UPDATE SET key_json = excluded.key_json, ts = excluded.ts`,
+      [userId, deviceId, json, this.now],
+    );
+  }
+
+  async findOneTimeKeys(userId: string, deviceId: string, ids: readonly { algorithm: string; keyId: string }[]): Promise<StoredOneTimeKey[]> {
+    const found: StoredOneTimeKey[] = [];
+    for (const part of chunks(ids)) {
+      const rows = await this.tx.all<{ algorithm: string; key_id: string; key_json: string }>(
+        `SELECT algorithm, key_id, key_json FROM e2e_one_time_keys
+         WHERE user_id = ? AND device_id = ? AND (algorithm, key_id) IN (VALUES ${valuesList(part.length, 2)})`,
+        [userId, deviceId, ...part.flatMap((k) => [k.algorithm, k.keyId])],
+      );
+      for (const r of rows) found.push({ algorithm: r.algorithm, keyId: r.key_id, json: r.key_json });
+    }
+    return found;
+  }
+
+  async countOneTimeKeys(userId: string, deviceId: string): Promise<number> {
+    return (await this.tx.get<{ n: number }>('SELECT COUNT(*) AS n FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ?', [userId, deviceId]))?.n ?? 0;
+  }
+
+  async addOneTimeKeys(userId: string, deviceId: string, keys: readonly StoredOneTimeKey[]): Promise<void> {
+    for (const part of chunks(keys)) {
+      const params: SqlValue[] = [];
+      for (const k of part) params.push(userId, deviceId, k.algorithm, k.keyId, k.json, this.now);
+      await this.tx.run(`INSERT INTO e2e_one_time_keys (user_id, device_id, algorithm, key_id, key_json, ts) VALUES ${valuesList(part.length, 6)}`, params);
+    }
+  }
+
+  async getFallbackKeys(userId: string, deviceId: string): Promise<StoredFallbackKey[]> {
+    const rows = await this.tx.all<{ algorithm: string; key_id: string; key_json: string; used: number | boolean }>(
+      'SELECT algorithm, key_id, key_json, used FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ?',
+      [userId, deviceId],
+    );
+    return rows.map((r) => ({ algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, used: Boolean(r.used) }));
+  }
+
+  async putFallbackKey(userId: string, deviceId: string, key: StoredFallbackKey): Promise<void> {
+    await this.tx.run(
+      `INSERT INTO e2e_fallback_keys (user_id, device_id, algorithm, key_id, key_json, used, ts) VALUES (?, ?, ?, ?, ?, ?, ?)
+       ON CONFLICT (user_id, device_id, algorithm) DO UPDATE SET
+         key_id = excluded.key_id, key_json = excluded.key_json, used = excluded.used, ts = excluded.ts`,
+      [userId, deviceId, key.algorithm, key.keyId, key.json, key.used, this.now],
+    );
+  }
+
+  oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>> {
+    return oneTimeKeyCounts(this.tx, userId, deviceId);
+  }
+
+  async getCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]> {
+    const rows = await this.tx.all<CrossSigningRow>('SELECT user_id, key_type, public_key, key_json FROM e2e_cross_signing_keys WHERE user_id = ?', [userId]);
+    return rows.map(toCrossSigning);
+  }
+
+  async putCrossSigningKey(key: StoredCrossSigningKey): Promise<void> {
+    await this.tx.run(
+      `INSERT INTO e2e_cross_signing_keys (user_id, key_type, public_key, key_json, ts) VALUES (?, ?, ?, ?, ?)
+       ON CONFLICT (user_id, key_type) DO UPDATE SET public_key = excluded.public_key, key_json = excluded.key_json, ts = excluded.ts`,
+      [key.userId, key.keyType, key.publicKey, key.json, this.now],
+    );
+  }
+
+  async deleteSignaturesOfKey(userId: string, publicKey: string): Promise<void> {
+    await this.tx.run(
+      `DELETE FROM e2e_cross_signing_signatures
+       WHERE (signer_user_id = ? AND signer_key_id = ?) OR (target_user_id = ? AND target_key_id = ?)`,
+      [userId, `ed25519:${publicKey}`, userId, publicKey],
+    );
+  }
+
+  async deviceIds(userId: string): Promise<string[]> {
+    return (await this.tx.all<{ device_id: string }>('SELECT device_id FROM devices WHERE user_id = ?', [userId])).map((r) => r.device_id);
+  }
+
+  async putSignatures(signatures: readonly StoredSignature[]): Promise<void> {
+    for (const s of signatures) {
+      await this.tx.run(
+        `INSERT INTO e2e_cross_signing_signatures (target_user_id, target_key_id, signer_user_id, signer_key_id, signature, ts)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON CONFLICT (target_user_id, target_key_id, signer_user_id, signer_key_id) DO UPDATE SET signature = excluded.signature, ts = excluded.ts`,
+        [s.targetUserId, s.targetKeyId, s.signerUserId, s.signerKeyId, s.signature, this.now],
+      );
+    }
+  }
+
+  async recordDeviceListChange(userId: string, deviceId: string | null, privateTo?: string): Promise<void> {
+    await recordDeviceListChanges(this.tx, userId, [deviceId], this.now, privateTo ?? null);
+  }
+}
+
+export class SqlKeysStore implements KeysStore {
+  /** Pairs (viewer, tracked) known to be stored, so repeated queries do not write again. */
+  private readonly trackedCache = new Set<string>();
+
+  constructor(private readonly db: SqlDatabase) {}
+
+  transaction<T>(fn: (tx: KeysTransaction) => Promise<T>): Promise<T> {
+    return this.db.transaction((tx) => fn(new SqlKeysTransaction(tx, Date.now())));
+  }
+
+  async getDeviceKeys(userIds: readonly string[]): Promise<StoredDeviceKeys[]> {
+    const out: StoredDeviceKeys[] = [];
+    for (const part of chunks(userIds)) {
+      const rows = await this.db.all<{ user_id: string; device_id: string; display_name: string | null; key_json: string }>(
+        `SELECT k.user_id, k.device_id, d.display_name, k.key_json
+         FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
+         WHERE k.user_id IN (${placeholders(part.length)})`,
+        part,
+      );
+      for (const r of rows) out.push({ userId: r.user_id, deviceId: r.device_id, displayName: r.display_name, json: r.key_json });
+    }
+    return out;
+  }
+
+  async getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]> {
+    const out: StoredCrossSigningKey[] = [];
+    for (const part of chunks(userIds)) {
+      const rows = await this.db.all<CrossSigningRow>(
+        `SELECT user_id, key_type, public_key, key_json FROM e2e_cross_signing_keys WHERE user_id IN (${placeholders(part.length)})`,
+        part,
+      );
+      out.push(...rows.map(toCrossSigning));
+    }
+    return out;
+  }
+
+  async getSignaturesOn(userIds: readonly string[]): Promise<StoredSignature[]> {
+    const out: StoredSignature[] = [];
+    for (const part of chunks(userIds)) {
+      const rows = await this.db.all<SignatureRow>(
+        `SELECT target_user_id, target_key_id, signer_user_id, signer_key_id, signature
+         FROM e2e_cross_signing_signatures WHERE target_user_id IN (${placeholders(part.length)})`,
+        part,
+      );
+      out.push(...rows.map(toSignature));
+    }
+    return out;
+  }
+
+  async claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
+    const claimed: ClaimedKey[] = [];
+    for (const part of chunks(requests)) {
+      const params = part.flatMap((r) => [r.userId, r.deviceId, r.algorithm]);
+      const rows =
+        this.db.dialect === 'sqlite'
+          ? await this.db.all<ClaimRow>(
+              `DELETE FROM e2e_one_time_keys WHERE id IN (
+                 SELECT (SELECT o.id FROM e2e_one_time_keys o
+                         WHERE o.user_id = r.column1 AND o.device_id = r.column2 AND o.algorithm = r.column3
+                         ORDER BY o.id LIMIT 1)
+                 FROM (VALUES ${valuesList(part.length, 3)}) AS r)
+               RETURNING user_id, device_id, algorithm, key_id, key_json`,
+              params,
+            )
+          : await this.db.all<ClaimRow>(
+              `WITH req (user_id, device_id, algorithm) AS (VALUES ${valuesList(part.length, 3).replace('(?, ?, ?)', '(?::text, ?::text, ?::text)')}),
+               picked AS (
+                 SELECT k.id FROM req CROSS JOIN LATERAL (
+                   SELECT o.id FROM e2e_one_time_keys o
+                   WHERE o.user_id = req.user_id AND o.device_id = req.device_id AND o.algorithm = req.algorithm
+                   ORDER BY o.id LIMIT 1 FOR UPDATE SKIP LOCKED) k)
+               DELETE FROM e2e_one_time_keys t USING picked WHERE t.id = picked.id
+               RETURNING t.user_id, t.device_id, t.algorithm, t.key_id, t.key_json`,
+              params,
+            );
+      const got = new Set<string>();
+      for (const r of rows) {
+        got.add(`${r.user_id}\0${r.device_id}\0${r.algorithm}`);
+        claimed.push({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: false });
+      }
+      const missing = part.filter((r) => !got.has(`${r.userId}\0${r.deviceId}\0${r.algorithm}`));
+      if (missing.length === 0) continue;
+      const fallbacks = await this.db.all<ClaimRow>(
+        `UPDATE e2e_fallback_keys SET used = ?
+         WHERE (user_id, device_id, algorithm) IN (VALUES ${valuesList(missing.length, 3)})
+         RETURNING user_id, device_id, algorithm, key_id, key_json`,
+        [true, ...missing.flatMap((r) => [r.userId, r.deviceId, r.algorithm])],
+      );
+      for (const r of fallbacks) {
+        claimed.push({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: true });
+      }
+    }
+    return claimed;
+  }
+
+  oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>> {
+    return oneTimeKeyCounts(this.db, userId, deviceId);
+  }
+
+  async unusedFallbackKeyTypes(userId: string, deviceId: string): Promise<string[]> {
+    const rows = await this.db.all<{ algorithm: string }>(
+      'SELECT algorithm FROM e2e_fallback_keys WHERE user_id = ? AND device_id = ? AND used = ? ORDER BY algorithm',
+      [userId, deviceId, false],
+    );
+    return rows.map((r) => r.algorithm);
+  }
+
+  async trackUsers(userId: string, tracked: readonly string[]): Promise<void> {
+    const fresh = tracked.filter((t) => t !== userId && !this.trackedCache.has(`${userId}\0${t}`));
+    if (fresh.length === 0) return;
+    for (const part of chunks(fresh)) {
+      await this.db.run(
+        `INSERT INTO e2e_tracked_users (user_id, tracked_user_id) VALUES ${valuesList(part.length, 2)} ON CONFLICT DO NOTHING`,
+        part.flatMap((t) => [userId, t]),
+      );
+    }
+    if (this.trackedCache.size > 100_000) this.trackedCache.clear();
+    for (const t of fresh) this.trackedCache.add(`${userId}\0${t}`);
+  }
+
+  async changedUsers(viewer: string, fromExclusive: number, toInclusive: number): Promise<string[]> {
+    const rows = await this.db.all<{ user_id: string }>(
+      `SELECT DISTINCT s.user_id FROM device_lists_stream s
+       WHERE s.stream_id > ? AND s.stream_id <= ?
+         AND (s.private_to IS NULL OR s.private_to = ?)
+         AND (s.user_id = ? OR s.user_id IN (SELECT tracked_user_id FROM e2e_tracked_users WHERE user_id = ?))
+       ORDER BY s.user_id`,
+      [fromExclusive, toInclusive, viewer, viewer, viewer],
+    );
+    return rows.map((r) => r.user_id);
+  }
+
+  async isCrossSigningPublicKey(userId: string, key: string): Promise<boolean> {
+    return (await this.db.get('SELECT 1 AS x FROM e2e_cross_signing_keys WHERE user_id = ? AND public_key = ?', [userId, key])) !== undefined;
+  }
+}
