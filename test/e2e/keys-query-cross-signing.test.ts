@@ -1,0 +1,293 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { describeEachBackend } from '../support/backends.js';
+import { http, startServer, type TestServer } from '../support/server.js';
+import { login, passwordAuth, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
+import { TestCrossSigning, TestDevice } from '../support/keys.js';
+
+const C = '/_matrix/client/v3';
+type Json = Record<string, unknown>;
+
+function expectError(r: { status: number; body: Json; text: string }, status: number, errcode: string, message?: RegExp): void {
+  assert.equal(r.status, status, r.text);
+  assert.equal(r.body['errcode'], errcode, r.text);
+  if (message) assert.match(String(r.body['error']), message);
+}
+
+interface User {
+  readonly session: Session;
+  readonly device: TestDevice;
+  readonly cs: TestCrossSigning;
+}
+
+async function user(server: TestServer, name: string): Promise<User> {
+  const session = await registerUser(server, name);
+  const device = new TestDevice(session.userId, session.deviceId);
+  const r = await http(server.url, 'POST', `${C}/keys/upload`, { token: session.accessToken, body: { device_keys: device.deviceKeys() } });
+  assert.equal(r.status, 200, r.text);
+  return { session, device, cs: new TestCrossSigning(session.userId) };
+}
+
+const post = (s: TestServer, who: Session, path: string, body: unknown) => http(s.url, 'POST', `${C}${path}`, { token: who.accessToken, body });
+const query = (s: TestServer, who: Session, deviceKeys: Json) => post(s, who, '/keys/query', { device_keys: deviceKeys });
+const uploadCrossSigning = async (s: TestServer, u: User, body: Json = u.cs.upload()) => {
+  const r = await post(s, u.session, '/keys/device_signing/upload', body);
+  assert.equal(r.status, 200, r.text);
+};
+const nextBatch = async (s: TestServer, who: Session) => (await http(s.url, 'GET', `${C}/sync`, { token: who.accessToken })).body['next_batch'] as string;
+
+describeEachBackend('POST /keys/query', (backend) => {
+  const start = () => startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+
+  test('returns all devices for an empty list, only the named ones otherwise, and {} for users with nothing', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const second = await login(server, 'alice', alice.session.password, { initial_device_display_name: 'Second' });
+    const secondDevice = new TestDevice(alice.session.userId, second.deviceId);
+    await post(server, second, '/keys/upload', { device_keys: secondDevice.deviceKeys() });
+    await login(server, 'alice', alice.session.password); // a device without keys is not listed
+    const bob = await user(server, 'bob');
+
+    const all = await query(server, bob.session, { [alice.session.userId]: [], '@nobody:test.local': [] });
+    assert.deepEqual(Object.keys((all.body['device_keys'] as Record<string, Json>)[alice.session.userId]!).sort(), [alice.session.deviceId, second.deviceId].sort());
+    assert.deepEqual((all.body['device_keys'] as Json)['@nobody:test.local'], {});
+    const named = await query(server, bob.session, { [alice.session.userId]: [second.deviceId, 'NOSUCH'] });
+    const only = (named.body['device_keys'] as Record<string, Json>)[alice.session.userId]!;
+    assert.deepEqual(Object.keys(only), [second.deviceId]);
+    assert.deepEqual((only[second.deviceId] as Json)['unsigned'], { device_display_name: 'Second' });
+  });
+
+  test('master and self-signing keys come back for every queried user, the user-signing key only to its owner', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    await uploadCrossSigning(server, alice);
+    const byBob = await query(server, bob.session, { [alice.session.userId]: [] });
+    assert.deepEqual((byBob.body['master_keys'] as Json)[alice.session.userId], alice.cs.masterKey());
+    assert.deepEqual((byBob.body['self_signing_keys'] as Json)[alice.session.userId], alice.cs.selfSigningKey());
+    assert.deepEqual(byBob.body['user_signing_keys'], {});
+    const byAlice = await query(server, alice.session, { [alice.session.userId]: [] });
+    assert.deepEqual((byAlice.body['user_signing_keys'] as Json)[alice.session.userId], alice.cs.userSigningKey());
+  });
+
+  test('users on other servers are reported in failures', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const r = await query(server, alice.session, { '@carol:elsewhere.example': [], [alice.session.userId]: [] });
+    assert.equal(r.status, 200);
+    assert.deepEqual(Object.keys(r.body['failures'] as Json), ['elsewhere.example']);
+    assert.equal((r.body['device_keys'] as Json)['@carol:elsewhere.example'], undefined);
+  });
+});
+
+describeEachBackend('POST /keys/device_signing/upload', (backend) => {
+  const start = () => startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+
+  test('checks user, usage, the single key, and that the self- and user-signing keys are signed by the master key', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const cs = alice.cs;
+    const bad: [Json, number, string][] = [
+      [{ master_key: { ...cs.masterKey(), user_id: bob.session.userId } }, 400, 'M_INVALID_PARAM'],
+      [{ master_key: { ...cs.masterKey(), usage: ['self_signing'] } }, 400, 'M_INVALID_PARAM'],
+      [{ master_key: { ...cs.masterKey(), keys: { ...(cs.masterKey()['keys'] as Json), 'ed25519:other': 'other' } } }, 400, 'M_INVALID_PARAM'],
+      [{ master_key: { ...cs.masterKey(), keys: { 'ed25519:abc': 'def' } } }, 400, 'M_INVALID_PARAM'],
+      [{ master_key: cs.masterKey(), self_signing_key: { ...cs.selfSigningKey(), signatures: {} } }, 400, 'M_INVALID_SIGNATURE'],
+      [{ master_key: cs.masterKey(), user_signing_key: new TestCrossSigning(alice.session.userId).userSigningKey() }, 400, 'M_INVALID_SIGNATURE'],
+      [{ self_signing_key: cs.selfSigningKey() }, 400, 'M_MISSING_PARAM'],
+    ];
+    for (const [body, status, errcode] of bad) expectError(await post(server, alice.session, '/keys/device_signing/upload', body), status, errcode);
+    const q = await query(server, bob.session, { [alice.session.userId]: [] });
+    assert.deepEqual(q.body['master_keys'], {}, 'nothing was stored');
+    await uploadCrossSigning(server, alice);
+  });
+
+  test('a key whose public key is one of the user\'s device IDs is refused with 403, and such a device ID cannot be taken later', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const cs = alice.cs;
+    await login(server, 'alice', alice.session.password, { device_id: cs.master.publicKey });
+    expectError(await post(server, alice.session, '/keys/device_signing/upload', cs.upload()), 403, 'M_FORBIDDEN');
+
+    const carol = await user(server, 'carol');
+    await uploadCrossSigning(server, carol);
+    const r = await http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.session.password, device_id: carol.cs.selfSigning.publicKey } });
+    expectError(r, 400, 'M_INVALID_PARAM', /cross-signing/);
+  });
+
+  test('user-interactive auth is needed to replace keys, but not for the first upload or an exact repeat', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const first = alice.cs.upload();
+    await uploadCrossSigning(server, alice, first);
+    await uploadCrossSigning(server, alice, first); // a repeat, e.g. after a lost response
+    await uploadCrossSigning(server, alice, { master_key: first['master_key'] as Json });
+
+    const replacement = new TestCrossSigning(alice.session.userId);
+    const challenge = await post(server, alice.session, '/keys/device_signing/upload', replacement.upload());
+    assert.equal(challenge.status, 401, challenge.text);
+    assert.deepEqual(challenge.body['flows'], [{ stages: ['m.login.password'] }]);
+    const stillOld = await query(server, alice.session, { [alice.session.userId]: [] });
+    assert.deepEqual((stillOld.body['master_keys'] as Json)[alice.session.userId], first['master_key']);
+
+    const done = await post(server, alice.session, '/keys/device_signing/upload', { ...replacement.upload(), auth: passwordAuth(alice.session, challenge.body['session'] as string) });
+    assert.equal(done.status, 200, done.text);
+    const now = await query(server, alice.session, { [alice.session.userId]: [] });
+    assert.deepEqual((now.body['master_keys'] as Json)[alice.session.userId], replacement.masterKey());
+    assert.deepEqual((now.body['user_signing_keys'] as Json)[alice.session.userId], replacement.userSigningKey());
+  });
+
+  test('works under the unstable prefix too', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const r = await http(server.url, 'POST', '/_matrix/client/unstable/keys/device_signing/upload', { token: alice.session.accessToken, body: alice.cs.upload() });
+    assert.equal(r.status, 200, r.text);
+  });
+});
+
+describeEachBackend('POST /keys/signatures/upload', (backend) => {
+  const start = () => startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+
+  test('accepts the self-signing key on own devices, own devices on the master key, and the user-signing key on others; shows them in queries', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const carol = await user(server, 'carol');
+    await uploadCrossSigning(server, alice);
+    await uploadCrossSigning(server, bob);
+
+    const a = alice.session.userId;
+    const deviceKeys = alice.device.deviceKeys();
+    const signedDevice = alice.cs.selfSigning.sign(deviceKeys, a, `ed25519:${alice.cs.selfSigning.publicKey}`);
+    const signedMaster = alice.device.ed25519.sign(alice.cs.masterKey(), a, `ed25519:${alice.session.deviceId}`);
+    const signedBob = alice.cs.userSigning.sign(bob.cs.masterKey(), a, `ed25519:${alice.cs.userSigning.publicKey}`);
+    const r = await post(server, alice.session, '/keys/signatures/upload', {
+      [a]: { [alice.session.deviceId]: signedDevice, [alice.cs.master.publicKey]: signedMaster },
+      [bob.session.userId]: { [bob.cs.master.publicKey]: signedBob },
+    });
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(r.body, { failures: {} });
+
+    const seenByCarol = await query(server, carol.session, { [a]: [], [bob.session.userId]: [] });
+    const device = ((seenByCarol.body['device_keys'] as Json)[a] as Json)[alice.session.deviceId] as Json;
+    assert.deepEqual(device['signatures'], signedDevice['signatures'], 'the self-signing signature on the device is public');
+    assert.deepEqual(((seenByCarol.body['master_keys'] as Json)[a] as Json)['signatures'], signedMaster['signatures'], "the device's signature on the master key is public");
+    assert.deepEqual((seenByCarol.body['master_keys'] as Json)[bob.session.userId], bob.cs.masterKey(), "alice's user-signing signature is hidden from carol");
+
+    const seenByBob = await query(server, bob.session, { [bob.session.userId]: [] });
+    assert.deepEqual((seenByBob.body['master_keys'] as Json)[bob.session.userId], bob.cs.masterKey(), "…and from bob himself");
+    const seenByAlice = await query(server, alice.session, { [bob.session.userId]: [] });
+    assert.deepEqual((seenByAlice.body['master_keys'] as Json)[bob.session.userId], signedBob, '…but alice sees her own signature');
+  });
+
+  test('invalid signatures are reported per item and not stored, while valid ones in the same request are', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    await uploadCrossSigning(server, alice);
+    await uploadCrossSigning(server, bob);
+    const a = alice.session.userId;
+    const ssk = `ed25519:${alice.cs.selfSigning.publicKey}`;
+    const forged = { ...alice.cs.selfSigning.sign(alice.device.deviceKeys(), a, ssk) };
+    (forged['signatures'] as Record<string, Json>)[a]![ssk] = 'A'.repeat(86);
+    const good = alice.cs.userSigning.sign(bob.cs.masterKey(), a, `ed25519:${alice.cs.userSigning.publicKey}`);
+    const otherDevice = await login(server, 'alice', alice.session.password);
+    const r = await post(server, alice.session, '/keys/signatures/upload', {
+      [a]: {
+        [alice.session.deviceId]: forged,
+        NOSUCHDEVICE: alice.cs.selfSigning.sign({ device_id: 'NOSUCHDEVICE' }, a, ssk),
+        [otherDevice.deviceId]: alice.cs.selfSigning.sign({ device_id: otherDevice.deviceId }, a, ssk),
+      },
+      [bob.session.userId]: {
+        [bob.cs.master.publicKey]: good,
+        notbobsmasterkey: good,
+      },
+      '@dave:elsewhere.example': { somekey: { user_id: '@dave:elsewhere.example' } },
+    });
+    assert.equal(r.status, 200, r.text);
+    const failures = r.body['failures'] as Record<string, Record<string, Json>>;
+    assert.equal(failures[a]![alice.session.deviceId]!['errcode'], 'M_INVALID_SIGNATURE');
+    assert.equal(failures[a]!['NOSUCHDEVICE']!['errcode'], 'M_NOT_FOUND');
+    assert.equal(failures[a]![otherDevice.deviceId]!['errcode'], 'M_NOT_FOUND', 'a device without keys cannot be signed');
+    assert.equal(failures[bob.session.userId]!['notbobsmasterkey']!['errcode'], 'M_NOT_FOUND');
+    assert.equal(failures[bob.session.userId]![bob.cs.master.publicKey], undefined);
+    assert.equal(failures['@dave:elsewhere.example']!['somekey']!['errcode'], 'M_UNKNOWN');
+
+    const q = await query(server, alice.session, { [a]: [], [bob.session.userId]: [] });
+    const device = ((q.body['device_keys'] as Json)[a] as Json)[alice.session.deviceId] as Json;
+    assert.deepEqual(Object.keys((device['signatures'] as Json)[a] as Json), [`ed25519:${alice.session.deviceId}`], 'the forged signature was not stored');
+    assert.deepEqual((q.body['master_keys'] as Json)[bob.session.userId], good, 'the valid one was');
+  });
+
+  test('a signed object that differs from the stored key is refused', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    await uploadCrossSigning(server, alice);
+    const a = alice.session.userId;
+    const ssk = `ed25519:${alice.cs.selfSigning.publicKey}`;
+    const altered = alice.cs.selfSigning.sign(alice.device.deviceKeys({ algorithms: ['something.else'] }), a, ssk);
+    const r = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [alice.session.deviceId]: altered } });
+    assert.equal((r.body['failures'] as Record<string, Record<string, Json>>)[a]![alice.session.deviceId]!['errcode'], 'M_INVALID_SIGNATURE');
+  });
+});
+
+describeEachBackend('GET /keys/changes', (backend) => {
+  test('lists the caller and the users whose keys the caller queried, when their keys changed between the tokens', async () => {
+    const server = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const carol = await user(server, 'carol');
+    await query(server, alice.session, { [bob.session.userId]: [] }); // alice now tracks bob
+    const from = await nextBatch(server, alice.session);
+
+    const bobPhone = await login(server, 'bob', bob.session.password);
+    await post(server, bobPhone, '/keys/upload', { device_keys: new TestDevice(bob.session.userId, bobPhone.deviceId).deviceKeys() });
+    await uploadCrossSigning(server, carol);
+    await uploadCrossSigning(server, alice);
+    const to = await nextBatch(server, alice.session);
+
+    const forAlice = await http(server.url, 'GET', `${C}/keys/changes?from=${from}&to=${to}`, { token: alice.session.accessToken });
+    assert.equal(forAlice.status, 200, forAlice.text);
+    assert.deepEqual(forAlice.body, { changed: [alice.session.userId, bob.session.userId].sort(), left: [] });
+    const forCarol = await http(server.url, 'GET', `${C}/keys/changes?from=${from}&to=${to}`, { token: carol.session.accessToken });
+    assert.deepEqual(forCarol.body, { changed: [carol.session.userId], left: [] });
+    const empty = await http(server.url, 'GET', `${C}/keys/changes?from=${to}&to=${to}`, { token: alice.session.accessToken });
+    assert.deepEqual(empty.body, { changed: [], left: [] });
+  });
+
+  test('a user-signing signature is a change only the signer hears of', async () => {
+    const server = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const carol = await user(server, 'carol');
+    await uploadCrossSigning(server, alice);
+    await uploadCrossSigning(server, bob);
+    await query(server, alice.session, { [bob.session.userId]: [] });
+    await query(server, carol.session, { [bob.session.userId]: [] });
+    const from = await nextBatch(server, alice.session);
+    const signed = alice.cs.userSigning.sign(bob.cs.masterKey(), alice.session.userId, `ed25519:${alice.cs.userSigning.publicKey}`);
+    const r = await post(server, alice.session, '/keys/signatures/upload', { [bob.session.userId]: { [bob.cs.master.publicKey]: signed } });
+    assert.deepEqual(r.body, { failures: {} });
+    const changes = async (who: Session) => (await http(server.url, 'GET', `${C}/keys/changes?from=${from}`, { token: who.accessToken })).body['changed'];
+    assert.deepEqual(await changes(alice.session), [bob.session.userId]);
+    assert.deepEqual(await changes(carol.session), []);
+  });
+
+  test('an incremental /sync waits for a change the caller can see, then reports it', async () => {
+    const server = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    await query(server, alice.session, { [bob.session.userId]: [] });
+    const since = await nextBatch(server, alice.session);
+    const started = Date.now();
+    const waiting = http(server.url, 'GET', `${C}/sync?since=${since}&timeout=10000`, { token: alice.session.accessToken });
+    await new Promise((r) => setTimeout(r, 300));
+    await login(server, 'bob', bob.session.password);
+    const r = await waiting;
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(r.body['device_lists'], { changed: [bob.session.userId], left: [] });
+    assert.ok(Date.now() - started < 9000, 'answered on the change, not at the timeout');
+    assert.notEqual(r.body['next_batch'], since);
+  });
+});

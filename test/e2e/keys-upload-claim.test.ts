@@ -1,0 +1,287 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { describeEachBackend } from '../support/backends.js';
+import { http, startServer, type TestServer } from '../support/server.js';
+import { login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
+import { TestDevice } from '../support/keys.js';
+
+const C = '/_matrix/client/v3';
+type Json = Record<string, unknown>;
+
+function expectError(r: { status: number; body: Json; text: string }, status: number, errcode: string, message?: RegExp): void {
+  assert.equal(r.status, status, r.text);
+  assert.equal(r.body['errcode'], errcode, r.text);
+  if (message) assert.match(String(r.body['error']), message);
+}
+
+async function setup(backend: Parameters<typeof startServer>[0]['backend'], config: Json = {}) {
+  const server = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config } });
+  const alice = await registerUser(server, 'alice');
+  const bob = await registerUser(server, 'bob');
+  return { server, alice, bob, aliceDevice: new TestDevice(alice.userId, alice.deviceId) };
+}
+
+const upload = (s: TestServer, who: Session, body: Json) => http(s.url, 'POST', `${C}/keys/upload`, { token: who.accessToken, body });
+const query = (s: TestServer, who: Session, deviceKeys: Json) => http(s.url, 'POST', `${C}/keys/query`, { token: who.accessToken, body: { device_keys: deviceKeys } });
+const claim = (s: TestServer, who: Session, oneTimeKeys: Json) => http(s.url, 'POST', `${C}/keys/claim`, { token: who.accessToken, body: { one_time_keys: oneTimeKeys } });
+const counts = async (s: TestServer, who: Session) =>
+  (await http<{ device_one_time_keys_count: Record<string, number>; device_unused_fallback_key_types: string[] }>(s.url, 'GET', `${C}/sync`, { token: who.accessToken })).body;
+
+/** The key (name and value) one claim of `who`'s device returned, if any. */
+async function claimOne(s: TestServer, by: Session, who: Session): Promise<[string, Json] | undefined> {
+  const r = await claim(s, by, { [who.userId]: { [who.deviceId]: 'signed_curve25519' } });
+  assert.equal(r.status, 200, r.text);
+  const keys = ((r.body['one_time_keys'] as Json)[who.userId] as Record<string, Json> | undefined)?.[who.deviceId];
+  return keys ? (Object.entries(keys)[0] as [string, Json]) : undefined;
+}
+
+describeEachBackend('POST /keys/upload', (backend) => {
+  test('device keys are stored verbatim and come back byte-equal, plus unsigned.device_display_name', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    await http(server.url, 'PUT', `${C}/devices/${alice.deviceId}`, { token: alice.accessToken, body: { display_name: 'Alice laptop' } });
+    // An unknown field and a field order of our own: both must survive.
+    const keys = aliceDevice.deviceKeys({ 'org.example.extra': { nested: [1, 'two', null] } });
+    const r = await upload(server, alice, { device_keys: { ...keys, unsigned: { ignored: true } } });
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(r.body, { one_time_key_counts: { signed_curve25519: 0 } });
+
+    const q = await query(server, bob, { [alice.userId]: [] });
+    const got = ((q.body['device_keys'] as Json)[alice.userId] as Json)[alice.deviceId] as Json;
+    const { unsigned, ...rest } = got;
+    assert.deepEqual(rest, keys, 'the stored object is exactly the uploaded one');
+    assert.deepEqual(unsigned, { device_display_name: 'Alice laptop' });
+    assert.deepEqual(q.body['failures'], {});
+  });
+
+  test('device keys must be the caller\'s, complete, well-typed and self-signed; a refused upload stores nothing', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const good = aliceDevice.deviceKeys();
+    const cases: [Json, number, string][] = [
+      [aliceDevice.ed25519.sign({ ...aliceDevice.unsignedDeviceKeys(), user_id: bob.userId }, bob.userId, `ed25519:${alice.deviceId}`), 400, 'M_INVALID_PARAM'],
+      [aliceDevice.ed25519.sign({ ...aliceDevice.unsignedDeviceKeys(), device_id: 'OTHERDEV' }, alice.userId, `ed25519:${alice.deviceId}`), 400, 'M_INVALID_PARAM'],
+      [{ ...good, algorithms: undefined }, 400, 'M_MISSING_PARAM'],
+      [{ ...good, keys: undefined }, 400, 'M_MISSING_PARAM'],
+      [{ ...good, signatures: undefined }, 400, 'M_MISSING_PARAM'],
+      [{ ...good, algorithms: 'm.olm.v1.curve25519-aes-sha2' }, 400, 'M_BAD_JSON'],
+      [{ ...good, keys: { [`ed25519:${alice.deviceId}`]: 5 } }, 400, 'M_BAD_JSON'],
+      [{ ...good, keys: { ...(good['keys'] as Json), 'curve25519:OTHER': 'x' } }, 400, 'M_INVALID_PARAM'],
+      [{ ...good, 'org.example': 'changed after signing' }, 400, 'M_INVALID_SIGNATURE'],
+      [{ ...good, signatures: {} }, 400, 'M_INVALID_SIGNATURE'],
+      [new TestDevice(alice.userId, alice.deviceId).ed25519.sign(aliceDevice.unsignedDeviceKeys(), alice.userId, `ed25519:${alice.deviceId}`), 400, 'M_INVALID_SIGNATURE'],
+      [aliceDevice.deviceKeys({ ratio: 1.5 }), 400, 'M_BAD_JSON'],
+    ];
+    for (const [deviceKeys, status, errcode] of cases) {
+      const r = await upload(server, alice, { device_keys: deviceKeys, one_time_keys: aliceDevice.oneTimeKeys(2) });
+      expectError(r, status, errcode);
+    }
+    const q = await query(server, bob, { [alice.userId]: [] });
+    assert.deepEqual((q.body['device_keys'] as Json)[alice.userId], {}, 'no device keys stored');
+    assert.equal((await counts(server, alice)).device_one_time_keys_count['signed_curve25519'], 0, 'no one-time keys stored');
+    assert.equal((await upload(server, alice, { device_keys: good })).status, 200);
+  });
+
+  test('re-uploads: identical changes nothing, added signatures are kept, new identity keys are refused', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const keys = aliceDevice.deviceKeys();
+    assert.equal((await upload(server, alice, { device_keys: keys })).status, 200);
+    const token = (await http(server.url, 'GET', `${C}/sync`, { token: alice.accessToken })).body['next_batch'] as string;
+
+    assert.equal((await upload(server, alice, { device_keys: keys })).status, 200);
+    const unchanged = await http(server.url, 'GET', `${C}/keys/changes?from=${token}&to=${(await http(server.url, 'GET', `${C}/sync`, { token: alice.accessToken })).body['next_batch']}`, { token: alice.accessToken });
+    assert.deepEqual(unchanged.body['changed'], [], 'an identical re-upload records no change');
+
+    const extra = new TestDevice(alice.userId, 'X').ed25519;
+    const withMore = extra.sign(keys, alice.userId, 'ed25519:extra');
+    assert.equal((await upload(server, alice, { device_keys: withMore })).status, 200);
+    const q = await query(server, bob, { [alice.userId]: [alice.deviceId] });
+    const stored = ((q.body['device_keys'] as Json)[alice.userId] as Json)[alice.deviceId] as Json;
+    assert.deepEqual(stored['signatures'], withMore['signatures']);
+
+    const impostor = new TestDevice(alice.userId, alice.deviceId);
+    const refused = await upload(server, alice, { device_keys: impostor.deviceKeys() });
+    expectError(refused, 400, 'M_INVALID_PARAM', /log in as a new device/);
+    const after = await query(server, bob, { [alice.userId]: [alice.deviceId] });
+    assert.deepEqual(((after.body['device_keys'] as Json)[alice.userId] as Json)[alice.deviceId], stored, 'the old identity keys stay');
+  });
+
+  test('one-time keys: the same ID and key is skipped, the same ID with another key refuses the whole upload', async () => {
+    const { server, alice, aliceDevice } = await setup(backend);
+    const first = aliceDevice.oneTimeKeys(5);
+    const r1 = await upload(server, alice, { one_time_keys: first });
+    assert.deepEqual(r1.body, { one_time_key_counts: { signed_curve25519: 5 } });
+
+    // Same keys, signatures changed: a retry, silently skipped.
+    const resigned = Object.fromEntries(Object.entries(first).map(([id, k]) => [id, new TestDevice(alice.userId, 'Z').ed25519.sign({ key: k['key'] }, alice.userId, 'ed25519:Z')]));
+    const r2 = await upload(server, alice, { one_time_keys: { ...resigned, 'signed_curve25519:new': aliceDevice.oneTimeKey() } });
+    assert.deepEqual(r2.body, { one_time_key_counts: { signed_curve25519: 6 } });
+
+    const conflicting = { 'signed_curve25519:k0': aliceDevice.oneTimeKey(), 'signed_curve25519:fresh1': aliceDevice.oneTimeKey() };
+    const r3 = await upload(server, alice, { device_keys: aliceDevice.deviceKeys(), one_time_keys: conflicting, fallback_keys: { 'signed_curve25519:fb': aliceDevice.fallbackKey() } });
+    expectError(r3, 400, 'M_INVALID_PARAM', /signed_curve25519:k0/);
+    const c = await counts(server, alice);
+    assert.equal(c.device_one_time_keys_count['signed_curve25519'], 6, 'nothing from the refused upload was stored');
+    assert.deepEqual(c.device_unused_fallback_key_types, []);
+    const q = await query(server, alice, { [alice.userId]: [] });
+    assert.deepEqual((q.body['device_keys'] as Json)[alice.userId], {});
+  });
+
+  test('one-time keys may be plain strings or key objects, and other algorithms are counted apart', async () => {
+    const { server, alice, bob } = await setup(backend);
+    const r = await upload(server, alice, { one_time_keys: { 'curve25519:AAAA': 'c2ltcGxlIGtleQ', 'signed_curve25519:BBBB': { key: 'b2JqZWN0IGtleQ' } } });
+    assert.deepEqual(r.body, { one_time_key_counts: { signed_curve25519: 1, curve25519: 1 } });
+    const c = await claim(server, bob, { [alice.userId]: { [alice.deviceId]: 'curve25519' } });
+    assert.deepEqual(c.body['one_time_keys'], { [alice.userId]: { [alice.deviceId]: { 'curve25519:AAAA': 'c2ltcGxlIGtleQ' } } });
+  });
+
+  test('a device holds at most max_one_time_keys_per_device keys; an upload beyond it is refused whole', async () => {
+    const { server, alice, aliceDevice } = await setup(backend, { max_one_time_keys_per_device: 10 });
+    assert.equal((await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(8, 'a') })).status, 200);
+    const r = await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(3, 'b') });
+    expectError(r, 400, 'M_INVALID_PARAM', /at most 10/);
+    assert.equal((await counts(server, alice)).device_one_time_keys_count['signed_curve25519'], 8);
+    assert.equal((await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(2, 'c') })).status, 200);
+  });
+
+  test('fallback keys: one per algorithm, handed out when one-time keys run out, re-upload keeps "used", a new key is unused', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const fallback = aliceDevice.fallbackKey();
+    expectError(
+      await upload(server, alice, { fallback_keys: { 'signed_curve25519:f1': fallback, 'signed_curve25519:f2': aliceDevice.fallbackKey() } }),
+      400,
+      'M_INVALID_PARAM',
+      /one key per algorithm/,
+    );
+    assert.equal((await upload(server, alice, { fallback_keys: { 'signed_curve25519:f1': fallback }, one_time_keys: aliceDevice.oneTimeKeys(1) })).status, 200);
+    assert.deepEqual((await counts(server, alice)).device_unused_fallback_key_types, ['signed_curve25519']);
+
+    assert.equal((await claimOne(server, bob, alice))?.[0], 'signed_curve25519:k0');
+    // Out of one-time keys: the fallback key, every time, marked used.
+    for (let i = 0; i < 2; i++) assert.deepEqual(await claimOne(server, bob, alice), ['signed_curve25519:f1', fallback]);
+    assert.deepEqual((await counts(server, alice)).device_unused_fallback_key_types, []);
+
+    assert.equal((await upload(server, alice, { fallback_keys: { 'signed_curve25519:f1': fallback } })).status, 200);
+    assert.deepEqual((await counts(server, alice)).device_unused_fallback_key_types, [], 're-uploading the same key keeps it used');
+
+    const replacement = aliceDevice.fallbackKey();
+    assert.equal((await upload(server, alice, { fallback_keys: { 'signed_curve25519:f2': replacement } })).status, 200);
+    assert.deepEqual((await counts(server, alice)).device_unused_fallback_key_types, ['signed_curve25519']);
+    assert.deepEqual(await claimOne(server, bob, alice), ['signed_curve25519:f2', replacement]);
+  });
+});
+
+describeEachBackend('POST /keys/claim', (backend) => {
+  test('hands out keys oldest upload first, each once, then the fallback key', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const early = aliceDevice.oneTimeKeys(3, 'early');
+    const late = aliceDevice.oneTimeKeys(3, 'late');
+    await upload(server, alice, { one_time_keys: early });
+    await upload(server, alice, { one_time_keys: late, fallback_keys: { 'signed_curve25519:fb': aliceDevice.fallbackKey() } });
+    const got: string[] = [];
+    for (let i = 0; i < 6; i++) {
+      const [id, value] = (await claimOne(server, bob, alice))!;
+      assert.deepEqual(value, { ...early, ...late }[id], 'returned exactly as uploaded');
+      got.push(id);
+    }
+    assert.deepEqual(got.slice(0, 3).sort(), Object.keys(early).sort(), 'all keys of the earlier upload come first');
+    assert.deepEqual(got.slice(3).sort(), Object.keys(late).sort());
+    assert.equal((await claimOne(server, bob, alice))?.[0], 'signed_curve25519:fb');
+  });
+
+  test('unknown users and devices are simply absent; other servers are listed in failures', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(1) });
+    const r = await claim(server, bob, {
+      [alice.userId]: { [alice.deviceId]: 'signed_curve25519', NOSUCHDEVICE: 'signed_curve25519' },
+      '@nobody:test.local': { X: 'signed_curve25519' },
+      '@carol:elsewhere.example': { Y: 'signed_curve25519' },
+    });
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(Object.keys(r.body['one_time_keys'] as Json), [alice.userId]);
+    assert.deepEqual(Object.keys((r.body['one_time_keys'] as Record<string, Json>)[alice.userId]!), [alice.deviceId]);
+    assert.deepEqual(Object.keys(r.body['failures'] as Json), ['elsewhere.example']);
+  });
+
+  test('a claim for 20 devices costs the same number of database statements as a claim for one', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(1) });
+    const sessions: Session[] = [];
+    for (let i = 0; i < 20; i++) {
+      const s = await login(server, 'bob', bob.password);
+      await upload(server, s, { one_time_keys: new TestDevice(s.userId, s.deviceId).oneTimeKeys(1) });
+      sessions.push(s);
+    }
+    const statementsFor = async (body: Json) => {
+      const before = server.mx.store.statementCount();
+      const r = await claim(server, alice, body);
+      assert.equal(r.status, 200);
+      return server.mx.store.statementCount() - before;
+    };
+    const one = await statementsFor({ [alice.userId]: { [alice.deviceId]: 'signed_curve25519' } });
+    const many = await statementsFor({ [bob.userId]: Object.fromEntries(sessions.map((s) => [s.deviceId, 'signed_curve25519'])) });
+    assert.equal(many, one, `one device: ${one} statements; 20 devices: ${many}`);
+    assert.ok(one <= 3, `${one} statements (token lookup, claim, fallback)`);
+  });
+
+  test('64 concurrent claimers against one device with N keys get exactly N distinct keys, then the fallback key', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const n = 40;
+    const uploaded = aliceDevice.oneTimeKeys(n);
+    await upload(server, alice, { one_time_keys: uploaded, fallback_keys: { 'signed_curve25519:fallback': aliceDevice.fallbackKey() } });
+    const results = await Promise.all(Array.from({ length: 64 }, () => claimOne(server, bob, alice)));
+    const ids = results.map((r) => r?.[0]);
+    const oneTime = ids.filter((id) => id !== 'signed_curve25519:fallback');
+    assert.equal(oneTime.length, n, `expected ${n} one-time keys, got ${oneTime.length}`);
+    assert.equal(new Set(oneTime).size, n, 'no key was handed out twice');
+    assert.deepEqual(new Set(oneTime), new Set(Object.keys(uploaded)));
+    assert.equal(ids.filter((id) => id === 'signed_curve25519:fallback').length, 64 - n);
+    assert.equal((await counts(server, alice)).device_one_time_keys_count['signed_curve25519'], 0);
+  });
+});
+
+describeEachBackend('bad input to the key endpoints', (backend) => {
+  test('wrong types, missing fields, invalid IDs, non-lists and numbers for algorithms are 4xx Matrix errors that store nothing', async () => {
+    const { server, alice, aliceDevice } = await setup(backend);
+    const cases: [string, string, unknown][] = [
+      ['POST', '/keys/upload', { device_keys: 'keys' }],
+      ['POST', '/keys/upload', { one_time_keys: ['a'] }],
+      ['POST', '/keys/upload', { one_time_keys: { 'signed_curve25519:a': 42 } }],
+      ['POST', '/keys/upload', { one_time_keys: { 'signed_curve25519:a': { key: 42 } } }],
+      ['POST', '/keys/upload', { one_time_keys: { nocolon: 'abc' } }],
+      ['POST', '/keys/upload', { one_time_keys: { 'signed_curve25519:': 'abc' } }],
+      ['POST', '/keys/upload', { fallback_keys: { 'signed_curve25519:f': { key: 'x', signatures: 'sig' } } }],
+      ['POST', '/keys/upload', [1]],
+      ['POST', '/keys/query', {}],
+      ['POST', '/keys/query', { device_keys: { [alice.userId]: 'all' } }],
+      ['POST', '/keys/query', { device_keys: { [alice.userId]: [1] } }],
+      ['POST', '/keys/query', { device_keys: { 'not-a-user-id': [] } }],
+      ['POST', '/keys/query', { device_keys: {}, timeout: 'soon' }],
+      ['POST', '/keys/claim', {}],
+      ['POST', '/keys/claim', { one_time_keys: { [alice.userId]: { [alice.deviceId]: 1 } } }],
+      ['POST', '/keys/claim', { one_time_keys: { [alice.userId]: [alice.deviceId] } }],
+      ['POST', '/keys/claim', { one_time_keys: { 'alice-without-sigil': { X: 'signed_curve25519' } } }],
+      ['POST', '/keys/claim', { one_time_keys: { '@nocolon': { X: 'signed_curve25519' } } }],
+      ['GET', '/keys/changes', undefined],
+      ['GET', '/keys/changes?from=garbage&to=s1', undefined],
+      ['POST', '/keys/device_signing/upload', { master_key: 'key' }],
+      ['POST', '/keys/signatures/upload', { 'not-a-user': {} }],
+      ['POST', '/keys/signatures/upload', { [alice.userId]: 'x' }],
+    ];
+    for (const [method, path, body] of cases) {
+      const r = await http(server.url, method, `${C}${path}`, { token: alice.accessToken, ...(body !== undefined ? { body } : {}) });
+      assert.ok(r.status >= 400 && r.status < 500, `${method} ${path} ${JSON.stringify(body)} → ${r.status} ${r.text}`);
+      assert.equal(typeof r.body['errcode'], 'string', `${method} ${path} ${JSON.stringify(body)} → ${r.text}`);
+    }
+    const c = await counts(server, alice);
+    assert.deepEqual(c.device_one_time_keys_count, { signed_curve25519: 0 });
+    assert.deepEqual(c.device_unused_fallback_key_types, []);
+    // The device still works normally afterwards.
+    assert.equal((await upload(server, alice, { device_keys: aliceDevice.deviceKeys() })).status, 200);
+  });
+
+  test('key endpoints need an access token', async () => {
+    const { server } = await setup(backend);
+    for (const path of ['/keys/upload', '/keys/query', '/keys/claim', '/keys/device_signing/upload', '/keys/signatures/upload']) {
+      expectError(await http(server.url, 'POST', `${C}${path}`, { body: {} }), 401, 'M_MISSING_TOKEN');
+    }
+  });
+});
