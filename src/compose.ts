@@ -12,6 +12,12 @@ import { buildApp, type App } from './http/app.js';
 import { Accounts } from './accounts/service.js';
 import { Keys } from './keys/service.js';
 import { CrossSigning } from './keys/cross-signing.js';
+import { readFileSync, writeSync } from 'node:fs';
+import { FederationClient } from './federation/client.js';
+import { KeyRing } from './federation/key-ring.js';
+import { federationKeyFetcher, Notary } from './federation/notary.js';
+import { RequestAuthenticator } from './federation/request-auth.js';
+import { ConfigError } from './config/load.js';
 
 export interface Mxkeys {
   readonly config: Readonly<Config>;
@@ -20,6 +26,7 @@ export interface Mxkeys {
   readonly ownKeys: OwnServerKeys;
   readonly accounts: Accounts;
   readonly keys: Keys;
+  readonly keyRing: KeyRing;
   readonly logger: Logger;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
@@ -29,6 +36,15 @@ export interface Mxkeys {
 
 export interface CreateOptions {
   readonly logger?: Logger;
+}
+
+function readCaFile(path: string | undefined): string | undefined {
+  if (path === undefined) return undefined;
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (e) {
+    throw new ConfigError(`config key "federation.tls_ca_file": cannot read ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+  }
 }
 
 function keysFor(config: Readonly<Config>, store: Store): Keys {
@@ -51,8 +67,24 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys): Accoun
   });
 }
 
+/**
+ * JSON log lines on standard output, written synchronously. When the reader of our output goes
+ * away (EPIPE), logging stops instead of blocking the process: pino's default destination can
+ * then hang on exit while it retries the flush.
+ */
 export function createLogger(config: Readonly<Config>): Logger {
-  return pino({ level: config.log_level, base: { service: 'mxkeys' } });
+  let broken = false;
+  const stdout = {
+    write(line: string): void {
+      if (broken) return;
+      try {
+        writeSync(1, line);
+      } catch {
+        broken = true;
+      }
+    },
+  };
+  return pino({ level: config.log_level, base: { service: 'mxkeys' } }, stdout);
 }
 
 export async function createMxkeys(config: Readonly<Config>, options: CreateOptions = {}): Promise<Mxkeys> {
@@ -73,6 +105,18 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     serverName: config.server_name,
     requireUserInteractiveAuth: (requester, request) => accounts.requirePassword(requester, request),
   });
+  const federationClient = new FederationClient({
+    resolve: config.federation.resolve,
+    extraCa: readCaFile(config.federation.tls_ca_file),
+    timeoutMs: durationMs(config.federation.request_timeout),
+  });
+  const keyRing = new KeyRing({
+    serverName: config.server_name,
+    store: store.serverKeys,
+    fetcher: federationKeyFetcher(federationClient),
+    trustedKeyServers: config.federation.trusted_key_servers,
+    log: (message, details) => logger.warn(details, message),
+  });
   const app = buildApp({
     logger,
     maxRequestBodyBytes: config.max_request_body_bytes,
@@ -81,6 +125,11 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     accounts,
     keys,
     crossSigning,
+    federation: {
+      authenticator: new RequestAuthenticator({ serverName: config.server_name, keys: keyRing, rateLimit: config.federation.rate_limit }),
+      notary: new Notary(ownKeys, keyRing),
+      allowDeviceNameLookup: config.federation.allow_device_name_lookup,
+    },
     client: {
       allowAccessTokenInQuery: config.allow_access_token_in_query,
       publicBaseurl: config.public_baseurl,
@@ -96,6 +145,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     ownKeys,
     accounts,
     keys,
+    keyRing,
     logger,
     async listen() {
       const address = await app.listen({ host: config.listen.host, port: config.listen.port });

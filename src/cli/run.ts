@@ -256,9 +256,11 @@ export async function main(argv: readonly string[]): Promise<never> {
         process.once('SIGINT', onSignal);
       }),
   };
+  // A reader that goes away (e.g. `| head`) must not keep us from shutting down.
+  process.stdout.on('error', () => undefined);
+  process.stderr.on('error', () => undefined);
   const code = await run(argv, io);
-  // Let stdout/stderr flush before exiting.
-  await new Promise<void>((resolve) => process.stdout.write('', () => resolve()));
+  // Writes to pipes and files are synchronous on Linux, so nothing is lost by exiting now.
   process.exit(code);
 }
 

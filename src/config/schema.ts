@@ -69,6 +69,15 @@ export const ConfigSchema = Type.Object(
           { default: [] },
         ),
         allow_device_name_lookup: Type.Boolean({ default: false }),
+        tls_ca_file: Type.Optional(Type.String({ description: 'a PEM file of extra CA certificates to trust for other servers' })),
+        rate_limit: Type.Object(
+          {
+            per_second: Type.Number({ exclusiveMinimum: 0, default: 1000 }),
+            burst_count: Type.Integer({ minimum: 1, default: 2000 }),
+          },
+          { ...strict, default: {} },
+        ),
+        request_timeout: Type.Union([Duration], { default: '10s' }),
       },
       { ...strict, default: {} },
     ),

@@ -19,6 +19,10 @@ import { discoveryRoutes } from './routes/discovery.js';
 import { keyRoutes } from './routes/keys.js';
 import type { Keys } from '../keys/service.js';
 import type { CrossSigning } from '../keys/cross-signing.js';
+import type { Notary } from '../federation/notary.js';
+import type { RequestAuthenticator } from '../federation/request-auth.js';
+import { federationRoutes } from './routes/federation.js';
+import { notaryRoutes } from './routes/notary.js';
 
 export type App = FastifyInstance<
   import('node:http').Server,
@@ -37,6 +41,11 @@ export interface AppDeps {
   readonly accounts: Accounts;
   readonly keys: Keys;
   readonly crossSigning: CrossSigning;
+  readonly federation: {
+    readonly authenticator: RequestAuthenticator;
+    readonly notary: Notary;
+    readonly allowDeviceNameLookup: boolean;
+  };
   readonly client: {
     readonly allowAccessTokenInQuery: boolean;
     readonly publicBaseurl: string | undefined;
@@ -134,6 +143,7 @@ export function buildApp(deps: AppDeps): App {
   });
 
   app.decorateRequest('requester', undefined);
+  app.decorateRequest('origin', undefined);
   app.register(serverKeyRoutes, { ownKeys: deps.ownKeys });
   app.register(federationInfoRoutes);
   app.register(discoveryRoutes, { publicBaseurl: deps.client.publicBaseurl, serveServerWellknown: deps.client.serveServerWellknown });
@@ -144,5 +154,11 @@ export function buildApp(deps: AppDeps): App {
     accounts: deps.accounts,
     allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery,
   });
+  app.register(federationRoutes, {
+    keys: deps.keys,
+    authenticator: deps.federation.authenticator,
+    allowDeviceNameLookup: deps.federation.allowDeviceNameLookup,
+  });
+  app.register(notaryRoutes, { notary: deps.federation.notary });
   return app;
 }

@@ -57,11 +57,21 @@ export function parseStreamToken(token: string, name: string): number {
   return Number(m[1]);
 }
 
-/** Whose signatures `viewer` may see on `owner`'s keys (e2e spec, "Key and signature security"). */
-function visibleSignatures(signatures: readonly StoredSignature[], owner: string, viewer: Viewer): StoredSignature[] {
-  // Only user-signing-key signatures are made by someone other than the key's owner; those are
-  // for the signer's eyes only.
-  return signatures.filter((s) => s.signerUserId === owner || (viewer !== null && s.signerUserId === viewer.userId));
+/**
+ * A function that adds to a stored key object the uploaded signatures on it that `viewer` may see
+ * (e2e spec, "Key and signature security"). Only user-signing-key signatures are made by someone
+ * other than the key's owner; those are for the signer's eyes only.
+ */
+function withVisibleSignatures(signatures: readonly StoredSignature[], viewer: Viewer): (json: string, owner: string, targetKeyId: string) => string {
+  const byTarget = new Map<string, StoredSignature[]>();
+  for (const s of signatures) {
+    if (s.signerUserId !== s.targetUserId && (viewer === null || s.signerUserId !== viewer.userId)) continue;
+    const key = `${s.targetUserId}\0${s.targetKeyId}`;
+    const list = byTarget.get(key);
+    if (list) list.push(s);
+    else byTarget.set(key, [s]);
+  }
+  return (json, owner, targetKeyId) => withSignatures(json, byTarget.get(`${owner}\0${targetKeyId}`) ?? []);
 }
 
 export interface QueryOptions {
@@ -235,15 +245,7 @@ export class Keys {
       : [[], [], []];
     if (viewer) await this.store.trackUsers(viewer.userId, Object.keys(wanted));
 
-    const sigsByTarget = new Map<string, StoredSignature[]>();
-    for (const s of signatures) {
-      const key = `${s.targetUserId}\0${s.targetKeyId}`;
-      const list = sigsByTarget.get(key);
-      if (list) list.push(s);
-      else sigsByTarget.set(key, [s]);
-    }
-    const signed = (json: string, owner: string, targetKeyId: string): string =>
-      withSignatures(json, visibleSignatures(sigsByTarget.get(`${owner}\0${targetKeyId}`) ?? [], owner, viewer));
+    const signed = withVisibleSignatures(signatures, viewer);
 
     const deviceEntries = new Map<string, [string, string][]>(local.map((u) => [u, []]));
     for (const d of devices) {
@@ -261,6 +263,33 @@ export class Keys {
     let out = `{"device_keys":${objectText([...deviceEntries].map(([u, entries]) => [u, objectText(entries)] as const))}`;
     out += `,"master_keys":${objectText(keysOfType('master'))},"self_signing_keys":${objectText(keysOfType('self_signing'))}`;
     if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${Keys.remoteFailures(remoteServers)}`;
+    return `${out}}`;
+  }
+
+  /**
+   * GET /_matrix/federation/v1/user/devices/{userId} (user_devices.yaml): the user's devices with
+   * keys, their cross-signing keys, and the stream position of their device list, as JSON text.
+   */
+  async userDevices(userId: string, displayNames: boolean): Promise<string> {
+    this.requireLocalUsers([userId], 'userId');
+    const [devices, crossSigning, signatures, streamId] = await Promise.all([
+      this.store.getDeviceKeys([userId]),
+      this.store.getCrossSigningKeys([userId]),
+      this.store.getSignaturesOn([userId]),
+      this.options.deviceLists.latestStreamIdForUser(userId),
+    ]);
+    const signed = withVisibleSignatures(signatures, null);
+    const list = devices
+      .sort((a, b) => (a.deviceId < b.deviceId ? -1 : a.deviceId > b.deviceId ? 1 : 0))
+      .map((d) => {
+        const name = displayNames && d.displayName !== null ? `,"device_display_name":${JSON.stringify(d.displayName)}` : '';
+        return `{"device_id":${JSON.stringify(d.deviceId)},"keys":${signed(d.json, userId, d.deviceId)}${name}}`;
+      });
+    let out = `{"user_id":${JSON.stringify(userId)},"stream_id":${streamId},"devices":[${list.join(',')}]`;
+    for (const k of crossSigning) {
+      if (k.keyType === 'master') out += `,"master_key":${signed(k.json, userId, k.publicKey)}`;
+      if (k.keyType === 'self_signing') out += `,"self_signing_key":${signed(k.json, userId, k.publicKey)}`;
+    }
     return `${out}}`;
   }
 

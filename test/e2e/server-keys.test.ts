@@ -138,4 +138,14 @@ describe('npm start on a fresh directory', () => {
     assert.match(server.output(), /shutting down/);
     assert.match(server.output(), /"msg":"stopped"/);
   });
+
+  test('SIGTERM still stops the server after whoever read its log output has gone away', async () => {
+    const server = await startServerProcess([], { cwd: tempDir() });
+    server.child.stdout!.destroy(); // like `mxkeys serve | head -2` after head exits
+    server.child.stderr!.destroy();
+    await new Promise((r) => setTimeout(r, 100));
+    server.child.kill('SIGTERM');
+    const code = await Promise.race([server.exited, new Promise((r) => setTimeout(() => r('still running after 5 s'), 5000))]);
+    assert.equal(code, 0);
+  });
 });

@@ -1,0 +1,67 @@
+/**
+ * Authenticating incoming federation requests: the one check every signed federation endpoint
+ * passes through. Handlers receive only the verified origin.
+ */
+import { MatrixError } from '../matrix/errors.js';
+import { isValidServerName } from '../matrix/ids.js';
+import { CanonicalJsonError } from '../matrix/canonical-json.js';
+import { RateLimiter, type RateLimit } from '../matrix/ratelimit.js';
+import { parseXMatrix, verifyRequestSignature } from './xmatrix.js';
+import type { KeyLookup } from './key-ring.js';
+
+export interface IncomingFederationRequest {
+  readonly method: string;
+  /** The request target exactly as received (path and query, percent-encoding untouched). */
+  readonly uri: string;
+  readonly authorization: string | undefined;
+  /** The parsed JSON body, or undefined when the request has none. */
+  readonly content: unknown;
+}
+
+export interface RequestAuthenticatorOptions {
+  readonly serverName: string;
+  readonly keys: { requestKey(serverName: string, keyId: string): Promise<KeyLookup> };
+  readonly rateLimit: RateLimit;
+}
+
+const unauthorized = (why: string) => new MatrixError('M_UNAUTHORIZED', why, 401);
+
+export class RequestAuthenticator {
+  private readonly limiter: RateLimiter;
+
+  constructor(private readonly options: RequestAuthenticatorOptions) {
+    this.limiter = new RateLimiter(options.rateLimit);
+  }
+
+  /** Resolves to the verified origin server name; throws 401 M_UNAUTHORIZED saying what failed. */
+  async authenticate(r: IncomingFederationRequest): Promise<string> {
+    if (r.authorization === undefined || r.authorization === '') {
+      throw unauthorized('Missing Authorization header: federation requests must be signed with X-Matrix');
+    }
+    const auth = parseXMatrix(r.authorization);
+    if (typeof auth === 'string') throw unauthorized(`Malformed Authorization header: ${auth}`);
+    if (!isValidServerName(auth.origin)) throw unauthorized(`The X-Matrix origin "${auth.origin}" is not a valid server name`);
+    if (auth.destination !== undefined && auth.destination !== this.options.serverName) {
+      throw unauthorized(`The request is addressed to ${auth.destination}, but this server is ${this.options.serverName}`);
+    }
+    if (!auth.key.startsWith('ed25519:')) throw unauthorized(`Unsupported key ${auth.key}: only ed25519 keys sign requests`);
+    const key = await this.options.keys.requestKey(auth.origin, auth.key);
+    if ('error' in key) throw unauthorized(`Cannot check the signature: ${key.error}`);
+    let valid: boolean;
+    try {
+      valid = verifyRequestSignature(
+        { method: r.method, uri: r.uri, origin: auth.origin, destination: auth.destination ?? this.options.serverName, content: r.content },
+        auth.sig,
+        key.verifyKey,
+      );
+    } catch (e) {
+      if (e instanceof CanonicalJsonError) throw new MatrixError('M_BAD_JSON', `The request body cannot be signed as canonical JSON: ${e.message}`);
+      throw e;
+    }
+    if (!valid) {
+      throw unauthorized(`The signature by ${auth.origin}'s key ${auth.key} does not match this request (method, path with query, destination and body are signed)`);
+    }
+    this.limiter.take(auth.origin, `requests from ${auth.origin}`);
+    return auth.origin;
+  }
+}

@@ -1,0 +1,37 @@
+/** The notary endpoints (keys_query.yaml): no authentication. */
+import type { FastifyPluginAsync } from 'fastify';
+import { Type } from '@sinclair/typebox';
+import type { Notary } from '../../federation/notary.js';
+import { MatrixError } from '../../matrix/errors.js';
+
+export interface NotaryRoutesOptions {
+  readonly notary: Notary;
+}
+
+const Criteria = Type.Object({ minimum_valid_until_ts: Type.Optional(Type.Integer()) }, { additionalProperties: true });
+const QueryBody = Type.Object({ server_keys: Type.Record(Type.String(), Type.Record(Type.String(), Criteria)) }, { additionalProperties: true });
+
+export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app, { notary }) => {
+  /** GET /_matrix/key/v2/query/{serverName} — spec: keys_query.yaml */
+  app.get(
+    '/_matrix/key/v2/query/:serverName',
+    { schema: { querystring: Type.Object({ minimum_valid_until_ts: Type.Optional(Type.String({ pattern: '^[0-9]{1,16}$' })) }, { additionalProperties: true }) } },
+    async (request) => {
+      const q = request.query as { minimum_valid_until_ts?: string };
+      const min = q.minimum_valid_until_ts === undefined ? Date.now() : Number(q.minimum_valid_until_ts);
+      return { server_keys: await notary.query([{ serverName: (request.params as { serverName: string }).serverName, minimumValidUntilTs: min }]) };
+    },
+  );
+
+  /** POST /_matrix/key/v2/query — spec: keys_query.yaml */
+  app.post('/_matrix/key/v2/query', { schema: { body: QueryBody } }, async (request) => {
+    const body = request.body as { server_keys: Record<string, Record<string, { minimum_valid_until_ts?: number }>> };
+    const now = Date.now();
+    const requests = Object.entries(body.server_keys).map(([serverName, keys]) => {
+      const mins = Object.values(keys).map((k) => k.minimum_valid_until_ts ?? now);
+      return { serverName, minimumValidUntilTs: mins.length > 0 ? Math.max(...mins) : now };
+    });
+    if (requests.some((r) => !Number.isSafeInteger(r.minimumValidUntilTs))) throw new MatrixError('M_INVALID_PARAM', 'minimum_valid_until_ts must be a millisecond timestamp');
+    return { server_keys: await notary.query(requests) };
+  });
+};
