@@ -18,6 +18,8 @@ import { KeyRing } from './federation/key-ring.js';
 import { federationKeyFetcher, Notary } from './federation/notary.js';
 import { RequestAuthenticator } from './federation/request-auth.js';
 import { ConfigError } from './config/load.js';
+import { MxkeysMetrics } from './metrics/mxkeys.js';
+import type { Server } from 'node:http';
 
 export interface Mxkeys {
   readonly config: Readonly<Config>;
@@ -30,6 +32,8 @@ export interface Mxkeys {
   readonly logger: Logger;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
+  /** Where metrics are served once listening, when `metrics.enabled`. */
+  metricsUrl(): string | undefined;
   /** Stops accepting requests, lets in-flight ones finish, closes the database. */
   close(): Promise<void>;
 }
@@ -117,16 +121,21 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     trustedKeyServers: config.federation.trusted_key_servers,
     log: (message, details) => logger.warn(details, message),
   });
+  const authenticator = new RequestAuthenticator({ serverName: config.server_name, keys: keyRing, rateLimit: config.federation.rate_limit });
+  const metrics = config.metrics.enabled
+    ? new MxkeysMetrics({ store, keyStats: keys.stats, federationAuth: authenticator.stats, serverKeyFetches: keyRing.stats })
+    : undefined;
   const app = buildApp({
     logger,
     maxRequestBodyBytes: config.max_request_body_bytes,
     trustProxy: config.listen.x_forwarded,
+    observeRequest: metrics && ((method, route, status, seconds) => metrics.observeRequest(method, route, status, seconds)),
     ownKeys,
     accounts,
     keys,
     crossSigning,
     federation: {
-      authenticator: new RequestAuthenticator({ serverName: config.server_name, keys: keyRing, rateLimit: config.federation.rate_limit }),
+      authenticator,
       notary: new Notary(ownKeys, keyRing),
       allowDeviceNameLookup: config.federation.allow_device_name_lookup,
     },
@@ -138,6 +147,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   });
 
   let closed = false;
+  let metricsServer: Server | undefined;
+  let metricsUrl: string | undefined;
   return {
     config,
     app,
@@ -149,11 +160,20 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     logger,
     async listen() {
       const address = await app.listen({ host: config.listen.host, port: config.listen.port });
+      if (metrics) {
+        const m = await metrics.listen(config.metrics.host, config.metrics.port);
+        metricsServer = m.server;
+        metricsUrl = m.url;
+        logger.info({ url: m.url }, 'serving metrics');
+      }
       return address;
     },
+    metricsUrl: () => metricsUrl,
     async close() {
       if (closed) return;
       closed = true;
+      metricsServer?.close();
+      metrics?.stop();
       await app.close();
       await store.close();
     },

@@ -83,6 +83,14 @@ export const ConfigSchema = Type.Object(
     ),
     max_request_body_bytes: Type.Integer({ minimum: 1024, default: 10 * 1024 * 1024 }),
     max_one_time_keys_per_device: Type.Integer({ minimum: 1, default: 10_000 }),
+    metrics: Type.Object(
+      {
+        enabled: Type.Boolean({ default: false }),
+        host: Type.String({ default: '127.0.0.1' }),
+        port: Type.Integer({ minimum: 0, maximum: 65535, default: 9101 }),
+      },
+      { ...strict, default: {} },
+    ),
     log_level: Type.Union(
       ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
       { default: 'info' },

@@ -106,6 +106,8 @@ export class KeyRing {
   private readonly inflight = new Map<string, Promise<void>>();
   private readonly lastFetch = new Map<string, number>();
   private readonly now: () => number;
+  /** Counts for metrics: key responses accepted from servers themselves or from notaries, and fetches that found nothing usable. */
+  readonly stats = { fromServer: 0, fromNotary: 0, failed: 0 };
 
   constructor(private readonly options: KeyRingOptions) {
     this.now = options.now ?? Date.now;
@@ -172,6 +174,7 @@ export class KeyRing {
       const checked = checkServerKeys(body, serverName, now);
       if (typeof checked !== 'string') {
         await this.keep(serverName, serverName, checked);
+        this.stats.fromServer++;
         return;
       }
       this.log('refused the key response of a server', { server: serverName, reason: checked });
@@ -184,6 +187,7 @@ export class KeyRing {
         const checked = await this.fromNotary(notary, serverName, keyId, now);
         if (typeof checked !== 'string') {
           await this.keep(serverName, notary.server_name, checked);
+          this.stats.fromNotary++;
           return;
         }
         this.log('refused a notary response', { server: serverName, notary: notary.server_name, reason: checked });
@@ -191,6 +195,7 @@ export class KeyRing {
         this.log('could not query a notary', { server: serverName, notary: notary.server_name, reason: (e as Error).message });
       }
     }
+    this.stats.failed++;
   }
 
   private async keep(serverName: string, fromServer: string, checked: CheckedKeys): Promise<void> {

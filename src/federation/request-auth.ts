@@ -28,6 +28,8 @@ const unauthorized = (why: string) => new MatrixError('M_UNAUTHORIZED', why, 401
 
 export class RequestAuthenticator {
   private readonly limiter: RateLimiter;
+  /** Counts for metrics. */
+  readonly stats = { accepted: 0, refused: 0 };
 
   constructor(private readonly options: RequestAuthenticatorOptions) {
     this.limiter = new RateLimiter(options.rateLimit);
@@ -35,6 +37,17 @@ export class RequestAuthenticator {
 
   /** Resolves to the verified origin server name; throws 401 M_UNAUTHORIZED saying what failed. */
   async authenticate(r: IncomingFederationRequest): Promise<string> {
+    try {
+      const origin = await this.check(r);
+      this.stats.accepted++;
+      return origin;
+    } catch (e) {
+      this.stats.refused++;
+      throw e;
+    }
+  }
+
+  private async check(r: IncomingFederationRequest): Promise<string> {
     if (r.authorization === undefined || r.authorization === '') {
       throw unauthorized('Missing Authorization header: federation requests must be signed with X-Matrix');
     }

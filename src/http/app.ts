@@ -46,6 +46,8 @@ export interface AppDeps {
     readonly notary: Notary;
     readonly allowDeviceNameLookup: boolean;
   };
+  /** Called once per answered request (metrics). */
+  readonly observeRequest?: ((method: string, route: string, status: number, seconds: number) => void) | undefined;
   readonly client: {
     readonly allowAccessTokenInQuery: boolean;
     readonly publicBaseurl: string | undefined;
@@ -120,6 +122,14 @@ export function buildApp(deps: AppDeps): App {
     if (draining) reply.header('connection', 'close');
     done(null, payload);
   });
+
+  const observe = deps.observeRequest;
+  if (observe) {
+    app.addHook('onResponse', (request, reply, done) => {
+      observe(request.method, request.routeOptions.url ?? 'unmatched', reply.statusCode, reply.elapsedTime / 1000);
+      done();
+    });
+  }
 
   app.setErrorHandler((error, request, reply) => sendMatrixError(error, request, reply));
   app.setNotFoundHandler((request, reply) => {

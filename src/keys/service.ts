@@ -81,8 +81,17 @@ export interface QueryOptions {
   readonly clientApi: boolean;
 }
 
+/** Counts for metrics, kept by the key rules themselves. */
+export interface KeyStats {
+  oneTimeKeysClaimed: number;
+  fallbackKeysClaimed: number;
+  /** Claims for a device that had neither a one-time key nor a fallback key. */
+  claimsUnanswered: number;
+}
+
 export class Keys {
   private readonly store: KeysStore;
+  readonly stats: KeyStats = { oneTimeKeysClaimed: 0, fallbackKeysClaimed: 0, claimsUnanswered: 0 };
 
   constructor(private readonly options: KeysOptions) {
     this.store = options.store;
@@ -215,6 +224,11 @@ export class Keys {
     for (const userId of Object.keys(wanted)) if (!localSet.has(userId)) requireObject(wanted[userId], `one_time_keys["${userId}"]`);
 
     const claimed = requests.length > 0 ? await this.store.claimKeys(requests) : [];
+    for (const k of claimed) {
+      if (k.fallback) this.stats.fallbackKeysClaimed++;
+      else this.stats.oneTimeKeysClaimed++;
+    }
+    this.stats.claimsUnanswered += requests.length - claimed.length;
     const byUser = new Map<string, Map<string, string[]>>();
     for (const k of claimed) {
       let devices = byUser.get(k.userId);

@@ -1,0 +1,94 @@
+/**
+ * What mxkeys exports to Prometheus, and the small HTTP listener that serves it (`metrics` in the
+ * configuration). Kept off the main listener so it is never exposed by the reverse proxy by mistake.
+ */
+import { createServer, type Server } from 'node:http';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import { Counter, Histogram, Observed, Registry } from './registry.js';
+import type { KeyStats } from '../keys/service.js';
+import type { Store } from '../storage/store.js';
+
+export interface MetricSources {
+  readonly store: Store;
+  readonly keyStats: KeyStats;
+  readonly federationAuth: { readonly accepted: number; readonly refused: number };
+  readonly serverKeyFetches: { readonly fromServer: number; readonly fromNotary: number; readonly failed: number };
+}
+
+const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
+
+export class MxkeysMetrics {
+  readonly registry = new Registry();
+  private readonly requests: Counter;
+  private readonly latency: Histogram;
+  private readonly loopDelay = monitorEventLoopDelay({ resolution: 20 });
+
+  constructor(sources: MetricSources) {
+    const r = this.registry;
+    this.requests = r.add(new Counter('mxkeys_http_requests_total', 'HTTP requests answered, by route, method and status code.'));
+    this.latency = r.add(new Histogram('mxkeys_http_request_duration_seconds', 'Time to answer an HTTP request, by route.', LATENCY_BUCKETS));
+    r.add(new Observed('mxkeys_db_statements_total', 'Database statements run by this process.', 'counter', () => sources.store.statementCount()));
+    r.add(
+      new Observed('mxkeys_keys_claimed_total', 'One-time key claims by what they handed out.', 'counter', () => [
+        [{ result: 'one_time_key' }, sources.keyStats.oneTimeKeysClaimed],
+        [{ result: 'fallback_key' }, sources.keyStats.fallbackKeysClaimed],
+        [{ result: 'none' }, sources.keyStats.claimsUnanswered],
+      ]),
+    );
+    r.add(
+      new Observed('mxkeys_federation_requests_authenticated_total', 'Signed federation requests by X-Matrix outcome.', 'counter', () => [
+        [{ result: 'accepted' }, sources.federationAuth.accepted],
+        [{ result: 'refused' }, sources.federationAuth.refused],
+      ]),
+    );
+    r.add(
+      new Observed('mxkeys_server_key_fetches_total', "Fetches of other servers' signing keys by outcome.", 'counter', () => [
+        [{ result: 'from_server' }, sources.serverKeyFetches.fromServer],
+        [{ result: 'from_notary' }, sources.serverKeyFetches.fromNotary],
+        [{ result: 'failed' }, sources.serverKeyFetches.failed],
+      ]),
+    );
+    r.add(new Observed('process_resident_memory_bytes', 'Resident memory size in bytes.', 'gauge', () => process.memoryUsage.rss()));
+    r.add(new Observed('nodejs_heap_used_bytes', 'V8 heap in use, in bytes.', 'gauge', () => process.memoryUsage().heapUsed));
+    r.add(new Observed('process_cpu_seconds_total', 'User and system CPU time spent, in seconds.', 'counter', () => {
+      const u = process.cpuUsage();
+      return (u.user + u.system) / 1e6;
+    }));
+    this.loopDelay.enable();
+    r.add(new Observed('nodejs_eventloop_delay_p99_seconds', 'The 99th percentile of event loop delay since the last scrape.', 'gauge', () => {
+      const p99 = this.loopDelay.percentile(99) / 1e9;
+      this.loopDelay.reset();
+      return Number.isFinite(p99) ? p99 : 0;
+    }));
+  }
+
+  /** Records one answered HTTP request. */
+  observeRequest(method: string, route: string, status: number, seconds: number): void {
+    this.requests.inc({ route, method, status: String(status) });
+    this.latency.observe({ route }, seconds);
+  }
+
+  /** Starts the metrics listener; resolves to its URL. */
+  async listen(host: string, port: number): Promise<{ url: string; server: Server }> {
+    const server = createServer((req, res) => {
+      if (req.method === 'GET' && (req.url === '/metrics' || req.url?.startsWith('/metrics?'))) {
+        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' });
+        res.end(this.registry.render());
+        return;
+      }
+      res.writeHead(404, { 'content-type': 'text/plain' });
+      res.end('metrics are at /metrics\n');
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(port, host, () => resolve());
+    });
+    const address = server.address();
+    const actualPort = typeof address === 'object' && address ? address.port : port;
+    return { url: `http://${host.includes(':') ? `[${host}]` : host}:${actualPort}/metrics`, server };
+  }
+
+  stop(): void {
+    this.loopDelay.disable();
+  }
+}
