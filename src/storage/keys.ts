@@ -190,43 +190,35 @@ export class SqlKeysStore implements KeysStore {
     return this.db.transaction((tx) => fn(new SqlKeysTransaction(tx, Date.now())));
   }
 
-  async getDeviceKeys(userIds: readonly string[]): Promise<StoredDeviceKeys[]> {
-    const out: StoredDeviceKeys[] = [];
-    for (const part of chunks(userIds)) {
-      const rows = await this.db.all<{ user_id: string; device_id: string; display_name: string | null; key_json: string }>(
-        `SELECT k.user_id, k.device_id, d.display_name, k.key_json
-         FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
-         WHERE k.user_id IN (${placeholders(part.length)})`,
-        part,
-      );
-      for (const r of rows) out.push({ userId: r.user_id, deviceId: r.device_id, displayName: r.display_name, json: r.key_json });
-    }
+  /** Rows of `sql` (whose `IN (…)` list is filled in) for every user, in chunks of CHUNK users. */
+  private async forUsers<R extends object>(userIds: readonly string[], sql: (inList: string) => string): Promise<R[]> {
+    const out: R[] = [];
+    for (const part of chunks(userIds)) out.push(...(await this.db.all<R>(sql(placeholders(part.length)), part)));
     return out;
+  }
+
+  async getDeviceKeys(userIds: readonly string[]): Promise<StoredDeviceKeys[]> {
+    const rows = await this.forUsers<{ user_id: string; device_id: string; display_name: string | null; key_json: string }>(
+      userIds,
+      (inList) => `SELECT k.user_id, k.device_id, d.display_name, k.key_json
+         FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
+         WHERE k.user_id IN (${inList})`,
+    );
+    return rows.map((r) => ({ userId: r.user_id, deviceId: r.device_id, displayName: r.display_name, json: r.key_json }));
   }
 
   async getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]> {
-    const out: StoredCrossSigningKey[] = [];
-    for (const part of chunks(userIds)) {
-      const rows = await this.db.all<CrossSigningRow>(
-        `SELECT user_id, key_type, public_key, key_json FROM e2e_cross_signing_keys WHERE user_id IN (${placeholders(part.length)})`,
-        part,
-      );
-      out.push(...rows.map(toCrossSigning));
-    }
-    return out;
+    const rows = await this.forUsers<CrossSigningRow>(userIds, (inList) => `SELECT user_id, key_type, public_key, key_json FROM e2e_cross_signing_keys WHERE user_id IN (${inList})`);
+    return rows.map(toCrossSigning);
   }
 
   async getSignaturesOn(userIds: readonly string[]): Promise<StoredSignature[]> {
-    const out: StoredSignature[] = [];
-    for (const part of chunks(userIds)) {
-      const rows = await this.db.all<SignatureRow>(
-        `SELECT target_user_id, target_key_id, signer_user_id, signer_key_id, signature
-         FROM e2e_cross_signing_signatures WHERE target_user_id IN (${placeholders(part.length)})`,
-        part,
-      );
-      out.push(...rows.map(toSignature));
-    }
-    return out;
+    const rows = await this.forUsers<SignatureRow>(
+      userIds,
+      (inList) => `SELECT target_user_id, target_key_id, signer_user_id, signer_key_id, signature
+         FROM e2e_cross_signing_signatures WHERE target_user_id IN (${inList})`,
+    );
+    return rows.map(toSignature);
   }
 
   async claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer } from '../support/server.js';
-import { login, passwordAuth, registerUser, registrationMac, SHARED_SECRET } from '../support/client.js';
+import { login, passwordAuth, registerUser, registrationMac, SHARED_SECRET, expectMatrixError } from '../support/client.js';
 import { runCli } from '../support/process.js';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -10,11 +10,6 @@ import { tempDir } from '../support/backends.js';
 
 const C = '/_matrix/client/v3';
 
-function expectError(r: { status: number; body: Record<string, unknown> }, status: number, errcode: string): void {
-  assert.equal(r.status, status, JSON.stringify(r.body));
-  assert.equal(r.body['errcode'], errcode, JSON.stringify(r.body));
-  assert.equal(typeof r.body['error'], 'string');
-}
 
 describeEachBackend('accounts and devices', (backend) => {
   const start = (config: Record<string, unknown> = {}) => startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config } });
@@ -50,22 +45,22 @@ describeEachBackend('accounts and devices', (backend) => {
     const session = challenge.body['session'] as string;
 
     const wrong = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: { ...passwordAuth(alice, session), password: 'nope' } } });
-    expectError(wrong, 401, 'M_FORBIDDEN');
+    expectMatrixError(wrong, 401, 'M_FORBIDDEN');
     assert.equal(wrong.body['session'], session);
     assert.deepEqual(wrong.body['flows'], [{ stages: ['m.login.password'] }]);
     assert.equal((await http(s.url, 'GET', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken })).status, 200, 'still there');
 
     const ok = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: passwordAuth(alice, session) } });
     assert.equal(ok.status, 200, ok.text);
-    expectError(await http(s.url, 'GET', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken }), 404, 'M_NOT_FOUND');
-    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: phone.accessToken }), 401, 'M_UNKNOWN_TOKEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken }), 404, 'M_NOT_FOUND');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: phone.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     // Retrying the completed request gets its result, as the spec requires.
     const again = await http(s.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: { session } } });
     assert.equal(again.status, 200, again.text);
 
     const out = await http(s.url, 'POST', `${C}/logout`, { token: alice.accessToken });
     assert.equal(out.status, 200);
-    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: alice.accessToken }), 401, 'M_UNKNOWN_TOKEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: alice.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     const fresh = await login(s, '@alice:test.local', 'correct horse');
     const devices = await http<{ devices: unknown[] }>(s.url, 'GET', `${C}/devices`, { token: fresh.accessToken });
     assert.equal(devices.body.devices.length, 1, 'logout removed the device');
@@ -77,28 +72,28 @@ describeEachBackend('accounts and devices', (backend) => {
     const attempt = (n: string, mac: string) => http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: n, username: 'bob', password: 'pw', admin: false, mac } });
 
     const n1 = await nonce();
-    expectError(await attempt(n1, registrationMac('wrong secret', n1, 'bob', 'pw', false)), 403, 'M_FORBIDDEN');
-    expectError(await attempt(n1, registrationMac(SHARED_SECRET, n1, 'bob', 'pw', false)), 400, 'M_UNKNOWN'); // used up by the failed attempt
+    expectMatrixError(await attempt(n1, registrationMac('wrong secret', n1, 'bob', 'pw', false)), 403, 'M_FORBIDDEN');
+    expectMatrixError(await attempt(n1, registrationMac(SHARED_SECRET, n1, 'bob', 'pw', false)), 400, 'M_UNKNOWN'); // used up by the failed attempt
     const n2 = await nonce();
     assert.equal((await attempt(n2, registrationMac(SHARED_SECRET, n2, 'bob', 'pw', false))).status, 200);
-    expectError(await attempt(n2, registrationMac(SHARED_SECRET, n2, 'bob', 'pw', false)), 400, 'M_UNKNOWN');
+    expectMatrixError(await attempt(n2, registrationMac(SHARED_SECRET, n2, 'bob', 'pw', false)), 400, 'M_UNKNOWN');
     // A nonce older than a minute is refused even with the right MAC.
     await s.mx.store.accounts.addRegistrationNonce('stale-nonce', Date.now() - 61_000);
-    expectError(
+    expectMatrixError(
       await http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'stale-nonce', username: 'carol', password: 'pw', admin: false, mac: registrationMac(SHARED_SECRET, 'stale-nonce', 'carol', 'pw', false) } }),
       400,
       'M_UNKNOWN',
     );
     const n3 = await nonce();
-    expectError(await attempt(n3, 'zz'), 403, 'M_FORBIDDEN');
+    expectMatrixError(await attempt(n3, 'zz'), 403, 'M_FORBIDDEN');
     const n4 = await nonce();
-    expectError(
+    expectMatrixError(
       await http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: n4, username: 'bob', password: 'pw', admin: false, mac: registrationMac(SHARED_SECRET, n4, 'bob', 'pw', false) } }),
       400,
       'M_USER_IN_USE',
     );
     const n5 = await nonce();
-    expectError(
+    expectMatrixError(
       await http(s.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: n5, username: 'Bad Name', password: 'pw', admin: false, mac: registrationMac(SHARED_SECRET, n5, 'Bad Name', 'pw', false) } }),
       400,
       'M_INVALID_USERNAME',
@@ -106,9 +101,9 @@ describeEachBackend('accounts and devices', (backend) => {
 
     const noSecret = await startServer({ backend });
     const get = await http(noSecret.url, 'GET', '/_synapse/admin/v1/register');
-    expectError(get, 400, 'M_UNKNOWN');
+    expectMatrixError(get, 400, 'M_UNKNOWN');
     assert.match(String(get.body['error']), /registration_shared_secret/);
-    expectError(await http(noSecret.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'x', username: 'a', password: 'b', mac: '00' } }), 400, 'M_UNKNOWN');
+    expectMatrixError(await http(noSecret.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'x', username: 'a', password: 'b', mac: '00' } }), 400, 'M_UNKNOWN');
   });
 
   test('login: wrong password and unknown user get the same 403; legacy "user" and full user IDs work', async () => {
@@ -116,14 +111,14 @@ describeEachBackend('accounts and devices', (backend) => {
     await registerUser(s, 'dave', 'pw-dave');
     const wrong = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', identifier: { type: 'm.id.user', user: 'dave' }, password: 'x' } });
     const unknown = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', identifier: { type: 'm.id.user', user: 'nobody' }, password: 'x' } });
-    expectError(wrong, 403, 'M_FORBIDDEN');
+    expectMatrixError(wrong, 403, 'M_FORBIDDEN');
     assert.deepEqual(unknown.body, wrong.body);
     const legacy = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'dave', password: 'pw-dave' } });
     assert.equal(legacy.status, 200);
     assert.equal(legacy.body['home_server'], 'test.local');
     const full = await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', identifier: { type: 'm.id.user', user: '@dave:test.local' }, password: 'pw-dave' } });
     assert.equal(full.status, 200);
-    expectError(await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.token', token: 'x' } }), 400, 'M_UNKNOWN');
+    expectMatrixError(await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.token', token: 'x' } }), 400, 'M_UNKNOWN');
     const flows = await http(s.url, 'GET', `${C}/login`);
     assert.deepEqual(flows.body, { flows: [{ type: 'm.login.password' }] });
   });
@@ -135,11 +130,11 @@ describeEachBackend('accounts and devices', (backend) => {
     assert.equal(first.deviceId, 'ERINLAPTOP');
     const second = await login(s, 'erin', 'pw-erin', { device_id: 'ERINLAPTOP', initial_device_display_name: 'Ignored' });
     assert.equal(second.deviceId, 'ERINLAPTOP');
-    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: first.accessToken }), 401, 'M_UNKNOWN_TOKEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: first.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     assert.equal((await http(s.url, 'GET', `${C}/account/whoami`, { token: second.accessToken })).status, 200);
     const device = await http(s.url, 'GET', `${C}/devices/ERINLAPTOP`, { token: erin.accessToken });
     assert.equal(device.body['display_name'], 'Laptop');
-    expectError(
+    expectMatrixError(
       await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'erin', password: 'pw-erin', device_id: 'has space' } }),
       400,
       'M_INVALID_PARAM',
@@ -149,26 +144,26 @@ describeEachBackend('accounts and devices', (backend) => {
   test('access tokens: missing is M_MISSING_TOKEN, unknown is M_UNKNOWN_TOKEN, the query parameter works unless disabled', async () => {
     const s = await start();
     const frank = await registerUser(s, 'frank');
-    expectError(await http(s.url, 'GET', `${C}/account/whoami`), 401, 'M_MISSING_TOKEN');
-    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: 'mxk_made_up' }), 401, 'M_UNKNOWN_TOKEN');
-    expectError(await http(s.url, 'GET', `${C}/account/whoami`, { headers: { authorization: 'Basic abc' } }), 401, 'M_MISSING_TOKEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`), 401, 'M_MISSING_TOKEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: 'mxk_made_up' }), 401, 'M_UNKNOWN_TOKEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { headers: { authorization: 'Basic abc' } }), 401, 'M_MISSING_TOKEN');
     const viaQuery = await http(s.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(frank.accessToken)}`);
     assert.equal(viaQuery.status, 200);
     assert.equal(viaQuery.body['user_id'], '@frank:test.local');
 
     const strict = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, allow_access_token_in_query: false } });
     const g = await registerUser(strict, 'grace');
-    expectError(await http(strict.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(g.accessToken)}`), 401, 'M_MISSING_TOKEN');
+    expectMatrixError(await http(strict.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(g.accessToken)}`), 401, 'M_MISSING_TOKEN');
   });
 
   test('repeated failed logins are rate limited with 429 M_LIMIT_EXCEEDED and retry_after_ms', async () => {
     const s = await start({ rc_login: { failed_attempts: { per_second: 0.1, burst_count: 2 } } });
     await registerUser(s, 'heidi', 'pw-heidi');
     const attempt = (password: string) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'heidi', password } });
-    expectError(await attempt('a'), 403, 'M_FORBIDDEN');
-    expectError(await attempt('b'), 403, 'M_FORBIDDEN');
+    expectMatrixError(await attempt('a'), 403, 'M_FORBIDDEN');
+    expectMatrixError(await attempt('b'), 403, 'M_FORBIDDEN');
     const limited = await attempt('pw-heidi');
-    expectError(limited, 429, 'M_LIMIT_EXCEEDED');
+    expectMatrixError(limited, 429, 'M_LIMIT_EXCEEDED');
     assert.ok((limited.body['retry_after_ms'] as number) > 0);
     assert.ok(Number(limited.headers.get('retry-after')) >= 1);
   });
@@ -183,7 +178,7 @@ describeEachBackend('accounts and devices', (backend) => {
     assert.equal(challenge.status, 401);
     // The session is bound to this request: it cannot authorise deleting a different set.
     const other = await http(s.url, 'POST', `${C}/delete_devices`, { token: ivan.accessToken, body: { devices: [ivan.deviceId], auth: passwordAuth(ivan, challenge.body['session'] as string) } });
-    expectError(other, 403, 'M_FORBIDDEN');
+    expectMatrixError(other, 403, 'M_FORBIDDEN');
     const ok = await http(s.url, 'POST', `${C}/delete_devices`, { token: ivan.accessToken, body: { ...body, auth: passwordAuth(ivan, challenge.body['session'] as string) } });
     assert.equal(ok.status, 200, ok.text);
     const left = await http<{ devices: { device_id: string }[] }>(s.url, 'GET', `${C}/devices`, { token: ivan.accessToken });
@@ -192,10 +187,10 @@ describeEachBackend('accounts and devices', (backend) => {
     const judy = await registerUser(s, 'judy');
     const d3 = await login(s, 'ivan', ivan.password);
     const wrongUser = await http(s.url, 'DELETE', `${C}/devices/${d3.deviceId}`, { token: ivan.accessToken, body: { auth: passwordAuth(judy) } });
-    expectError(wrongUser, 401, 'M_FORBIDDEN');
+    expectMatrixError(wrongUser, 401, 'M_FORBIDDEN');
 
     assert.equal((await http(s.url, 'POST', `${C}/logout/all`, { token: d3.accessToken })).status, 200);
-    for (const t of [ivan.accessToken, d3.accessToken]) expectError(await http(s.url, 'GET', `${C}/account/whoami`, { token: t }), 401, 'M_UNKNOWN_TOKEN');
+    for (const t of [ivan.accessToken, d3.accessToken]) expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: t }), 401, 'M_UNKNOWN_TOKEN');
   });
 
   test('deleting a device leaves no row of it in any table, except the device-list change that records the deletion', async () => {
@@ -218,7 +213,7 @@ describeEachBackend('accounts and devices', (backend) => {
 
   test('open registration: off by default, then the m.login.dummy flow; taken and invalid names and guests are refused', async () => {
     const closed = await startServer({ backend });
-    expectError(await http(closed.url, 'POST', `${C}/register`, { body: { username: 'x', password: 'y' } }), 403, 'M_FORBIDDEN');
+    expectMatrixError(await http(closed.url, 'POST', `${C}/register`, { body: { username: 'x', password: 'y' } }), 403, 'M_FORBIDDEN');
 
     const s = await start({ enable_registration: true });
     const first = await http(s.url, 'POST', `${C}/register`, { body: { username: 'lena', password: 'pw', initial_device_display_name: 'Web' } });
@@ -233,11 +228,11 @@ describeEachBackend('accounts and devices', (backend) => {
     const me = await login(s, 'lena', 'pw');
     assert.equal(me.userId, '@lena:test.local');
 
-    expectError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'lena', password: 'pw' } }), 400, 'M_USER_IN_USE');
-    expectError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'Lena!', password: 'pw' } }), 400, 'M_INVALID_USERNAME');
-    expectError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'x'.repeat(300), password: 'pw' } }), 400, 'M_INVALID_USERNAME');
-    expectError(await http(s.url, 'POST', `${C}/register?kind=guest`, { body: {} }), 403, 'M_FORBIDDEN');
-    expectError(await http(s.url, 'GET', `${C}/register/available?username=lena`), 400, 'M_USER_IN_USE');
+    expectMatrixError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'lena', password: 'pw' } }), 400, 'M_USER_IN_USE');
+    expectMatrixError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'Lena!', password: 'pw' } }), 400, 'M_INVALID_USERNAME');
+    expectMatrixError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'x'.repeat(300), password: 'pw' } }), 400, 'M_INVALID_USERNAME');
+    expectMatrixError(await http(s.url, 'POST', `${C}/register?kind=guest`, { body: {} }), 403, 'M_FORBIDDEN');
+    expectMatrixError(await http(s.url, 'GET', `${C}/register/available?username=lena`), 400, 'M_USER_IN_USE');
     assert.deepEqual((await http(s.url, 'GET', `${C}/register/available?username=mona`)).body, { available: true });
   });
 
@@ -273,7 +268,7 @@ describeEachBackend('accounts and devices', (backend) => {
       assert.equal(typeof r.body['errcode'], 'string', `${method} ${path} ${JSON.stringify(body)} → ${r.text}`);
     }
     const nonJson = await http(s.url, 'POST', `${C}/login`, { rawBody: '{"type":', headers: { 'content-type': 'application/json' } });
-    expectError(nonJson, 400, 'M_NOT_JSON');
+    expectMatrixError(nonJson, 400, 'M_NOT_JSON');
     // Nothing changed: the device is still there under its name, and nia can still log in.
     assert.equal((await http(s.url, 'GET', `${C}/devices/${nia.deviceId}`, { token: nia.accessToken })).status, 200);
     await login(s, 'nia', nia.password);
@@ -283,8 +278,8 @@ describeEachBackend('accounts and devices', (backend) => {
     const bare = await startServer({ backend });
     const versions = await http(bare.url, 'GET', '/_matrix/client/versions');
     assert.ok((versions.body['versions'] as string[]).includes('v1.1'));
-    expectError(await http(bare.url, 'GET', '/.well-known/matrix/client'), 404, 'M_NOT_FOUND');
-    expectError(await http(bare.url, 'GET', '/.well-known/matrix/server'), 404, 'M_NOT_FOUND');
+    expectMatrixError(await http(bare.url, 'GET', '/.well-known/matrix/client'), 404, 'M_NOT_FOUND');
+    expectMatrixError(await http(bare.url, 'GET', '/.well-known/matrix/server'), 404, 'M_NOT_FOUND');
     const s = await startServer({ backend, config: { public_baseurl: 'https://matrix.example.org/', serve_server_wellknown: true } });
     assert.deepEqual((await http(s.url, 'GET', '/.well-known/matrix/client')).body, { 'm.homeserver': { base_url: 'https://matrix.example.org' } });
     assert.deepEqual((await http(s.url, 'GET', '/.well-known/matrix/server')).body, { 'm.server': 'matrix.example.org:443' });

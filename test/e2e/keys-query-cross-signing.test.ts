@@ -2,17 +2,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
-import { login, passwordAuth, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
+import { login, passwordAuth, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
 import { TestCrossSigning, TestDevice } from '../support/keys.js';
 
 const C = '/_matrix/client/v3';
 type Json = Record<string, unknown>;
 
-function expectError(r: { status: number; body: Json; text: string }, status: number, errcode: string, message?: RegExp): void {
-  assert.equal(r.status, status, r.text);
-  assert.equal(r.body['errcode'], errcode, r.text);
-  if (message) assert.match(String(r.body['error']), message);
-}
 
 interface User {
   readonly session: Session;
@@ -97,7 +92,7 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
       [{ master_key: cs.masterKey(), user_signing_key: new TestCrossSigning(alice.session.userId).userSigningKey() }, 400, 'M_INVALID_SIGNATURE'],
       [{ self_signing_key: cs.selfSigningKey() }, 400, 'M_MISSING_PARAM'],
     ];
-    for (const [body, status, errcode] of bad) expectError(await post(server, alice.session, '/keys/device_signing/upload', body), status, errcode);
+    for (const [body, status, errcode] of bad) expectMatrixError(await post(server, alice.session, '/keys/device_signing/upload', body), status, errcode);
     const q = await query(server, bob.session, { [alice.session.userId]: [] });
     assert.deepEqual(q.body['master_keys'], {}, 'nothing was stored');
     await uploadCrossSigning(server, alice);
@@ -108,12 +103,12 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
     const alice = await user(server, 'alice');
     const cs = alice.cs;
     await login(server, 'alice', alice.session.password, { device_id: cs.master.publicKey });
-    expectError(await post(server, alice.session, '/keys/device_signing/upload', cs.upload()), 403, 'M_FORBIDDEN');
+    expectMatrixError(await post(server, alice.session, '/keys/device_signing/upload', cs.upload()), 403, 'M_FORBIDDEN');
 
     const carol = await user(server, 'carol');
     await uploadCrossSigning(server, carol);
     const r = await http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.session.password, device_id: carol.cs.selfSigning.publicKey } });
-    expectError(r, 400, 'M_INVALID_PARAM', /cross-signing/);
+    expectMatrixError(r, 400, 'M_INVALID_PARAM', /cross-signing/);
   });
 
   test('user-interactive auth is needed to replace keys, but not for the first upload or an exact repeat', async () => {

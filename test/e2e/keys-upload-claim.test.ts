@@ -2,17 +2,12 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
-import { login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
+import { login, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
 
 const C = '/_matrix/client/v3';
 type Json = Record<string, unknown>;
 
-function expectError(r: { status: number; body: Json; text: string }, status: number, errcode: string, message?: RegExp): void {
-  assert.equal(r.status, status, r.text);
-  assert.equal(r.body['errcode'], errcode, r.text);
-  if (message) assert.match(String(r.body['error']), message);
-}
 
 async function setup(backend: Parameters<typeof startServer>[0]['backend'], config: Json = {}) {
   const server = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config } });
@@ -72,7 +67,7 @@ describeEachBackend('POST /keys/upload', (backend) => {
     ];
     for (const [deviceKeys, status, errcode] of cases) {
       const r = await upload(server, alice, { device_keys: deviceKeys, one_time_keys: aliceDevice.oneTimeKeys(2) });
-      expectError(r, status, errcode);
+      expectMatrixError(r, status, errcode);
     }
     const q = await query(server, bob, { [alice.userId]: [] });
     assert.deepEqual((q.body['device_keys'] as Json)[alice.userId], {}, 'no device keys stored');
@@ -99,7 +94,7 @@ describeEachBackend('POST /keys/upload', (backend) => {
 
     const impostor = new TestDevice(alice.userId, alice.deviceId);
     const refused = await upload(server, alice, { device_keys: impostor.deviceKeys() });
-    expectError(refused, 400, 'M_INVALID_PARAM', /log in as a new device/);
+    expectMatrixError(refused, 400, 'M_INVALID_PARAM', /log in as a new device/);
     const after = await query(server, bob, { [alice.userId]: [alice.deviceId] });
     assert.deepEqual(((after.body['device_keys'] as Json)[alice.userId] as Json)[alice.deviceId], stored, 'the old identity keys stay');
   });
@@ -117,7 +112,7 @@ describeEachBackend('POST /keys/upload', (backend) => {
 
     const conflicting = { 'signed_curve25519:k0': aliceDevice.oneTimeKey(), 'signed_curve25519:fresh1': aliceDevice.oneTimeKey() };
     const r3 = await upload(server, alice, { device_keys: aliceDevice.deviceKeys(), one_time_keys: conflicting, fallback_keys: { 'signed_curve25519:fb': aliceDevice.fallbackKey() } });
-    expectError(r3, 400, 'M_INVALID_PARAM', /signed_curve25519:k0/);
+    expectMatrixError(r3, 400, 'M_INVALID_PARAM', /signed_curve25519:k0/);
     const c = await counts(server, alice);
     assert.equal(c.device_one_time_keys_count['signed_curve25519'], 6, 'nothing from the refused upload was stored');
     assert.deepEqual(c.device_unused_fallback_key_types, []);
@@ -137,7 +132,7 @@ describeEachBackend('POST /keys/upload', (backend) => {
     const { server, alice, aliceDevice } = await setup(backend, { max_one_time_keys_per_device: 10 });
     assert.equal((await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(8, 'a') })).status, 200);
     const r = await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(3, 'b') });
-    expectError(r, 400, 'M_INVALID_PARAM', /at most 10/);
+    expectMatrixError(r, 400, 'M_INVALID_PARAM', /at most 10/);
     assert.equal((await counts(server, alice)).device_one_time_keys_count['signed_curve25519'], 8);
     assert.equal((await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(2, 'c') })).status, 200);
   });
@@ -145,7 +140,7 @@ describeEachBackend('POST /keys/upload', (backend) => {
   test('fallback keys: one per algorithm, handed out when one-time keys run out, re-upload keeps "used", a new key is unused', async () => {
     const { server, alice, bob, aliceDevice } = await setup(backend);
     const fallback = aliceDevice.fallbackKey();
-    expectError(
+    expectMatrixError(
       await upload(server, alice, { fallback_keys: { 'signed_curve25519:f1': fallback, 'signed_curve25519:f2': aliceDevice.fallbackKey() } }),
       400,
       'M_INVALID_PARAM',
@@ -281,7 +276,7 @@ describeEachBackend('bad input to the key endpoints', (backend) => {
   test('key endpoints need an access token', async () => {
     const { server } = await setup(backend);
     for (const path of ['/keys/upload', '/keys/query', '/keys/claim', '/keys/device_signing/upload', '/keys/signatures/upload']) {
-      expectError(await http(server.url, 'POST', `${C}${path}`, { body: {} }), 401, 'M_MISSING_TOKEN');
+      expectMatrixError(await http(server.url, 'POST', `${C}${path}`, { body: {} }), 401, 'M_MISSING_TOKEN');
     }
   });
 });

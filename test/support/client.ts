@@ -43,3 +43,12 @@ export function passwordAuth(session: Session, uiaSession?: string): Record<stri
     ...(uiaSession ? { session: uiaSession } : {}),
   };
 }
+
+/** Asserts a Matrix error response: the status, the errcode, a human message (matching `message` if given). */
+export function expectMatrixError(r: { status: number; body: Record<string, unknown>; text?: string }, status: number, errcode: string, message?: RegExp): void {
+  const shown = r.text ?? JSON.stringify(r.body);
+  assert.equal(r.status, status, shown);
+  assert.equal(r.body['errcode'], errcode, shown);
+  assert.equal(typeof r.body['error'], 'string', shown);
+  if (message) assert.match(String(r.body['error']), message);
+}
