@@ -174,7 +174,14 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       closed = true;
       metricsServer?.close();
       metrics?.stop();
-      await app.close();
+      // Connections that go idle while in-flight requests finish are closed as they do, so
+      // keep-alive clients cannot hold the shutdown open.
+      const closer = setInterval(() => app.server.closeIdleConnections(), 25);
+      try {
+        await app.close();
+      } finally {
+        clearInterval(closer);
+      }
       await store.close();
     },
   };

@@ -52,8 +52,8 @@ export function toMatrixError(error: unknown, requestId: string): { matrix: Matr
 
 export function sendMatrixError(error: unknown, request: FastifyRequest, reply: FastifyReply): FastifyReply {
   const { matrix, unexpected } = toMatrixError(error, request.id);
-  if (unexpected) request.log.error({ err: error, method: request.method, url: request.url }, 'unexpected error while handling a request');
-  else if (matrix.status >= 500) request.log.warn({ errcode: matrix.errcode }, matrix.message);
+  if (unexpected) request.log.error({ err: error, reqId: request.id, method: request.method, url: request.url }, 'unexpected error while handling a request');
+  else if (matrix.status >= 500) request.log.warn({ reqId: request.id, errcode: matrix.errcode }, matrix.message);
   if (matrix.status === 429 && typeof matrix.extra?.['retry_after_ms'] === 'number') {
     reply.header('retry-after', Math.ceil(matrix.extra['retry_after_ms'] / 1000));
   }

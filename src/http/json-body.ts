@@ -36,7 +36,8 @@ export function parseJsonBody(raw: Buffer): unknown {
   } catch {
     throw new MatrixError('M_NOT_JSON', 'The request body is not valid UTF-8');
   }
-  if (jsonDepthExceeds(text, MAX_JSON_DEPTH)) {
+  // A body shorter than the limit cannot nest deeper than it.
+  if (text.length > MAX_JSON_DEPTH && jsonDepthExceeds(text, MAX_JSON_DEPTH)) {
     throw new MatrixError('M_BAD_JSON', `The request body is nested more than ${MAX_JSON_DEPTH} levels deep`);
   }
   try {

@@ -254,9 +254,7 @@ export class Keys {
       ? this.partition(Object.keys(wanted), 'device_keys')
       : { local: this.requireLocalUsers(Object.keys(wanted), 'device_keys'), remoteServers: new Set<string>() };
 
-    const [devices, crossSigning, signatures] = local.length
-      ? await Promise.all([this.store.getDeviceKeys(local), this.store.getCrossSigningKeys(local), this.store.getSignaturesOn(local)])
-      : [[], [], []];
+    const { devices, crossSigning, signatures } = local.length ? await this.store.getKeysOf(local) : { devices: [], crossSigning: [], signatures: [] };
     if (viewer) await this.store.trackUsers(viewer.userId, Object.keys(wanted));
 
     const signed = withVisibleSignatures(signatures, viewer);
@@ -286,10 +284,8 @@ export class Keys {
    */
   async userDevices(userId: string, displayNames: boolean): Promise<string> {
     this.requireLocalUsers([userId], 'userId');
-    const [devices, crossSigning, signatures, streamId] = await Promise.all([
-      this.store.getDeviceKeys([userId]),
-      this.store.getCrossSigningKeys([userId]),
-      this.store.getSignaturesOn([userId]),
+    const [{ devices, crossSigning, signatures }, streamId] = await Promise.all([
+      this.store.getKeysOf([userId]),
       this.options.deviceLists.latestStreamIdForUser(userId),
     ]);
     const signed = withVisibleSignatures(signatures, null);

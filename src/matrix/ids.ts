@@ -70,7 +70,18 @@ export interface UserIdParts {
  * Accepts historical localparts (any code points but `:` and NUL) because the spec says servers
  * MUST accept them; use isCompliantLocalpart / isValidNewLocalpart to be stricter.
  */
+const parsedUserIds = new Map<string, UserIdParts | undefined>();
+
 export function parseUserId(userId: string): UserIdParts | undefined {
+  // The same few user IDs are parsed over and over on hot paths; the answer never changes.
+  if (parsedUserIds.has(userId)) return parsedUserIds.get(userId);
+  const parts = parseUserIdUncached(userId);
+  if (parsedUserIds.size >= 10_000) parsedUserIds.clear();
+  parsedUserIds.set(userId, parts);
+  return parts;
+}
+
+function parseUserIdUncached(userId: string): UserIdParts | undefined {
   if (!userId.startsWith('@')) return undefined;
   if (Buffer.byteLength(userId, 'utf8') > MAX_USER_ID_BYTES) return undefined;
   const colon = userId.indexOf(':');
@@ -79,7 +90,7 @@ export function parseUserId(userId: string): UserIdParts | undefined {
   const serverName = userId.slice(colon + 1);
   if (localpart.includes('\0') || !localpart.isWellFormed()) return undefined;
   if (!isValidServerName(serverName)) return undefined;
-  return { localpart, serverName };
+  return Object.freeze({ localpart, serverName });
 }
 
 /** The current grammar for localparts, which is what we allocate for new users. */

@@ -14,7 +14,7 @@ import type {
   KeysStore,
   KeysTransaction,
   StoredCrossSigningKey,
-  StoredDeviceKeys,
+  KeysOfUsers,
   StoredFallbackKey,
   StoredOneTimeKey,
   StoredSignature,
@@ -37,14 +37,6 @@ interface CrossSigningRow {
   key_json: string;
 }
 
-interface SignatureRow {
-  target_user_id: string;
-  target_key_id: string;
-  signer_user_id: string;
-  signer_key_id: string;
-  signature: string;
-}
-
 interface ClaimRow {
   user_id: string;
   device_id: string;
@@ -54,13 +46,6 @@ interface ClaimRow {
 }
 
 const toCrossSigning = (r: CrossSigningRow): StoredCrossSigningKey => ({ userId: r.user_id, keyType: r.key_type, publicKey: r.public_key, json: r.key_json });
-const toSignature = (r: SignatureRow): StoredSignature => ({
-  targetUserId: r.target_user_id,
-  targetKeyId: r.target_key_id,
-  signerUserId: r.signer_user_id,
-  signerKeyId: r.signer_key_id,
-  signature: r.signature,
-});
 
 async function oneTimeKeyCounts(q: Queryable, userId: string, deviceId: string): Promise<Record<string, number>> {
   const rows = await q.all<{ algorithm: string; n: number }>(
@@ -183,6 +168,8 @@ class SqlKeysTransaction implements KeysTransaction {
 export class SqlKeysStore implements KeysStore {
   /** Pairs (viewer, tracked) known to be stored, so repeated queries do not write again. */
   private readonly trackedCache = new Set<string>();
+  /** SQLite claims waiting for the next group commit. */
+  private readonly claimQueue: { requests: readonly ClaimRequest[]; resolve: (keys: ClaimedKey[]) => void; reject: (e: unknown) => void }[] = [];
 
   constructor(private readonly db: SqlDatabase) {}
 
@@ -197,14 +184,29 @@ export class SqlKeysStore implements KeysStore {
     return out;
   }
 
-  async getDeviceKeys(userIds: readonly string[]): Promise<StoredDeviceKeys[]> {
-    const rows = await this.forUsers<{ user_id: string; device_id: string; display_name: string | null; key_json: string }>(
-      userIds,
-      (inList) => `SELECT k.user_id, k.device_id, d.display_name, k.key_json
-         FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
-         WHERE k.user_id IN (${inList})`,
-    );
-    return rows.map((r) => ({ userId: r.user_id, deviceId: r.device_id, displayName: r.display_name, json: r.key_json }));
+  async getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
+    const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
+    for (const part of chunks(userIds, Math.floor(CHUNK / 3))) {
+      const inList = placeholders(part.length);
+      // One round trip for the three kinds of rows; `kind` tells them apart, a–d carry the columns.
+      const rows = await this.db.all<{ kind: number; user_id: string; a: string; b: string | null; c: string; d: string | null }>(
+        `SELECT 0 AS kind, k.user_id, k.device_id AS a, d.display_name AS b, k.key_json AS c, NULL AS d
+           FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
+          WHERE k.user_id IN (${inList})
+         UNION ALL
+         SELECT 1, user_id, key_type, public_key, key_json, NULL FROM e2e_cross_signing_keys WHERE user_id IN (${inList})
+         UNION ALL
+         SELECT 2, target_user_id, target_key_id, signer_user_id, signature, signer_key_id
+           FROM e2e_cross_signing_signatures WHERE target_user_id IN (${inList})`,
+        [...part, ...part, ...part],
+      );
+      for (const r of rows) {
+        if (r.kind === 0) out.devices.push({ userId: r.user_id, deviceId: r.a, displayName: r.b, json: r.c });
+        else if (r.kind === 1) out.crossSigning.push({ userId: r.user_id, keyType: r.a as CrossSigningKeyType, publicKey: r.b!, json: r.c });
+        else out.signatures.push({ targetUserId: r.user_id, targetKeyId: r.a, signerUserId: r.b!, signerKeyId: r.d!, signature: r.c });
+      }
+    }
+    return out;
   }
 
   async getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]> {
@@ -212,22 +214,43 @@ export class SqlKeysStore implements KeysStore {
     return rows.map(toCrossSigning);
   }
 
-  async getSignaturesOn(userIds: readonly string[]): Promise<StoredSignature[]> {
-    const rows = await this.forUsers<SignatureRow>(
-      userIds,
-      (inList) => `SELECT target_user_id, target_key_id, signer_user_id, signer_key_id, signature
-         FROM e2e_cross_signing_signatures WHERE target_user_id IN (${inList})`,
-    );
-    return rows.map(toSignature);
+  claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
+    if (this.db.dialect !== 'sqlite') return this.claimOn(this.db, requests);
+    // SQLite commits (and fsyncs) one transaction at a time, so claims that arrive together are
+    // committed together: queued until the event loop has taken in what it has read, then run in
+    // one transaction with one fsync. Each still deletes its own row; nobody learns a key before
+    // the commit that removed it succeeded.
+    return new Promise((resolve, reject) => {
+      this.claimQueue.push({ requests, resolve, reject });
+      if (this.claimQueue.length === 1) setImmediate(() => void this.flushClaims());
+    });
   }
 
-  async claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
+  private async flushClaims(): Promise<void> {
+    const batch = this.claimQueue.splice(0);
+    try {
+      const results =
+        batch.length === 1
+          ? [await this.claimOn(this.db, batch[0]!.requests)]
+          : await this.db.transaction(async (tx) => {
+              const out: ClaimedKey[][] = [];
+              for (const b of batch) out.push(await this.claimOn(tx, b.requests));
+              return out;
+            });
+      batch.forEach((b, i) => b.resolve(results[i]!));
+    } catch (e) {
+      for (const b of batch) b.reject(e);
+    }
+  }
+
+  /** The claim itself on `q` (the database, or a transaction): one statement, plus one for fallbacks. */
+  private async claimOn(q: Queryable, requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
     const claimed: ClaimedKey[] = [];
     for (const part of chunks(requests)) {
       const params = part.flatMap((r) => [r.userId, r.deviceId, r.algorithm]);
       const rows =
-        this.db.dialect === 'sqlite'
-          ? await this.db.all<ClaimRow>(
+        q.dialect === 'sqlite'
+          ? await q.all<ClaimRow>(
               `DELETE FROM e2e_one_time_keys WHERE id IN (
                  SELECT (SELECT o.id FROM e2e_one_time_keys o
                          WHERE o.user_id = r.column1 AND o.device_id = r.column2 AND o.algorithm = r.column3
@@ -236,7 +259,7 @@ export class SqlKeysStore implements KeysStore {
                RETURNING user_id, device_id, algorithm, key_id, key_json`,
               params,
             )
-          : await this.db.all<ClaimRow>(
+          : await q.all<ClaimRow>(
               `WITH req (user_id, device_id, algorithm) AS (VALUES ${valuesList(part.length, 3).replace('(?, ?, ?)', '(?::text, ?::text, ?::text)')}),
                picked AS (
                  SELECT k.id FROM req CROSS JOIN LATERAL (
@@ -254,7 +277,7 @@ export class SqlKeysStore implements KeysStore {
       }
       const missing = part.filter((r) => !got.has(`${r.userId}\0${r.deviceId}\0${r.algorithm}`));
       if (missing.length === 0) continue;
-      const fallbacks = await this.db.all<ClaimRow>(
+      const fallbacks = await q.all<ClaimRow>(
         `UPDATE e2e_fallback_keys SET used = ?
          WHERE (user_id, device_id, algorithm) IN (VALUES ${valuesList(missing.length, 3)})
          RETURNING user_id, device_id, algorithm, key_id, key_json`,

@@ -178,6 +178,12 @@ export interface StoredDeviceKeys {
   readonly json: string;
 }
 
+export interface KeysOfUsers {
+  readonly devices: StoredDeviceKeys[];
+  readonly crossSigning: StoredCrossSigningKey[];
+  readonly signatures: StoredSignature[];
+}
+
 export interface ClaimRequest {
   readonly userId: string;
   readonly deviceId: string;
@@ -224,11 +230,13 @@ export interface KeysTransaction {
 /** End-to-end keys: the `e2e_*` tables. */
 export interface KeysStore {
   transaction<T>(fn: (tx: KeysTransaction) => Promise<T>): Promise<T>;
-  /** Device keys of the given users' devices that have uploaded keys. */
-  getDeviceKeys(userIds: readonly string[]): Promise<StoredDeviceKeys[]>;
+  /**
+   * Everything a key query returns for the given users, in one statement: the device keys of
+   * their devices that have uploaded keys, their cross-signing keys, and the uploaded signatures
+   * on either.
+   */
+  getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers>;
   getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]>;
-  /** Uploaded signatures on the given users' devices and keys. */
-  getSignaturesOn(userIds: readonly string[]): Promise<StoredSignature[]>;
   /**
    * Claims one key per request: the device's oldest one-time key of the algorithm, deleted in the
    * same statement so it is handed out at most once even across processes; for devices that have

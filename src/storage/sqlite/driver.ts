@@ -15,9 +15,10 @@ import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
 
 type Statement = Database.Statement<unknown[]>;
 
-function bind(params: readonly SqlValue[] | undefined): unknown[] {
+function bind(params: readonly SqlValue[] | undefined): readonly unknown[] {
   if (!params) return [];
-  return params.map((p) => (typeof p === 'boolean' ? (p ? 1 : 0) : p));
+  for (const p of params) if (typeof p === 'boolean') return params.map((v) => (typeof v === 'boolean' ? (v ? 1 : 0) : v));
+  return params;
 }
 
 export interface SqliteOptions {
@@ -80,7 +81,19 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   /** Runs `op` outside any open transaction of ours, retrying while another connection holds the lock. */
-  private async retrying<T>(op: () => T): Promise<T> {
+  private retrying<T>(op: () => T): Promise<T> {
+    // The common case, synchronously: no transaction of ours open, no lock held elsewhere.
+    if (!this.txOpen) {
+      try {
+        return Promise.resolve(op());
+      } catch (e) {
+        if (!isBusy(e)) return Promise.reject(e as Error);
+      }
+    }
+    return this.retryingSlowly(op);
+  }
+
+  private async retryingSlowly<T>(op: () => T): Promise<T> {
     if (this.txOpen) await this.outsideTransaction();
     try {
       return op();
