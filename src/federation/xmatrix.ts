@@ -20,7 +20,10 @@ export interface XMatrixAuth {
   readonly sig: string;
 }
 
-const TCHAR = /[!#$%&'*+\-.^_`|~0-9A-Za-z:]/;
+/** RFC 9110 token characters, plus ':' (allowed unquoted in values, per the spec), by char code. */
+const TCHAR = new Uint8Array(128);
+for (const c of "!#$%&'*+-.^_`|~:0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz") TCHAR[c.charCodeAt(0)] = 1;
+const isTchar = (code: number): boolean => code < 128 && TCHAR[code] === 1;
 
 /** Parses an Authorization header value; returns a reason string when it is not valid X-Matrix. */
 export function parseXMatrix(header: string): XMatrixAuth | string {
@@ -40,7 +43,7 @@ export function parseXMatrix(header: string): XMatrixAuth | string {
     }
     if (i >= n) break;
     const nameStart = i;
-    while (i < n && TCHAR.test(header[i]!) && header[i] !== ':') i++;
+    while (i < n && isTchar(header.charCodeAt(i)) && header[i] !== ':') i++;
     const name = header.slice(nameStart, i).toLowerCase();
     if (name === '') return `unexpected character ${JSON.stringify(header[i])} at position ${i} of the X-Matrix header`;
     skipOws();
@@ -51,25 +54,27 @@ export function parseXMatrix(header: string): XMatrixAuth | string {
     if (header[i] === '"') {
       i++;
       let closed = false;
+      let start = i;
       while (i < n) {
-        const c = header[i]!;
-        if (c === '\\') {
+        const c = header.charCodeAt(i);
+        if (c === 0x5c /* \\ */) {
           if (i + 1 >= n) break;
-          value += header[i + 1];
+          value += header.slice(start, i) + header[i + 1];
           i += 2;
-        } else if (c === '"') {
+          start = i;
+        } else if (c === 0x22 /* " */) {
+          value += header.slice(start, i);
           i++;
           closed = true;
           break;
         } else {
-          value += c;
           i++;
         }
       }
       if (!closed) return `the value of "${name}" in the X-Matrix header has no closing quote`;
     } else {
       const start = i;
-      while (i < n && TCHAR.test(header[i]!)) i++;
+      while (i < n && isTchar(header.charCodeAt(i))) i++;
       value = header.slice(start, i);
       if (value === '') return `parameter "${name}" of the X-Matrix header has an empty value`;
     }
