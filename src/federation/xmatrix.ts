@@ -57,7 +57,7 @@ export function parseXMatrix(header: string): XMatrixAuth | string {
       let start = i;
       while (i < n) {
         const c = header.charCodeAt(i);
-        if (c === 0x5c /* \\ */) {
+        if (c === 0x5c /* backslash */) {
           if (i + 1 >= n) break;
           value += header.slice(start, i) + header[i + 1];
           i += 2;
