@@ -13,9 +13,26 @@ export function withUnsigned(json: string, unsigned: string): string {
   return json.length <= 2 ? `{"unsigned":${unsigned}}` : `${json.slice(0, -1)},"unsigned":${unsigned}}`;
 }
 
+/**
+ * The same key is served with the same extra signatures again and again; merging costs a parse
+ * and a stringify, so the last result per key text and signature set is remembered.
+ */
+const merged = new Map<string, { readonly json: string; readonly out: string }>();
+
 /** Adds separately stored signatures to a key object's `signatures`; untouched when there are none. */
 export function withSignatures(json: string, signatures: readonly StoredSignature[]): string {
   if (signatures.length === 0) return json;
+  let memoKey = '';
+  for (const s of signatures) memoKey += `${s.signerUserId}\0${s.signerKeyId}\0${s.signature}\0`;
+  const hit = merged.get(memoKey);
+  if (hit !== undefined && hit.json === json) return hit.out;
+  const out = mergeSignatures(json, signatures);
+  if (merged.size >= 20_000) merged.clear();
+  merged.set(memoKey, { json, out });
+  return out;
+}
+
+function mergeSignatures(json: string, signatures: readonly StoredSignature[]): string {
   const obj = JSON.parse(json) as JsonObject;
   const sigs = (typeof obj['signatures'] === 'object' && obj['signatures'] !== null ? { ...(obj['signatures'] as JsonObject) } : {}) as Record<string, JsonObject>;
   for (const s of signatures) sigs[s.signerUserId] = { ...sigs[s.signerUserId], [s.signerKeyId]: s.signature };
