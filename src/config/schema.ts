@@ -28,7 +28,8 @@ export const ConfigSchema = Type.Object(
       {
         sqlite: Type.Optional(Type.String({ description: 'path of the SQLite database file' })),
         postgres: Type.Optional(Type.String({ description: 'a postgres:// connection URL' })),
-        pool_size: Type.Integer({ minimum: 1, maximum: 1000, default: 10, description: 'PostgreSQL connections per process' }),
+        // At least 2: migrations hold one connection for their lock while working on another.
+        pool_size: Type.Integer({ minimum: 2, maximum: 1000, default: 10, description: 'PostgreSQL connections per process, at least 2' }),
       },
       { ...strict, default: {} },
     ),

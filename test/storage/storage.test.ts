@@ -110,6 +110,34 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
+  test('a write issued at any moment around the start of a failing transaction is never rolled back with it', async () => {
+    const config = await backend.freshDatabase();
+    await migrateDatabase(config);
+    const db = rawDatabase(config);
+    try {
+      // The outside write is issued after 0, 1, 2, … microtask turns, so it lands at every point
+      // of the transaction's start-up in one of the trials.
+      for (let depth = 0; depth < 12; depth++) {
+        const tx = db.transaction(async (t) => {
+          await t.run(insertJson, [`tx${depth}.example`, 'x', 1, 1, '{}']);
+          throw new Error('rolled back');
+        });
+        let turn: Promise<unknown> = Promise.resolve();
+        for (let i = 0; i < depth; i++) turn = turn.then(() => undefined);
+        const outside = turn.then(() => db.run(insertJson, [`out${depth}.example`, 'x', 1, 1, '{}']));
+        await assert.rejects(tx, /rolled back/);
+        assert.equal(await outside, 1);
+      }
+      const names = new Set((await db.all<{ server_name: string }>('SELECT server_name FROM server_keys_json')).map((r) => r.server_name));
+      for (let depth = 0; depth < 12; depth++) {
+        assert.ok(names.has(`out${depth}.example`), `the write issued after ${depth} microtask turns was lost`);
+        assert.ok(!names.has(`tx${depth}.example`));
+      }
+    } finally {
+      await db.close();
+    }
+  });
+
   test('server keys round-trip, and later responses update keys without dropping old ones', async () => {
     const store = await openStore(await backend.freshDatabase());
     try {

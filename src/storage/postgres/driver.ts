@@ -68,7 +68,8 @@ export class PostgresDatabase implements SqlDatabase {
   statementCount = 0;
 
   constructor(options: PostgresOptions) {
-    this.pool = new pg.Pool({ connectionString: options.connectionString, max: options.poolSize ?? 10, types });
+    // A wait for a free connection that never ends would hang requests silently; fail after 30 s.
+    this.pool = new pg.Pool({ connectionString: options.connectionString, max: Math.max(2, options.poolSize ?? 10), types, connectionTimeoutMillis: 30_000 });
     // An idle connection that dies (server restart) must not take the process down.
     this.pool.on('error', () => undefined);
     this.direct = queryable(this.pool, this);

@@ -130,8 +130,12 @@ export class SqliteDatabase implements SqlDatabase {
     this.txTail = new Promise<void>((resolve) => (release = resolve));
     await previous;
     try {
-      await this.retrying(() => this.db.exec('BEGIN IMMEDIATE'));
-      this.txOpen = true;
+      // txOpen must be set in the same synchronous step as BEGIN: any gap would let another
+      // request's statement run inside this transaction (and be rolled back with it).
+      await this.retrying(() => {
+        this.db.exec('BEGIN IMMEDIATE');
+        this.txOpen = true;
+      });
       try {
         const result = await fn(this.direct);
         this.db.exec('COMMIT');
