@@ -113,6 +113,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     resolve: config.federation.resolve,
     extraCa: readCaFile(config.federation.tls_ca_file),
     timeoutMs: durationMs(config.federation.request_timeout),
+    ...(config.federation.ip_range_blacklist ? { ipRangeBlacklist: config.federation.ip_range_blacklist } : {}),
+    ipRangeWhitelist: config.federation.ip_range_whitelist,
   });
   const keyRing = new KeyRing({
     serverName: config.server_name,

@@ -4,6 +4,7 @@
  * what was found and what was expected.
  */
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import { Kind, type TObject, type TSchema } from '@sinclair/typebox';
 import { Value, type ValueError } from '@sinclair/typebox/value';
 import { parse as parseYaml, YAMLParseError } from 'yaml';
@@ -128,6 +129,16 @@ function semanticChecks(c: Config): void {
       ok = false;
     }
     if (!ok) throw new ConfigError(`config key "federation.resolve.${name}": expected a base URL like "https://host:8448" or "http://127.0.0.1:8009", found ${JSON.stringify(url)}`);
+  }
+  for (const key of ['ip_range_blacklist', 'ip_range_whitelist'] as const) {
+    (c.federation[key] ?? []).forEach((cidr, i) => {
+      const [address, bits, extra] = cidr.split('/');
+      const family = isIP(address ?? '');
+      const max = family === 6 ? 128 : 32;
+      if (family === 0 || extra !== undefined || (bits !== undefined && !(/^\d{1,3}$/.test(bits) && Number(bits) <= max))) {
+        throw new ConfigError(`config key "federation.${key}[${i}]": "${cidr}" is not an IP address or CIDR range like "10.0.0.0/8" or "fc00::/7"`);
+      }
+    });
   }
   c.federation.trusted_key_servers.forEach((s, i) => {
     if (!isValidServerName(s.server_name)) {

@@ -79,6 +79,8 @@ export const ConfigSchema = Type.Object(
           { ...strict, default: {} },
         ),
         request_timeout: Type.Union([Duration], { default: '10s' }),
+        ip_range_blacklist: Type.Optional(Type.Array(Type.String(), { description: 'CIDR ranges discovered servers may not be reached at' })),
+        ip_range_whitelist: Type.Array(Type.String(), { default: [] }),
       },
       { ...strict, default: {} },
     ),

@@ -6,7 +6,8 @@
 import { request as httpsRequest } from 'node:https';
 import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { checkServerIdentity, rootCertificates, type PeerCertificate } from 'node:tls';
-import { isIP } from 'node:net';
+import { BlockList, isIP, type LookupFunction } from 'node:net';
+import { lookup as dnsLookup } from 'node:dns';
 import { resolveSrv } from 'node:dns/promises';
 import { VERSION } from '../version.js';
 import { parseWellKnownServer, ServerDiscovery, wellKnownCacheMs, WELL_KNOWN_ERROR_CACHE_MS, type DiscoveryNetwork, type WellKnownResult } from './discovery.js';
@@ -24,6 +25,52 @@ export class FederationRequestError extends Error {
   }
 }
 
+/**
+ * Which addresses outbound requests may connect to. Other servers name themselves (server names,
+ * .well-known, SRV records), so without a filter anyone could make us connect to our own
+ * network: loopback, private ranges, cloud metadata services. As in Synapse's
+ * `ip_range_blacklist` / `ip_range_whitelist`; the whitelist wins.
+ */
+export class AddressPolicy {
+  private readonly blocked = new BlockList();
+  private readonly allowed = new BlockList();
+
+  constructor(blacklist: readonly string[], whitelist: readonly string[] = []) {
+    const add = (list: BlockList, cidr: string) => {
+      const [address, bits] = cidr.split('/');
+      const family = isIP(address ?? '') === 6 ? 'ipv6' : 'ipv4';
+      list.addSubnet(address!, bits === undefined ? (family === 'ipv6' ? 128 : 32) : Number(bits), family);
+    };
+    for (const c of blacklist) add(this.blocked, c);
+    for (const c of whitelist) add(this.allowed, c);
+  }
+
+  permits(address: string): boolean {
+    const family = isIP(address) === 6 ? 'ipv6' : 'ipv4';
+    return this.allowed.check(address, family) || !this.blocked.check(address, family);
+  }
+
+  /** A DNS lookup for http(s).request that refuses to hand out forbidden addresses. */
+  lookup(): LookupFunction {
+    return (hostname, options, callback) => {
+      dnsLookup(hostname, { ...options, all: true }, (err, addresses) => {
+        if (err) return callback(err, '', 0);
+        const ok = addresses.filter((a) => this.permits(a.address));
+        if (ok.length === 0) return callback(new FederationRequestError(`${hostname} resolves only to addresses outbound requests may not reach (federation.ip_range_blacklist)`), '', 0);
+        if (options.all) return (callback as unknown as (e: null, a: typeof ok) => void)(null, ok);
+        callback(null, ok[0]!.address, ok[0]!.family);
+      });
+    };
+  }
+}
+
+/** Synapse's default blacklist: loopback, private, link-local, shared, documentation and multicast ranges. */
+export const DEFAULT_IP_RANGE_BLACKLIST: readonly string[] = [
+  '127.0.0.0/8', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '100.64.0.0/10', '192.0.0.0/24', '169.254.0.0/16',
+  '192.88.99.0/24', '198.18.0.0/15', '192.0.2.0/24', '198.51.100.0/24', '203.0.113.0/24', '224.0.0.0/4', '0.0.0.0/8',
+  '::1/128', 'fe80::/10', 'fc00::/7', '2001:db8::/32', 'ff00::/8', 'fec0::/10', '::/128',
+];
+
 export interface HttpGetOptions {
   readonly method?: 'GET' | 'POST';
   readonly body?: unknown;
@@ -31,9 +78,12 @@ export interface HttpGetOptions {
   readonly host?: string;
   /** Name the server certificate must be valid for; defaults to the URL's hostname. */
   readonly tlsName?: string;
+  /** The whole request, connection to last byte, must finish within this. */
   readonly timeoutMs: number;
   readonly maxBytes: number;
   readonly ca: readonly string[] | undefined;
+  /** Where the request may connect; without one, anywhere (operator-configured URLs). */
+  readonly addresses?: AddressPolicy | undefined;
 }
 
 /** One JSON request over HTTP(S), no redirects. Rejects on network errors, timeouts and non-JSON. */
@@ -48,9 +98,16 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
     accept: 'application/json',
     ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}),
   };
+  const policy = options.addresses;
+  const literal = u.hostname.replace(/^\[|\]$/g, '');
+  if (policy && isIP(literal) && !policy.permits(literal)) {
+    return Promise.reject(new FederationRequestError(`${u.host} is an address outbound requests may not reach (federation.ip_range_blacklist)`));
+  }
   return new Promise((resolve, reject) => {
     const req = (secure ? httpsRequest : httpRequest)(
       {
+        ...(policy ? { lookup: policy.lookup() } : {}),
+        signal: AbortSignal.timeout(options.timeoutMs),
         protocol: u.protocol,
         hostname: u.hostname.replace(/^\[|\]$/g, ''),
         port: u.port || (secure ? 443 : 80),
@@ -92,14 +149,21 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
       },
     );
     req.on('timeout', () => req.destroy(new FederationRequestError(`no answer from ${u.host} within ${options.timeoutMs} ms`)));
-    req.on('error', (e) => reject(e instanceof FederationRequestError ? e : new FederationRequestError(`cannot reach ${u.host}: ${(e as Error).message}`)));
+    req.on('error', (e) => {
+      if (e instanceof FederationRequestError) reject(e);
+      else if ((e as Error).name === 'AbortError') reject(new FederationRequestError(`${u.host} did not answer completely within ${options.timeoutMs} ms`));
+      else reject(new FederationRequestError(`cannot reach ${u.host}: ${(e as Error).message}`));
+    });
     req.end(payload);
   });
 }
 
 export interface FederationClientOptions {
-  /** Static base URLs per server name (`federation.resolve`). */
+  /** Static base URLs per server name (`federation.resolve`); not subject to the address policy. */
   readonly resolve: Readonly<Record<string, string>>;
+  /** Addresses that discovered servers may not be reached at (default: Synapse's list). */
+  readonly ipRangeBlacklist?: readonly string[];
+  readonly ipRangeWhitelist?: readonly string[];
   /** Extra CA certificates (PEM) trusted besides the system ones. */
   readonly extraCa?: string | undefined;
   readonly timeoutMs?: number;
@@ -113,10 +177,14 @@ export class FederationClient {
   readonly discovery: ServerDiscovery;
   private readonly ca: readonly string[] | undefined;
   private readonly timeoutMs: number;
+  private readonly addresses: AddressPolicy;
+  private readonly overrides: Readonly<Record<string, string>>;
 
   constructor(options: FederationClientOptions) {
     this.ca = options.extraCa ? [...rootCertificates, options.extraCa] : undefined;
     this.timeoutMs = options.timeoutMs ?? 10_000;
+    this.addresses = new AddressPolicy(options.ipRangeBlacklist ?? DEFAULT_IP_RANGE_BLACKLIST, options.ipRangeWhitelist ?? []);
+    this.overrides = options.resolve;
     this.discovery = new ServerDiscovery(options.network ?? this.realNetwork(), options.resolve);
   }
 
@@ -127,15 +195,17 @@ export class FederationClient {
     };
   }
 
-  /** GET https://<hostname>/.well-known/matrix/server, following up to 5 redirects. */
+  /** GET https://<hostname>/.well-known/matrix/server, following up to 5 redirects (HTTPS only). */
   private async fetchWellKnown(hostname: string): Promise<WellKnownResult> {
     let url = `https://${hostname}/.well-known/matrix/server`;
     for (let hop = 0; hop < 5; hop++) {
-      const r = await requestJson(url, { timeoutMs: this.timeoutMs, maxBytes: 64 * 1024, ca: this.ca }).catch(() => undefined);
+      const r = await requestJson(url, { timeoutMs: this.timeoutMs, maxBytes: 64 * 1024, ca: this.ca, addresses: this.addresses }).catch(() => undefined);
       if (!r) return { server: undefined, cacheMs: WELL_KNOWN_ERROR_CACHE_MS };
       const location = r.headers.location;
       if (r.status >= 300 && r.status < 400 && typeof location === 'string') {
-        url = new URL(location, url).toString();
+        const next = new URL(location, url);
+        if (next.protocol !== 'https:') return { server: undefined, cacheMs: WELL_KNOWN_ERROR_CACHE_MS };
+        url = next.toString();
         continue;
       }
       if (r.status !== 200) return { server: undefined, cacheMs: WELL_KNOWN_ERROR_CACHE_MS };
@@ -155,6 +225,8 @@ export class FederationClient {
       timeoutMs: this.timeoutMs,
       maxBytes: MAX_RESPONSE_BYTES,
       ca: this.ca,
+      // Operator-configured URLs may point anywhere; discovered addresses may not.
+      addresses: this.overrides[serverName] === undefined ? this.addresses : undefined,
     });
   }
 }

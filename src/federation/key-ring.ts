@@ -15,6 +15,10 @@ import type { ServerKeysResponse, ServerKeysStore, StoredServerKey } from '../st
 
 export const MAX_KEY_VALIDITY_MS = 7 * 24 * 3_600_000;
 export const REFETCH_INTERVAL_MS = 30_000;
+/** Key fetches in flight at once: anyone can make us fetch (an unknown origin's key comes first), so it is bounded. */
+export const MAX_CONCURRENT_FETCHES = 32;
+/** Servers whose keys we keep in memory (the database holds the rest). */
+const MEMORY_SERVERS = 10_000;
 
 type JsonObject = Record<string, unknown>;
 
@@ -116,7 +120,11 @@ export class KeyRing {
   private remember(serverName: string, keys: readonly Omit<StoredServerKey, 'serverName'>[]): void {
     let m = this.memory.get(serverName);
     if (!m) {
-      if (this.memory.size > 10_000) this.memory.clear();
+      if (this.memory.size >= MEMORY_SERVERS) {
+        // Forget together: a server not in memory must be looked up in the database again.
+        this.memory.clear();
+        this.loadedFromDb.clear();
+      }
       this.memory.set(serverName, (m = new Map()));
     }
     for (const k of keys) m.set(k.keyId, { verifyKey: k.verifyKey, validUntilTs: k.validUntilTs, expiredTs: k.expiredTs });
@@ -155,9 +163,17 @@ export class KeyRing {
   async refresh(serverName: string, keyId?: string): Promise<void> {
     const running = this.inflight.get(serverName);
     if (running) return running;
+    const now = this.now();
     const last = this.lastFetch.get(serverName);
-    if (last !== undefined && this.now() - last < REFETCH_INTERVAL_MS) return;
-    this.lastFetch.set(serverName, this.now());
+    if (last !== undefined && now - last < REFETCH_INTERVAL_MS) return;
+    if (this.inflight.size >= MAX_CONCURRENT_FETCHES) {
+      this.log('too many key fetches in progress; not fetching', { server: serverName });
+      return;
+    }
+    if (this.lastFetch.size >= MEMORY_SERVERS) {
+      for (const [name, at] of this.lastFetch) if (now - at >= REFETCH_INTERVAL_MS) this.lastFetch.delete(name);
+    }
+    this.lastFetch.set(serverName, now);
     const p = this.fetchAndStore(serverName, keyId).finally(() => this.inflight.delete(serverName));
     this.inflight.set(serverName, p);
     return p;
@@ -208,6 +224,11 @@ export class KeyRing {
       keys: checked.keys,
     };
     await this.options.store.storeServerKeys(response);
+    // Keys the server no longer lists stop authenticating requests now (the store retires them too).
+    const listed = new Set(checked.keys.map((k) => k.keyId));
+    for (const [keyId, k] of this.memory.get(serverName) ?? []) {
+      if (!listed.has(keyId) && k.expiredTs === null) this.memory.get(serverName)!.set(keyId, { ...k, expiredTs: response.fetchedTs });
+    }
     this.remember(serverName, checked.keys.map((k) => ({ ...k, validUntilTs: checked.validUntilTs })));
   }
 

@@ -24,6 +24,12 @@ export class SqlServerKeysStore implements ServerKeysStore {
 
   async storeServerKeys(r: ServerKeysResponse): Promise<void> {
     await this.db.transaction(async (tx) => {
+      // Keys the server no longer lists in a fresh response stop counting as current.
+      await tx.run(
+        `UPDATE server_signing_keys SET expired_ts = ? WHERE server_name = ? AND expired_ts IS NULL
+           AND key_id NOT IN (${placeholders(Math.max(1, r.keys.length))})`,
+        [r.fetchedTs, r.serverName, ...(r.keys.length ? r.keys.map((k) => k.keyId) : [''])],
+      );
       for (const k of r.keys) {
         await tx.run(
           `INSERT INTO server_signing_keys (server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts)

@@ -31,8 +31,8 @@ export interface ServerKeysResponse extends StoredKeysJson {
 /** Other servers' signing keys (`server_signing_keys`, `server_keys_json`). */
 export interface ServerKeysStore {
   /**
-   * Records a verified key response. Keys it lists are inserted or updated; keys seen in earlier
-   * responses but absent from this one are kept (they may still verify old requests until expiry).
+   * Records a verified key response. Keys it lists are inserted or updated; current keys seen in
+   * earlier responses but absent from this one are marked expired (kept, but no longer current).
    */
   storeServerKeys(response: ServerKeysResponse): Promise<void>;
   /** Every key we hold for `serverName`, current and old, in no particular order. */

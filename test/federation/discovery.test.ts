@@ -103,15 +103,24 @@ describe('HTTPS to other servers', () => {
     return { ca: join(dir, 'ca.pem'), key: read('local.key'), cert: read('local.pem'), otherKey: read('other.key'), otherCert: read('other.pem') };
   }
 
-  test('keys are fetched over HTTPS with the certificate checked against the server name, trusting federation.tls_ca_file', async () => {
+  test('keys are fetched over HTTPS with the certificate checked against the server name, trusting federation.tls_ca_file, and never from blacklisted addresses', async () => {
     const certs = certificates();
     const remote = await FakeHomeserver.start({ tls: { key: certs.key, cert: certs.cert } });
     const body = { device_keys: { '@alice:test.local': [] } };
-    const trusting = await startServer({ backend: backends[0]!, config: { federation: { tls_ca_file: certs.ca } } });
+    // 127.0.0.1 is blacklisted for discovered servers by default; this test server lives there.
+    const local = { ip_range_whitelist: ['127.0.0.1'] };
+    const trusting = await startServer({ backend: backends[0]!, config: { federation: { tls_ca_file: certs.ca, ...local } } });
     const ok = await remote.request(trusting.url, 'test.local', 'POST', '/_matrix/federation/v1/user/keys/query', { body });
     assert.equal(ok.status, 200, ok.text);
+    const fetchesSoFar = remote.requests.length;
 
-    const untrusting = await startServer({ backend: backends[0]!, config: {} });
+    // Without the whitelist, a server discovered on a loopback address is never contacted.
+    const guarded = await startServer({ backend: backends[0]!, config: { federation: { tls_ca_file: certs.ca } } });
+    const blocked = await remote.request(guarded.url, 'test.local', 'POST', '/_matrix/federation/v1/user/keys/query', { body });
+    assert.equal(blocked.status, 401, blocked.text);
+    assert.equal(remote.requests.length, fetchesSoFar, 'mxkeys did not connect to 127.0.0.1');
+
+    const untrusting = await startServer({ backend: backends[0]!, config: { federation: local } });
     const refused = await remote.request(untrusting.url, 'test.local', 'POST', '/_matrix/federation/v1/user/keys/query', { body });
     assert.equal(refused.status, 401, 'a certificate from an unknown CA is not trusted');
 
@@ -121,3 +130,4 @@ describe('HTTPS to other servers', () => {
     assert.equal(wrongName.requests.length, 0, 'the TLS handshake failed before any request');
   });
 });
+

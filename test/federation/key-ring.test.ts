@@ -62,4 +62,17 @@ describeEachBackend('the key ring of other servers\' keys', (backend) => {
     assert.deepEqual(await store.serverKeys.getServerKeys(remote.serverName), [], 'nothing unverified was stored');
     await store.close();
   });
+
+  test('a key the server stops listing no longer authenticates requests once a fresh response is in', async () => {
+    const remote = await FakeHomeserver.start();
+    const clock = { now: Date.now() };
+    const { keyRing, store } = await ring(remote, clock);
+    assert.ok('verifyKey' in (await keyRing.requestKey(remote.serverName, 'ed25519:fake1')));
+    remote.verifyKeys = [{ version: 'fake2', key: new TestSigningKey() }];
+    clock.now += REFETCH_INTERVAL_MS + 1;
+    assert.ok('verifyKey' in (await keyRing.requestKey(remote.serverName, 'ed25519:fake2')));
+    const old = await keyRing.requestKey(remote.serverName, 'ed25519:fake1');
+    assert.ok('error' in old, JSON.stringify(old));
+    await store.close();
+  });
 });

@@ -88,6 +88,7 @@ max_request_body_bytes: 2048
     assert.match(configError(() => loadConfig({ env: {}, file: configFile('server_name: a.b\nfederation: { resolve: { "x.y": "ftp://z" } }\n') })), /federation.resolve.x.y/);
     assert.match(configError(() => loadConfig({ env: {}, file: configFile('server_name: a.b\nkey_refresh_interval: soon\n') })), /key_refresh_interval/);
     assert.match(configError(() => loadConfig({ env: {}, file: configFile('server_name: a.b\nold_signing_keys: { "ed25519:x": { key: "short", expired_ts: 1 } }\n') })), /32-byte/);
+    assert.match(configError(() => loadConfig({ env: {}, file: configFile('server_name: a.b\nfederation: { ip_range_whitelist: ["10.0.0.0/99"] }\n') })), /ip_range_whitelist\[0\]/);
   });
 
   test('a file that is missing or not YAML is reported with its path', () => {
