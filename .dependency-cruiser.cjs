@@ -36,9 +36,9 @@ module.exports = {
     },
     {
       name: 'only-compose-wires',
-      comment: 'Only compose.ts (and the CLI that calls it) may import it.',
+      comment: 'Only the entry points (CLI, main.ts, the library index.ts) may import compose.ts.',
       severity: 'error',
-      from: { pathNot: '^src/(cli/|main\\.ts$)' },
+      from: { pathNot: '^src/(cli/|main\\.ts$|index\\.ts$)' },
       to: { path: '^src/compose\\.ts$' },
     },
     {

@@ -40,12 +40,17 @@ export interface AccountsOptions {
 
 /** Synapse's limit for device display names. */
 export const MAX_DEVICE_DISPLAY_NAME_LENGTH = 100;
+/** Most devices one /delete_devices request may name. */
+export const MAX_DEVICES_PER_DELETE = 1000;
 /** Shared-secret registration nonces are single-use and expire after a minute. */
 export const NONCE_LIFETIME_MS = 60_000;
 
 const PASSWORD_FLOWS = [['m.login.password']] as const;
 
 type Body = Readonly<Record<string, unknown>>;
+
+/** What our nonces and session IDs look like (base64url); anything else was never issued. */
+const OPAQUE = /^[A-Za-z0-9_-]{1,64}$/;
 
 function optionalString(body: Body, key: string): string | undefined {
   const v = body[key];
@@ -120,12 +125,10 @@ export class Accounts {
       user = id['user'];
     }
     if (typeof user !== 'string' || user === '') throw new MatrixError('M_MISSING_PARAM', 'Missing "identifier.user" (or the legacy "user")');
-    if (user.startsWith('@')) {
-      const parts = parseUserId(user);
-      if (!parts || parts.serverName !== this.options.serverName) return undefined;
-      return userIdFor(parts.localpart.toLowerCase(), parts.serverName);
-    }
-    return userIdFor(user.toLowerCase(), this.options.serverName);
+    // Anything that is not a well-formed user ID of ours names nobody (and is never looked up).
+    const parts = parseUserId(user.startsWith('@') ? user : userIdFor(user, this.options.serverName));
+    if (!parts || parts.serverName !== this.options.serverName) return undefined;
+    return userIdFor(parts.localpart.toLowerCase(), parts.serverName);
   }
 
   /**
@@ -136,9 +139,12 @@ export class Accounts {
     if (typeof password !== 'string') throw new MatrixError('M_MISSING_PARAM', 'Missing "password"');
     const keys = [userId && `user:${userId}`, ip && `ip:${ip}`].filter((k): k is string => Boolean(k));
     for (const key of keys) this.failedLogins.assertAllowed(key, 'failed login attempts');
+    // Counted as failed before the (slow) check and refunded on success, so parallel guesses
+    // cannot all slip past the limit while the first one is still being hashed.
+    for (const key of keys) this.failedLogins.record(key);
     const user = userId === undefined ? undefined : await this.store.getUser(userId);
     const ok = await verifyPassword(password, user?.passwordHash);
-    if (!ok) for (const key of keys) this.failedLogins.record(key);
+    if (ok) for (const key of keys) this.failedLogins.refund(key);
     return ok;
   }
 
@@ -235,7 +241,7 @@ export class Accounts {
     const displayName = optionalString(body, 'displayname');
     const admin = body['admin'] ?? false;
     if (typeof admin !== 'boolean') throw new MatrixError('M_BAD_JSON', '"admin" must be a boolean');
-    if (!(await this.store.consumeRegistrationNonce(nonce, this.now() - NONCE_LIFETIME_MS))) {
+    if (!OPAQUE.test(nonce) || !(await this.store.consumeRegistrationNonce(nonce, this.now() - NONCE_LIFETIME_MS))) {
       throw new MatrixError('M_UNKNOWN', 'Unrecognised or expired nonce; fetch a new one with GET /_synapse/admin/v1/register', 400);
     }
     const hmac = createHmac('sha1', secret);
@@ -272,8 +278,13 @@ export class Accounts {
     const { auth, ...rest } = body;
     await this.sweep();
     await this.uia.require({ userId: null, method: 'POST', path, body: rest, auth, flows: [['m.login.dummy']] });
-    const result = await this.createUserWithDevice(userId, password, false, { deviceId: optionalString(body, 'device_id'), displayName, ip });
-    return inhibitLogin ? { user_id: result.user_id } : result;
+    if (inhibitLogin) {
+      // No device and no access token that nobody would ever receive.
+      const created = await this.store.createUser({ userId, passwordHash: password === undefined ? null : await hashPassword(password), admin: false, createdTs: this.now() });
+      if (!created) throw new MatrixError('M_USER_IN_USE', `The user ID ${userId} is already taken`);
+      return { user_id: userId };
+    }
+    return this.createUserWithDevice(userId, password, false, { deviceId: optionalString(body, 'device_id'), displayName, ip });
   }
 
   async listDevices(requester: Requester): Promise<Record<string, unknown>[]> {
@@ -281,7 +292,7 @@ export class Accounts {
   }
 
   async getDevice(requester: Requester, deviceId: string): Promise<Record<string, unknown>> {
-    const device = await this.store.getDevice(requester.userId, deviceId);
+    const device = isValidDeviceId(deviceId) ? await this.store.getDevice(requester.userId, deviceId) : undefined;
     if (!device) throw new MatrixError('M_NOT_FOUND', `No device ${deviceId} for ${requester.userId}`);
     return deviceToJson(device);
   }
@@ -294,7 +305,7 @@ export class Accounts {
       await this.getDevice(requester, deviceId);
       return;
     }
-    if (!(await this.store.setDeviceDisplayName(requester.userId, deviceId, name))) {
+    if (!isValidDeviceId(deviceId) || !(await this.store.setDeviceDisplayName(requester.userId, deviceId, name))) {
       throw new MatrixError('M_NOT_FOUND', `No device ${deviceId} for ${requester.userId}`);
     }
   }
@@ -309,8 +320,10 @@ export class Accounts {
 
   /** DELETE /devices/{deviceId} and POST /delete_devices, after user-interactive auth. */
   async deleteDevices(requester: Requester, deviceIds: readonly string[], request: { method: string; path: string; body: Body }): Promise<void> {
+    if (deviceIds.length > MAX_DEVICES_PER_DELETE) throw new MatrixError('M_INVALID_PARAM', `At most ${MAX_DEVICES_PER_DELETE} devices can be deleted in one request`);
     await this.requirePassword(requester, request);
-    await this.store.deleteDevices(requester.userId, deviceIds);
+    // IDs that cannot be device IDs name no device: nothing to delete.
+    await this.store.deleteDevices(requester.userId, deviceIds.filter(isValidDeviceId));
   }
 
   /** POST /logout */

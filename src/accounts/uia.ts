@@ -112,7 +112,8 @@ export class UserInteractiveAuth {
       // Synapse starts a session when the client skips the empty first request.
       session = await this.newSession(r, operation);
     } else {
-      const found = await this.store.getUiaSession(auth['session'] as string);
+      const id = auth['session'] as string;
+      const found = /^[A-Za-z0-9_-]{1,64}$/.test(id) ? await this.store.getUiaSession(id) : undefined;
       if (!found || found.createdTs < this.now() - UIA_SESSION_LIFETIME_MS) {
         throw new MatrixError('M_UNKNOWN', 'Unknown or expired user-interactive auth session; start again without "auth.session"', 400);
       }

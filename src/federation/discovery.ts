@@ -126,9 +126,9 @@ export class ServerDiscovery {
 
 /** max-age from a Cache-Control header, clamped to the spec's recommended maximum. */
 export function wellKnownCacheMs(cacheControl: string | undefined): number {
+  if (cacheControl && /no-store|no-cache/i.test(cacheControl)) return 0;
   const m = cacheControl ? /max-age=(\d+)/i.exec(cacheControl) : null;
   if (!m) return WELL_KNOWN_DEFAULT_CACHE_MS;
-  if (/no-store|no-cache/i.test(cacheControl ?? '')) return 0;
   return Math.min(Number(m[1]) * 1000, WELL_KNOWN_MAX_CACHE_MS);
 }
 

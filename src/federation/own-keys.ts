@@ -35,11 +35,6 @@ export class OwnServerKeys {
     this.now = options.now ?? Date.now;
   }
 
-  /** Public keys that currently verify our signatures, by key ID. */
-  verifyKeys(): ReadonlyMap<string, string> {
-    return new Map(this.options.keys.map((k) => [k.keyId, k.publicKey]));
-  }
-
   /**
    * The signed key object. Rebuilt at most once a minute (or sooner for short validity), so
    * `valid_until_ts` always lies at least 90% of the validity period ahead.

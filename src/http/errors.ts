@@ -40,6 +40,13 @@ export function toMatrixError(error: unknown, requestId: string): { matrix: Matr
   if (fe.code === 'FST_ERR_CTP_BODY_TOO_LARGE' || fe.statusCode === 413) {
     return { matrix: new MatrixError('M_TOO_LARGE', 'The request body is larger than this server accepts (max_request_body_bytes)', 413), unexpected: false };
   }
+  // PostgreSQL "data exception" (SQLSTATE class 22, e.g. a NUL character in text): a value from
+  // the request the database cannot store. Inputs are checked before they get that far; this is
+  // the net under those checks, so a client's mistake never becomes a 500.
+  const sqlState = (error as { code?: unknown; severity?: unknown }).code;
+  if (typeof sqlState === 'string' && /^22[0-9A-Z]{3}$/.test(sqlState) && (error as { severity?: unknown }).severity !== undefined) {
+    return { matrix: new MatrixError('M_INVALID_PARAM', 'The request contains a value that cannot be stored (for example a NUL character)'), unexpected: false };
+  }
   if (typeof fe.statusCode === 'number' && fe.statusCode >= 400 && fe.statusCode < 500) {
     const errcode: Errcode = fe.statusCode === 400 ? 'M_BAD_JSON' : 'M_UNKNOWN';
     return { matrix: new MatrixError(errcode, fe.message ?? 'Bad request', fe.statusCode), unexpected: false };

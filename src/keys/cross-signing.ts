@@ -5,7 +5,7 @@
  */
 import { MatrixError, type Errcode } from '../matrix/errors.js';
 import { canonicalJson, CanonicalJsonError } from '../matrix/canonical-json.js';
-import { parseUserId } from '../matrix/ids.js';
+import { isValidKeyPart, parseUserId } from '../matrix/ids.js';
 import { getSignature, isObject, verifyJsonSignature } from '../matrix/signing.js';
 import type { CrossSigningKeyType, KeysStore, KeysTransaction, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
 import { signedContent } from './json-text.js';
@@ -39,13 +39,32 @@ function failure(errcode: Errcode, error: string): { errcode: Errcode; error: st
 export class CrossSigning {
   constructor(private readonly options: CrossSigningOptions) {}
 
+  /** Whether `key` is exactly what is stored for its type. */
+  private static same(stored: StoredCrossSigningKey | undefined, key: ValidCrossSigningKey): boolean {
+    if (stored === undefined) return false;
+    try {
+      return canonicalJson(JSON.parse(stored.json)) === canonicalJson(key.object);
+    } catch {
+      return false;
+    }
+  }
+
   /** Whether uploading `keys` replaces anything stored (MSC3967: only then is UIA needed). */
   private static needsAuth(stored: readonly StoredCrossSigningKey[], keys: readonly ValidCrossSigningKey[]): boolean {
     if (!stored.some((k) => k.keyType === 'master')) return false;
-    return keys.some((k) => {
-      const old = stored.find((s) => s.keyType === k.keyType);
-      return old === undefined || canonicalJson(JSON.parse(old.json)) !== canonicalJson(k.object);
-    });
+    return keys.some((k) => !CrossSigning.same(stored.find((s) => s.keyType === k.keyType), k));
+  }
+
+  /** The self-signing and user-signing keys among `keys` must be signed by the master key `master`. */
+  private static checkSignedByMaster(userId: string, keys: readonly ValidCrossSigningKey[], master: string | undefined): void {
+    for (const k of keys) {
+      if (k.keyType === 'master') continue;
+      const field = k.keyType === 'self_signing' ? 'self_signing_key' : 'user_signing_key';
+      if (master === undefined) throw new MatrixError('M_MISSING_PARAM', `${field} needs a master key to be signed by, and none is available: upload master_key too`);
+      if (!signedBy(k.object, userId, master, field)) {
+        throw new MatrixError('M_INVALID_SIGNATURE', `${field} must be signed by the master key ed25519:${master}`);
+      }
+    }
   }
 
   /** POST /keys/device_signing/upload */
@@ -56,15 +75,8 @@ export class CrossSigning {
     );
     if (keys.length === 0) return;
     const stored = await this.options.store.getCrossSigningKeys([userId]);
-    const master = keys.find((k) => k.keyType === 'master')?.publicKey ?? stored.find((k) => k.keyType === 'master')?.publicKey;
-    for (const k of keys) {
-      if (k.keyType === 'master') continue;
-      const field = k.keyType === 'self_signing' ? 'self_signing_key' : 'user_signing_key';
-      if (master === undefined) throw new MatrixError('M_MISSING_PARAM', `${field} needs a master key to be signed by, and none is available: upload master_key too`);
-      if (!signedBy(k.object, userId, master, field)) {
-        throw new MatrixError('M_INVALID_SIGNATURE', `${field} must be signed by the master key ed25519:${master}`);
-      }
-    }
+    const uploadedMaster = keys.find((k) => k.keyType === 'master')?.publicKey;
+    CrossSigning.checkSignedByMaster(userId, keys, uploadedMaster ?? stored.find((k) => k.keyType === 'master')?.publicKey);
 
     let authenticated = false;
     if (CrossSigning.needsAuth(stored, keys)) {
@@ -74,6 +86,8 @@ export class CrossSigning {
     const store = async (tx: KeysTransaction): Promise<void> => {
       const current = await tx.getCrossSigningKeys(userId);
       if (!authenticated && CrossSigning.needsAuth(current, keys)) throw new NeedsAuthNow();
+      // The stored master key may have changed since the check above.
+      if (uploadedMaster === undefined) CrossSigning.checkSignedByMaster(userId, keys, current.find((k) => k.keyType === 'master')?.publicKey);
       const devices = new Set(await tx.deviceIds(userId));
       for (const k of keys) {
         if (devices.has(k.publicKey)) throw new MatrixError('M_FORBIDDEN', `The public key of the ${k.keyType} key is the ID of one of your devices; generate a new key`);
@@ -81,7 +95,7 @@ export class CrossSigning {
       for (const k of keys) {
         const old = current.find((c) => c.keyType === k.keyType);
         const json = JSON.stringify(k.object);
-        if (old && canonicalJson(JSON.parse(old.json)) === canonicalJson(k.object)) continue;
+        if (CrossSigning.same(old, k)) continue;
         if (old && old.publicKey !== k.publicKey) await tx.deleteSignaturesOfKey(userId, old.publicKey);
         await tx.putCrossSigningKey({ userId, keyType: k.keyType, publicKey: k.publicKey, json });
         // Only the owner ever sees their user-signing key.
@@ -125,6 +139,10 @@ export class CrossSigning {
         for (const [keyId, signed] of Object.entries(keys as JsonObject)) {
           if (!isObject(signed)) {
             fail(targetUser, keyId, failure('M_BAD_JSON', 'The signed key must be an object'));
+            continue;
+          }
+          if (!isValidKeyPart(keyId)) {
+            fail(targetUser, keyId, failure('M_NOT_FOUND', 'No device or cross-signing key has this ID'));
             continue;
           }
           try {

@@ -27,8 +27,10 @@ export function withSignatures(json: string, signatures: readonly StoredSignatur
   const hit = merged.get(memoKey);
   if (hit !== undefined && hit.json === json) return hit.out;
   const out = mergeSignatures(json, signatures);
-  if (merged.size >= 20_000) merged.clear();
-  merged.set(memoKey, { json, out });
+  if (json.length <= 16_384) {
+    if (merged.size >= 20_000) merged.clear();
+    merged.set(memoKey, { json, out });
+  }
   return out;
 }
 

@@ -5,7 +5,7 @@
  */
 import { MatrixError } from '../matrix/errors.js';
 import { canonicalJson } from '../matrix/canonical-json.js';
-import { parseUserId } from '../matrix/ids.js';
+import { isLocalUser, isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
 import type { ClaimRequest, DeviceListsStore, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
 import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
 import { badJson, parseKeyMap, requireObject, validateDeviceKeys } from './validate.js';
@@ -45,6 +45,10 @@ export function objectText(entries: Iterable<readonly [string, string]>): string
   }
   return `${out}}`;
 }
+
+/** Longest a /sync waits for news, whatever the client asks for. */
+const MAX_SYNC_WAIT_MS = 30_000;
+const SYNC_POLL_MS = 500;
 
 /** Sync and /keys/changes tokens: opaque to clients, `s<stream position>` to us. */
 export function streamToken(position: number): string {
@@ -97,9 +101,6 @@ export class Keys {
     this.store = options.store;
   }
 
-  private isLocal(userId: string): boolean {
-    return parseUserId(userId)?.serverName === this.options.serverName;
-  }
 
   /** Splits the user IDs of a request into ours and other servers'; a malformed ID is a 400. */
   private partition(userIds: Iterable<string>, field: string): { local: string[]; remoteServers: Set<string> } {
@@ -118,7 +119,7 @@ export class Keys {
   requireLocalUsers(userIds: Iterable<string>, field: string): string[] {
     const { local, remoteServers } = this.partition(userIds, field);
     if (remoteServers.size > 0) {
-      const foreign = [...userIds].find((u) => !this.isLocal(u));
+      const foreign = [...userIds].find((u) => !isLocalUser(u, this.options.serverName));
       throw new MatrixError('M_INVALID_PARAM', `${field}: user ${foreign} is not hosted on this server (${this.options.serverName})`);
     }
     return local;
@@ -145,12 +146,13 @@ export class Keys {
     const counts = await this.store.transaction(async (tx) => {
       if (!(await tx.lockDevice(userId, deviceId))) throw new MatrixError('M_UNKNOWN_TOKEN', 'This device has been deleted; log in again', 401, { soft_logout: false });
 
+      let deviceListChanged = false;
       if (deviceKeys) {
         const existing = await tx.getDeviceKeys(userId, deviceId);
         const json = JSON.stringify(deviceKeys.object);
         if (existing === undefined) {
           await tx.putDeviceKeys(userId, deviceId, json);
-          await tx.recordDeviceListChange(userId, deviceId);
+          deviceListChanged = true;
         } else {
           const old = JSON.parse(existing) as JsonObject;
           if (canonicalJson(old['keys']) !== canonicalJson(deviceKeys.object['keys'])) {
@@ -161,7 +163,7 @@ export class Keys {
           }
           if (canonicalJson(old) !== canonicalJson(deviceKeys.object)) {
             await tx.putDeviceKeys(userId, deviceId, json);
-            await tx.recordDeviceListChange(userId, deviceId);
+            deviceListChanged = true;
           }
         }
       }
@@ -197,7 +199,10 @@ export class Keys {
           await tx.putFallbackKey(userId, deviceId, { algorithm: k.algorithm, keyId: k.keyId, json: k.json, used: false });
         }
       }
-      return tx.oneTimeKeyCounts(userId, deviceId);
+      const counts = await tx.oneTimeKeyCounts(userId, deviceId);
+      // Last: on PostgreSQL this takes the stream lock, held until the commit.
+      if (deviceListChanged) await tx.recordDeviceListChange(userId, deviceId);
+      return counts;
     });
     // Some clients (matrix-nio) require signed_curve25519 to be present.
     return { one_time_key_counts: { signed_curve25519: 0, ...counts } };
@@ -217,6 +222,8 @@ export class Keys {
       const devices = requireObject(wanted[userId], `one_time_keys["${userId}"]`);
       for (const [deviceId, algorithm] of Object.entries(devices)) {
         if (typeof algorithm !== 'string') throw badJson(`one_time_keys["${userId}"]["${deviceId}"]`, 'an algorithm name (a string)');
+        if (!isValidDeviceId(deviceId)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]: "${deviceId}" is not a valid device ID`);
+        if (!isValidKeyPart(algorithm)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]["${deviceId}"]: "${algorithm}" is not a valid algorithm name`);
         requests.push({ userId, deviceId, algorithm });
       }
     }
@@ -284,10 +291,10 @@ export class Keys {
    */
   async userDevices(userId: string, displayNames: boolean): Promise<string> {
     this.requireLocalUsers([userId], 'userId');
-    const [{ devices, crossSigning, signatures }, streamId] = await Promise.all([
-      this.store.getKeysOf([userId]),
-      this.options.deviceLists.latestStreamIdForUser(userId),
-    ]);
+    // The position first: keys read afterwards are at least that new, so a remote server that
+    // resumes from this stream_id cannot miss a change.
+    const streamId = await this.options.deviceLists.latestStreamIdForUser(userId);
+    const { devices, crossSigning, signatures } = await this.store.getKeysOf([userId]);
     const signed = withVisibleSignatures(signatures, null);
     const list = devices
       .sort((a, b) => (a.deviceId < b.deviceId ? -1 : a.deviceId > b.deviceId ? 1 : 0))
@@ -311,13 +318,31 @@ export class Keys {
     return { changed, left: [] };
   }
 
-  /** The current position of the change stream, as a token. */
-  async currentToken(): Promise<string> {
-    return streamToken(await this.options.deviceLists.currentStreamId());
+  /**
+   * GET /sync, the parts a key server has (e2e spec, "Extensions to /sync"): `next_batch`,
+   * `device_lists` for an incremental sync, one-time key counts and unused fallback key types.
+   * An incremental sync waits up to `timeoutMs` (at most 30 s) for a device-list change the
+   * caller can see, checking every half second (changes may come from other processes).
+   */
+  async sync(requester: Requester, since: string | undefined, timeoutMs: number, cancelled: () => boolean): Promise<Record<string, unknown>> {
+    let position = await this.options.deviceLists.currentStreamId();
+    let deviceLists: { changed: string[]; left: string[] } | undefined;
+    if (since !== undefined) {
+      const from = parseStreamToken(since, 'since');
+      const deadline = Date.now() + Math.min(timeoutMs, MAX_SYNC_WAIT_MS);
+      for (;;) {
+        const changed = position > from ? await this.store.changedUsers(requester.userId, from, position) : [];
+        deviceLists = { changed, left: [] };
+        if (changed.length > 0 || Date.now() >= deadline || cancelled()) break;
+        await new Promise((r) => setTimeout(r, Math.min(SYNC_POLL_MS, deadline - Date.now())));
+        position = await this.options.deviceLists.currentStreamId();
+      }
+    }
+    return { next_batch: streamToken(position), ...(deviceLists ? { device_lists: deviceLists } : {}), ...(await this.deviceKeyCounts(requester)) };
   }
 
   /** The `device_one_time_keys_count` and `device_unused_fallback_key_types` of /sync. */
-  async deviceKeyCounts(requester: Requester): Promise<{ device_one_time_keys_count: Record<string, number>; device_unused_fallback_key_types: string[] }> {
+  private async deviceKeyCounts(requester: Requester): Promise<{ device_one_time_keys_count: Record<string, number>; device_unused_fallback_key_types: string[] }> {
     const [counts, fallback] = await Promise.all([
       this.store.oneTimeKeyCounts(requester.userId, requester.deviceId),
       this.store.unusedFallbackKeyTypes(requester.userId, requester.deviceId),

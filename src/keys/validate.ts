@@ -4,12 +4,18 @@
  * what to fix. Nothing here stores anything.
  */
 import { MatrixError } from '../matrix/errors.js';
-import { CanonicalJsonError } from '../matrix/canonical-json.js';
+import { canonicalJson, CanonicalJsonError } from '../matrix/canonical-json.js';
 import { isUnpaddedBase64OfLength } from '../matrix/base64.js';
 import { getSignature, isObject, verifyJsonSignature } from '../matrix/signing.js';
+import { isValidKeyPart } from '../matrix/ids.js';
 import type { CrossSigningKeyType } from '../storage/store.js';
 
 type JsonObject = Record<string, unknown>;
+
+/** A one-time or fallback key is a few hundred bytes; anything far larger is not a key. */
+export const MAX_KEY_OBJECT_BYTES = 4096;
+/** Device keys and cross-signing keys: a few hundred bytes plus signatures. */
+export const MAX_SIGNED_OBJECT_BYTES = 65_536;
 
 export function badJson(path: string, expected: string): MatrixError {
   return new MatrixError('M_BAD_JSON', `${path} must be ${expected}`);
@@ -84,6 +90,7 @@ export function validateDeviceKeys(value: unknown, userId: string, deviceId: str
   if (getSignature(object, userId, `ed25519:${deviceId}`) === undefined) {
     throw new MatrixError('M_INVALID_SIGNATURE', `${path} must be signed by the device's own key: ${path}.signatures["${userId}"]["ed25519:${deviceId}"] is missing`);
   }
+  if (JSON.stringify(object).length > MAX_SIGNED_OBJECT_BYTES) throw new MatrixError('M_INVALID_PARAM', `${path} is larger than ${MAX_SIGNED_OBJECT_BYTES} bytes`);
   if (!verifies(object, userId, `ed25519:${deviceId}`, ed25519, path)) {
     throw new MatrixError('M_INVALID_SIGNATURE', `${path}: the signature by ed25519:${deviceId} does not verify; sign the object without "signatures" and "unsigned" as canonical JSON`);
   }
@@ -106,15 +113,20 @@ export function parseKeyMap(value: unknown, path: string): UploadedKey[] {
   const obj = requireObject(value, path);
   return Object.entries(obj).map(([name, key]) => {
     const colon = name.indexOf(':');
-    if (colon <= 0 || colon === name.length - 1) {
-      throw new MatrixError('M_INVALID_PARAM', `${path}["${name}"]: key names must be "<algorithm>:<key_id>"`);
+    const algorithm = name.slice(0, colon);
+    const keyId = name.slice(colon + 1);
+    if (colon <= 0 || !isValidKeyPart(algorithm) || !isValidKeyPart(keyId)) {
+      throw new MatrixError('M_INVALID_PARAM', `${path}["${name}"]: key names must be "<algorithm>:<key_id>", each part 1–255 printable ASCII characters`);
     }
     if (typeof key !== 'string') {
       if (!isObject(key)) throw badJson(`${path}["${name}"]`, 'a key string or a key object');
       if (typeof key['key'] !== 'string') throw badJson(`${path}["${name}"].key`, 'a string');
       if (key['signatures'] !== undefined) requireSignatures(key['signatures'], `${path}["${name}"].signatures`);
     }
-    return { algorithm: name.slice(0, colon), keyId: name.slice(colon + 1), value: key, json: JSON.stringify(key) };
+    requireCanonical(key, `${path}["${name}"]`);
+    const json = JSON.stringify(key);
+    if (json.length > MAX_KEY_OBJECT_BYTES) throw new MatrixError('M_INVALID_PARAM', `${path}["${name}"] is larger than ${MAX_KEY_OBJECT_BYTES} bytes`);
+    return { algorithm, keyId, value: key, json };
   });
 }
 
@@ -142,7 +154,22 @@ export function validateCrossSigningKey(value: unknown, path: string, userId: st
     throw new MatrixError('M_INVALID_PARAM', `${path}.keys must be {"ed25519:<public key>": "<public key>"} with an unpadded base64 Ed25519 public key`);
   }
   if (object['signatures'] !== undefined) requireSignatures(object['signatures'], `${path}.signatures`);
+  requireCanonical(object, path);
+  if (JSON.stringify(object).length > MAX_SIGNED_OBJECT_BYTES) throw new MatrixError('M_INVALID_PARAM', `${path} is larger than ${MAX_SIGNED_OBJECT_BYTES} bytes`);
   return { keyType, object, publicKey };
+}
+
+/**
+ * Refuses an object that cannot be canonical JSON (floats, integers beyond ±(2^53−1), lone
+ * surrogates): nobody can verify a signature on it, and it would not come back as uploaded.
+ */
+export function requireCanonical(value: unknown, path: string): void {
+  try {
+    canonicalJson(value);
+  } catch (e) {
+    if (e instanceof CanonicalJsonError) throw new MatrixError('M_BAD_JSON', `${path} cannot be encoded as canonical JSON: ${e.message}`);
+    throw e;
+  }
 }
 
 /** True when `obj` carries a valid signature by `userId`'s key `publicKey`. */

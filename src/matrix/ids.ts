@@ -68,11 +68,13 @@ export interface UserIdParts {
 /**
  * Splits `@localpart:server_name` at the first colon (the server name may itself contain one).
  * Accepts historical localparts (any code points but `:` and NUL) because the spec says servers
- * MUST accept them; use isCompliantLocalpart / isValidNewLocalpart to be stricter.
+ * MUST accept them; isValidNewLocalpart is the stricter grammar we allocate with.
  */
 const parsedUserIds = new Map<string, UserIdParts | undefined>();
 
 export function parseUserId(userId: string): UserIdParts | undefined {
+  // Cheap refusal before the cache, so over-long input is never remembered.
+  if (userId.length > MAX_USER_ID_BYTES) return undefined;
   // The same few user IDs are parsed over and over on hot paths; the answer never changes.
   if (parsedUserIds.has(userId)) return parsedUserIds.get(userId);
   const parts = parseUserIdUncached(userId);
@@ -98,11 +100,6 @@ export function isValidNewLocalpart(localpart: string): boolean {
   return LOCALPART.test(localpart);
 }
 
-/** Historical localparts outside U+0021–U+007E (or empty) are "non-compliant". */
-export function isCompliantLocalpart(localpart: string): boolean {
-  return /^[\x21-\x7e]+$/.test(localpart);
-}
-
 export function userIdFor(localpart: string, serverName: string): string {
   return `@${localpart}:${serverName}`;
 }
@@ -123,3 +120,6 @@ const DEVICE_ID = /^[\x21-\x7e]{1,255}$/;
 export function isValidDeviceId(deviceId: string): boolean {
   return DEVICE_ID.test(deviceId);
 }
+
+/** Algorithm names and key IDs (`<algorithm>:<key_id>`) follow the same rule as device IDs. */
+export const isValidKeyPart = isValidDeviceId;

@@ -45,6 +45,12 @@ export class RateLimiter {
     this.buckets.set(key, { level: level + 1, at: now });
   }
 
+  /** Takes back one recorded action (e.g. an attempt that turned out to succeed). */
+  refund(key: string): void {
+    const b = this.buckets.get(key);
+    if (b) b.level = Math.max(0, b.level - 1);
+  }
+
   /** Records an action if allowed; otherwise throws 429 M_LIMIT_EXCEEDED. */
   take(key: string, what: string): void {
     this.assertAllowed(key, what);

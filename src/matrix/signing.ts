@@ -50,6 +50,8 @@ const publicKeyCache = new Map<string, KeyObject | null>();
 
 /** Parses an unpadded-base64 Ed25519 public key; cached, since verification is a hot path. */
 export function ed25519PublicKey(base64: string): KeyObject | undefined {
+  // 32 bytes are 43 characters of unpadded base64 (44 padded): longer input is no key, and is not remembered.
+  if (base64.length > 44) return undefined;
   let key = publicKeyCache.get(base64);
   if (key === undefined) {
     key = null;

@@ -9,7 +9,7 @@
  * drawn and committed in the same order, across all processes.
  */
 import type { Queryable, SqlDatabase } from './sql.js';
-import type { DeviceListChange, DeviceListsStore } from './store.js';
+import type { DeviceListsStore } from './store.js';
 
 const STREAM_LOCK = 7352832;
 
@@ -32,26 +32,12 @@ export async function recordDeviceListChanges(
   }
 }
 
-interface ChangeRow {
-  stream_id: number;
-  user_id: string;
-  device_id: string | null;
-}
-
 export class SqlDeviceListsStore implements DeviceListsStore {
   constructor(private readonly db: SqlDatabase) {}
 
   async currentStreamId(): Promise<number> {
     const row = await this.db.get<{ v: number | null }>('SELECT MAX(stream_id) AS v FROM device_lists_stream');
     return row?.v ?? 0;
-  }
-
-  async changesBetween(fromExclusive: number, toInclusive: number): Promise<DeviceListChange[]> {
-    const rows = await this.db.all<ChangeRow>(
-      'SELECT stream_id, user_id, device_id FROM device_lists_stream WHERE stream_id > ? AND stream_id <= ? AND private_to IS NULL ORDER BY stream_id',
-      [fromExclusive, toInclusive],
-    );
-    return rows.map((r) => ({ streamId: r.stream_id, userId: r.user_id, deviceId: r.device_id }));
   }
 
   async latestStreamIdForUser(userId: string): Promise<number> {

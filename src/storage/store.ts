@@ -116,19 +116,9 @@ export interface AccountsStore {
   deleteExpiredAuthState(uiaBeforeTs: number, nonceBeforeTs: number): Promise<void>;
 }
 
-/** One row of the device-list change stream: a user's device list (or cross-signing keys) changed. */
-export interface DeviceListChange {
-  readonly streamId: number;
-  readonly userId: string;
-  /** Null when the change is not about one device (e.g. cross-signing keys). */
-  readonly deviceId: string | null;
-}
-
 export interface DeviceListsStore {
   /** The highest stream position written so far (0 when empty). */
   currentStreamId(): Promise<number>;
-  /** Public changes (those every server may hear of) with from < stream_id <= to, oldest first. */
-  changesBetween(fromExclusive: number, toInclusive: number): Promise<DeviceListChange[]>;
   /** The latest public stream position of one user's device list (0 when it never changed). */
   latestStreamIdForUser(userId: string): Promise<number>;
 }

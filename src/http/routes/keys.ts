@@ -7,7 +7,6 @@ import { Type } from '@sinclair/typebox';
 import type { Keys } from '../../keys/service.js';
 import type { CrossSigning } from '../../keys/cross-signing.js';
 import type { Accounts } from '../../accounts/service.js';
-import { MatrixError } from '../../matrix/errors.js';
 import { pathOf, requesterOf, requireAccessToken } from '../auth.js';
 
 export interface KeyRoutesOptions {
@@ -35,10 +34,6 @@ const UploadBody = Type.Object(
 );
 
 const json = (reply: FastifyReply, text: string) => reply.type('application/json').send(text);
-
-/** Longest a /sync waits for news, whatever the client asks for. */
-const MAX_SYNC_TIMEOUT_MS = 30_000;
-const SYNC_POLL_MS = 500;
 
 export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { keys, crossSigning, accounts, allowAccessTokenInQuery }) => {
   app.addHook('onRequest', requireAccessToken(accounts, allowAccessTokenInQuery));
@@ -86,21 +81,8 @@ export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { key
     `${C}/sync`,
     { schema: { querystring: Type.Object({ since: Type.Optional(Type.String()), timeout: Type.Optional(Type.String({ pattern: '^[0-9]{1,9}$' })) }, { additionalProperties: true }) } },
     async (request) => {
-      const requester = requesterOf(request);
       const q = request.query as { since?: string; timeout?: string };
-      let next = await keys.currentToken();
-      let deviceLists: { changed: string[]; left: string[] } | undefined;
-      if (q.since !== undefined) {
-        const deadline = Date.now() + Math.min(Number(q.timeout ?? 0), MAX_SYNC_TIMEOUT_MS);
-        for (;;) {
-          deviceLists = await keys.changes(requester.userId, q.since, next);
-          if (deviceLists.changed.length > 0 || Date.now() >= deadline) break;
-          await new Promise((r) => setTimeout(r, Math.min(SYNC_POLL_MS, deadline - Date.now())));
-          if (request.raw.destroyed) throw new MatrixError('M_UNKNOWN', 'The client went away', 499);
-          next = await keys.currentToken();
-        }
-      }
-      return { next_batch: next, ...(deviceLists ? { device_lists: deviceLists } : {}), ...(await keys.deviceKeyCounts(requester)) };
+      return keys.sync(requesterOf(request), q.since, Number(q.timeout ?? 0), () => request.raw.destroyed);
     },
   );
 };

@@ -28,8 +28,9 @@ export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app,
     const body = request.body as { server_keys: Record<string, Record<string, { minimum_valid_until_ts?: number }>> };
     const now = Date.now();
     const requests = Object.entries(body.server_keys).map(([serverName, keys]) => {
-      const mins = Object.values(keys).map((k) => k.minimum_valid_until_ts ?? now);
-      return { serverName, minimumValidUntilTs: mins.length > 0 ? Math.max(...mins) : now };
+      let min = now;
+      for (const k of Object.values(keys)) min = Math.max(min, k.minimum_valid_until_ts ?? now);
+      return { serverName, minimumValidUntilTs: min };
     });
     if (requests.some((r) => !Number.isSafeInteger(r.minimumValidUntilTs))) throw new MatrixError('M_INVALID_PARAM', 'minimum_valid_until_ts must be a millisecond timestamp');
     return { server_keys: await notary.query(requests) };

@@ -23,6 +23,7 @@ interface Prepared {
 }
 
 const preparedCache = new Map<string, Prepared>();
+const MAX_NAMED_PARAMS = 16;
 
 function prepared(sql: string): Prepared {
   let p = preparedCache.get(sql);
@@ -30,6 +31,7 @@ function prepared(sql: string): Prepared {
     let n = 0;
     const text = sql.replace(/\?/g, () => `$${++n}`);
     p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text };
+    if (preparedCache.size >= 10_000) preparedCache.clear();
     preparedCache.set(sql, p);
   }
   return p;
@@ -43,7 +45,10 @@ function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: n
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
     counter.statementCount++;
     const p = prepared(sql);
-    return client.query({ name: p.name, text: p.text, values: params ? [...params] : [] });
+    const values = params ? [...params] : [];
+    // Statements built for a list of N values exist once per N; preparing each of them on every
+    // connection would pile up without bound, so only short parameter lists are named.
+    return client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values });
   };
   return {
     dialect: 'postgres',
