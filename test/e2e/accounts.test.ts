@@ -184,6 +184,12 @@ describeEachBackend('accounts and devices', (backend) => {
     const left = await http<{ devices: { device_id: string }[] }>(s.url, 'GET', `${C}/devices`, { token: ivan.accessToken });
     assert.deepEqual(left.body.devices.map((d) => d.device_id), [ivan.deviceId]);
     // Someone else's password does not count.
+    expectMatrixError(
+      await http(s.url, 'POST', `${C}/delete_devices`, { token: ivan.accessToken, body: { devices: Array.from({ length: 1001 }, (_, i) => `D${i}`) } }),
+      400,
+      'M_INVALID_PARAM',
+      /At most 1000/,
+    );
     const judy = await registerUser(s, 'judy');
     const d3 = await login(s, 'ivan', ivan.password);
     const wrongUser = await http(s.url, 'DELETE', `${C}/devices/${d3.deviceId}`, { token: ivan.accessToken, body: { auth: passwordAuth(judy) } });
@@ -227,6 +233,13 @@ describeEachBackend('accounts and devices', (backend) => {
     assert.equal(typeof done.body['access_token'], 'string');
     const me = await login(s, 'lena', 'pw');
     assert.equal(me.userId, '@lena:test.local');
+
+    // inhibit_login: an account, but no device and no access token that nobody would receive.
+    const quiet = await http(s.url, 'POST', `${C}/register`, { body: { username: 'otto', password: 'pw', inhibit_login: true, auth: { type: 'm.login.dummy' } } });
+    assert.deepEqual(quiet.body, { user_id: '@otto:test.local' }, quiet.text);
+    const otto = await login(s, 'otto', 'pw');
+    const ottoDevices = await http<{ devices: { device_id: string }[] }>(s.url, 'GET', `${C}/devices`, { token: otto.accessToken });
+    assert.deepEqual(ottoDevices.body.devices.map((d) => d.device_id), [otto.deviceId], 'only the device of the later login');
 
     expectMatrixError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'lena', password: 'pw' } }), 400, 'M_USER_IN_USE');
     expectMatrixError(await http(s.url, 'POST', `${C}/register`, { body: { username: 'Lena!', password: 'pw' } }), 400, 'M_INVALID_USERNAME');

@@ -91,6 +91,7 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
       [{ master_key: cs.masterKey(), self_signing_key: { ...cs.selfSigningKey(), signatures: {} } }, 400, 'M_INVALID_SIGNATURE'],
       [{ master_key: cs.masterKey(), user_signing_key: new TestCrossSigning(alice.session.userId).userSigningKey() }, 400, 'M_INVALID_SIGNATURE'],
       [{ self_signing_key: cs.selfSigningKey() }, 400, 'M_MISSING_PARAM'],
+      [{ master_key: { ...cs.masterKey(), 'org.example.weight': 0.5 } }, 400, 'M_BAD_JSON'],
     ];
     for (const [body, status, errcode] of bad) expectMatrixError(await post(server, alice.session, '/keys/device_signing/upload', body), status, errcode);
     const q = await query(server, bob.session, { [alice.session.userId]: [] });

@@ -273,6 +273,26 @@ describeEachBackend('bad input to the key endpoints', (backend) => {
     assert.equal((await upload(server, alice, { device_keys: aliceDevice.deviceKeys() })).status, 200);
   });
 
+  test('one-time keys must be small canonical JSON with printable key IDs; device keys have a size cap; claims need valid IDs', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const cases: [string, unknown, string, RegExp][] = [
+      ['/keys/upload', { one_time_keys: { 'signed_curve25519:a b': aliceDevice.oneTimeKey() } }, 'M_INVALID_PARAM', /printable ASCII/],
+      ['/keys/upload', { one_time_keys: { [`signed_curve25519:${'k'.repeat(256)}`]: aliceDevice.oneTimeKey() } }, 'M_INVALID_PARAM', /1–255/],
+      ['/keys/upload', { one_time_keys: { 'signed_curve25519:big': { key: 'x'.repeat(5000) } } }, 'M_INVALID_PARAM', /larger than 4096/],
+      ['/keys/upload', { fallback_keys: { 'signed_curve25519:float': { key: 'abc', weight: 0.5 } } }, 'M_BAD_JSON', /canonical/i],
+      ['/keys/upload', { device_keys: aliceDevice.deviceKeys({ padding: 'p'.repeat(70_000) }) }, 'M_INVALID_PARAM', /larger than 65536/],
+      ['/keys/claim', { one_time_keys: { [alice.userId]: { 'DEVICE WITH SPACES': 'signed_curve25519' } } }, 'M_INVALID_PARAM', /not a valid device ID/],
+      ['/keys/claim', { one_time_keys: { [alice.userId]: { [alice.deviceId]: 'a'.repeat(300) } } }, 'M_INVALID_PARAM', /not a valid algorithm/],
+    ];
+    for (const [path, body, errcode, message] of cases) {
+      expectMatrixError(await http(server.url, 'POST', `${C}${path}`, { token: alice.accessToken, body }), 400, errcode, message);
+    }
+    const c = await counts(server, alice);
+    assert.deepEqual(c.device_one_time_keys_count, { signed_curve25519: 0 }, 'no one-time key stored');
+    assert.deepEqual(c.device_unused_fallback_key_types, [], 'no fallback key stored');
+    assert.deepEqual((await query(server, bob, { [alice.userId]: [] })).body['device_keys'], { [alice.userId]: {} }, 'no device keys stored');
+  });
+
   test('key endpoints need an access token', async () => {
     const { server } = await setup(backend);
     for (const path of ['/keys/upload', '/keys/query', '/keys/claim', '/keys/device_signing/upload', '/keys/signatures/upload']) {
