@@ -137,14 +137,18 @@ export class Accounts {
    */
   private async checkPassword(userId: string | undefined, password: unknown, ip: string | undefined): Promise<boolean> {
     if (typeof password !== 'string') throw new MatrixError('M_MISSING_PARAM', 'Missing "password"');
-    const keys = [userId && `user:${userId}`, ip && `ip:${ip}`].filter((k): k is string => Boolean(k));
-    for (const key of keys) this.failedLogins.assertAllowed(key, 'failed login attempts');
-    // Counted as failed before the (slow) check and refunded on success, so parallel guesses
-    // cannot all slip past the limit while the first one is still being hashed.
-    for (const key of keys) this.failedLogins.record(key);
+    const userKey = userId === undefined ? undefined : `user:${userId}`;
+    const ipKey = ip === undefined ? undefined : `ip:${ip}`;
+    for (const key of [userKey, ipKey]) if (key) this.failedLogins.assertAllowed(key, 'failed login attempts');
+    // The user's attempt counts as failed before the (slow) check and is refunded on success, so
+    // parallel guesses at one account cannot all slip past the limit while the first is hashed.
+    // An address is charged only for real failures: many users behind one address (a NAT, a
+    // proxy) may log in at once.
+    if (userKey) this.failedLogins.record(userKey);
     const user = userId === undefined ? undefined : await this.store.getUser(userId);
     const ok = await verifyPassword(password, user?.passwordHash);
-    if (ok) for (const key of keys) this.failedLogins.refund(key);
+    if (ok && userKey) this.failedLogins.refund(userKey);
+    if (!ok && ipKey) this.failedLogins.record(ipKey);
     return ok;
   }
 

@@ -168,6 +168,19 @@ describeEachBackend('accounts and devices', (backend) => {
     assert.ok(Number(limited.headers.get('retry-after')) >= 1);
   });
 
+  test('parallel password guesses at one account are limited like sequential ones, while many users behind one address log in at once', async () => {
+    const s = await start({ rc_login: { failed_attempts: { per_second: 0.1, burst_count: 2 } } });
+    const names = Array.from({ length: 6 }, (_, i) => `crowd${i}`);
+    for (const name of names) await registerUser(s, name, `pw-${name}`);
+    const logins = await Promise.all(names.map((name) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: name, password: `pw-${name}` } })));
+    assert.deepEqual(logins.map((r) => r.status), names.map(() => 200));
+
+    await registerUser(s, 'ines', 'pw-ines');
+    const guesses = await Promise.all(Array.from({ length: 8 }, (_, i) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'ines', password: `guess${i}` } })));
+    assert.equal(guesses.filter((r) => r.status === 403).length, 2, 'only burst_count guesses were checked');
+    assert.equal(guesses.filter((r) => r.status === 429).length, 6);
+  });
+
   test('POST /delete_devices deletes several devices behind user-interactive auth, and /logout/all removes every device', async () => {
     const s = await start();
     const ivan = await registerUser(s, 'ivan');
