@@ -6,7 +6,7 @@ import { MatrixError } from '../matrix/errors.js';
 import { isValidServerName } from '../matrix/ids.js';
 import { CanonicalJsonError } from '../matrix/canonical-json.js';
 import { RateLimiter, type RateLimit } from '../matrix/ratelimit.js';
-import { parseXMatrix, verifyRequestSignature } from './xmatrix.js';
+import { parseXMatrix, verifyRequestSignatureAsync } from './xmatrix.js';
 import type { KeyLookup } from './key-ring.js';
 
 export interface IncomingFederationRequest {
@@ -60,9 +60,9 @@ export class RequestAuthenticator {
     if (!auth.key.startsWith('ed25519:')) throw unauthorized(`Unsupported key ${auth.key}: only ed25519 keys sign requests`);
     const key = await this.options.keys.requestKey(auth.origin, auth.key);
     if ('error' in key) throw unauthorized(`Cannot check the signature: ${key.error}`);
-    let valid: boolean;
+    let valid: Promise<boolean>;
     try {
-      valid = verifyRequestSignature(
+      valid = verifyRequestSignatureAsync(
         { method: r.method, uri: r.uri, origin: auth.origin, destination: auth.destination ?? this.options.serverName, content: r.content },
         auth.sig,
         key.verifyKey,
@@ -71,7 +71,7 @@ export class RequestAuthenticator {
       if (e instanceof CanonicalJsonError) throw new MatrixError('M_BAD_JSON', `The request body cannot be signed as canonical JSON: ${e.message}`);
       throw e;
     }
-    if (!valid) {
+    if (!(await valid)) {
       throw unauthorized(`The signature by ${auth.origin}'s key ${auth.key} does not match this request (method, path with query, destination and body are signed)`);
     }
     this.limiter.take(auth.origin, `requests from ${auth.origin}`);

@@ -11,7 +11,7 @@
  * ignored.
  */
 import { canonicalJsonBytes } from '../matrix/canonical-json.js';
-import { signBytes, verifyBytes, type SigningKey } from '../matrix/signing.js';
+import { signBytes, verifyBytes, verifyBytesAsync, type SigningKey } from '../matrix/signing.js';
 
 export interface XMatrixAuth {
   readonly origin: string;
@@ -117,4 +117,9 @@ export function signRequest(r: RequestToSign, key: SigningKey): string {
 /** Checks a request signature with the origin's public key. */
 export function verifyRequestSignature(r: RequestToSign, sig: string, publicKey: string): boolean {
   return verifyBytes(publicKey, requestSigningBytes(r), sig);
+}
+
+/** The same check off the event loop (on the thread pool), for the request path. */
+export function verifyRequestSignatureAsync(r: RequestToSign, sig: string, publicKey: string): Promise<boolean> {
+  return verifyBytesAsync(publicKey, requestSigningBytes(r), sig);
 }

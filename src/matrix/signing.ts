@@ -82,6 +82,17 @@ export function verifyBytes(publicKeyBase64: string, message: Uint8Array, signat
   return verify(null, message, key, sig);
 }
 
+/**
+ * The same check, run on libuv's thread pool: the event loop goes on serving other requests
+ * while the signature is checked, so verification uses the machine's other cores.
+ */
+export function verifyBytesAsync(publicKeyBase64: string, message: Uint8Array, signatureBase64: string): Promise<boolean> {
+  const key = ed25519PublicKey(publicKeyBase64);
+  const sig = key ? decodeBase64(signatureBase64) : undefined;
+  if (!key || !sig || sig.length !== 64) return Promise.resolve(false);
+  return new Promise((resolve) => verify(null, message, key, sig, (err, ok) => resolve(!err && ok)));
+}
+
 type JsonObject = Record<string, unknown>;
 
 /** The bytes a signature covers: the object without `signatures` and `unsigned`, canonicalised. */

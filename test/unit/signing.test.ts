@@ -2,7 +2,7 @@ import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import nacl from 'tweetnacl';
 import { decodeBase64 } from '../../src/matrix/base64.js';
-import { checkJsonSignature, generateSigningKey, signingKeyFromSeed, signJson, verifyJsonSignature } from '../../src/matrix/signing.js';
+import { checkJsonSignature, generateSigningKey, signBytes, signingKeyFromSeed, signJson, verifyBytes, verifyBytesAsync, verifyJsonSignature } from '../../src/matrix/signing.js';
 
 // appendices.md "Cryptographic Test Vectors".
 const SEED = decodeBase64('YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1')!;
@@ -52,6 +52,22 @@ describe('signing JSON', () => {
     assert.ok(!verifyJsonSignature(signed, 'nobody', 'ed25519:1', key.publicKey));
     assert.ok(!verifyJsonSignature({ ...signed, signatures: { domain: { 'ed25519:1': '!!!' } } }, 'domain', 'ed25519:1', key.publicKey));
     assert.ok(!verifyJsonSignature(signed, 'domain', 'ed25519:1', 'not a key'));
+  });
+
+  test('the thread-pool verification agrees with the synchronous one on good and bad signatures', async () => {
+    const message = Buffer.from('{"method":"POST"}');
+    const sig = signBytes(key, message);
+    const cases: [string, Buffer, string][] = [
+      [key.publicKey, message, sig],
+      [key.publicKey, Buffer.from('{"method":"GET"}'), sig],
+      [generateSigningKey().publicKey, message, sig],
+      [key.publicKey, message, sig.slice(0, -2)],
+      ['not a key', message, sig],
+    ];
+    for (const [publicKey, bytes, signature] of cases) {
+      assert.equal(await verifyBytesAsync(publicKey, bytes, signature), verifyBytes(publicKey, bytes, signature));
+    }
+    assert.equal(await verifyBytesAsync(key.publicKey, message, sig), true);
   });
 
   test('the full check names what is wrong', () => {
