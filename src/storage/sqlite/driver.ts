@@ -55,6 +55,9 @@ export class SqliteDatabase implements SqlDatabase {
     // even across power loss; NORMAL would only survive process crashes.
     this.db.pragma('synchronous = FULL');
     this.db.pragma('foreign_keys = ON');
+    // SQLite's default page cache is 2 MiB; with millions of one-time keys the hot index pages
+    // no longer fit, and claims start reading pages from the OS. 64 MiB keeps them in memory.
+    this.db.pragma('cache_size = -65536');
     this.direct = {
       dialect: 'sqlite',
       all: async <T extends object>(sql: string, params?: readonly SqlValue[]) => this.prepare(sql).all(...bind(params)) as T[],
