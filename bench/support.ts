@@ -10,6 +10,7 @@ import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdirSync, openSync
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { canonical } from '../test/support/keys.js';
+import { http, type HttpResult, type RequestOptions } from '../test/support/http.js';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
 export const BASELINE = fileURLToPath(new URL('./baseline-server.mjs', import.meta.url));
@@ -281,31 +282,8 @@ export async function machineBusy(ms: number): Promise<number> {
 // ---------------------------------------------------------------------------------------------
 // HTTP and Matrix accounts
 
-export interface HttpResult<T> {
-  readonly status: number;
-  readonly headers: Headers;
-  readonly text: string;
-  readonly body: T;
-}
-
-export async function http<T = Json>(base: string, method: string, path: string, options: { body?: unknown; rawBody?: string; token?: string } = {}): Promise<HttpResult<T>> {
-  const headers: Record<string, string> = {};
-  if (options.token) headers['authorization'] = `Bearer ${options.token}`;
-  const body = options.rawBody ?? (options.body !== undefined ? JSON.stringify(options.body) : undefined);
-  if (body !== undefined) headers['content-type'] = 'application/json';
-  const res = await fetch(base + path, { method, headers, ...(body !== undefined ? { body } : {}) });
-  const text = await res.text();
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(text);
-  } catch {
-    parsed = undefined;
-  }
-  return { status: res.status, headers: res.headers, text, body: parsed as T };
-}
-
 /** Like http(), but anything but 200 is an error naming the request. */
-export async function ok<T = Json>(base: string, method: string, path: string, options: { body?: unknown; rawBody?: string; token?: string } = {}): Promise<HttpResult<T>> {
+export async function ok<T = Json>(base: string, method: string, path: string, options: RequestOptions = {}): Promise<HttpResult<T>> {
   const r = await http<T>(base, method, path, options);
   if (r.status !== 200) throw new Error(`${method} ${path}: ${r.status} ${r.text.slice(0, 500)}`);
   return r;
