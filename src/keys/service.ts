@@ -101,7 +101,6 @@ export class Keys {
     this.store = options.store;
   }
 
-
   /** Splits the user IDs of a request into ours and other servers'; a malformed ID is a 400. */
   private partition(userIds: Iterable<string>, field: string): { local: string[]; remoteServers: Set<string> } {
     const local: string[] = [];
