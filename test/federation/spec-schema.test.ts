@@ -1,6 +1,21 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { responseValidator } from '../support/spec-schema.js';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { join, relative } from 'node:path';
+import { responseValidator, SHARED_SPEC_DATA, SPEC_DATA } from '../support/spec-schema.js';
+
+function filesUnder(dir: string): string[] {
+  return readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? filesUnder(join(dir, e.name)) : [join(dir, e.name)]));
+}
+
+test('the spec files the validators read are byte-identical to the spec extract in ../shared/spec', { skip: !existsSync(SHARED_SPEC_DATA) && 'no ../shared/spec next to this clone' }, () => {
+  const copies = filesUnder(SPEC_DATA);
+  assert.ok(copies.length >= 4);
+  for (const copy of copies) {
+    const name = relative(SPEC_DATA, copy);
+    assert.ok(readFileSync(copy).equals(readFileSync(join(SHARED_SPEC_DATA, name))), `${name} differs from ../shared/spec/data/${name}`);
+  }
+});
 
 // The response checks in the federation tests are only as good as this validator: prove it bites.
 test('the spec-derived validators reject responses that break user_keys.yaml and user_devices.yaml', () => {

@@ -1,5 +1,6 @@
 /**
- * Validating responses against the Matrix spec's own OpenAPI files (../shared/spec/data), with
+ * Validating responses against the Matrix spec's own OpenAPI files (copies of ../shared/spec/data
+ * in test/fixtures/matrix-spec, so a lone clone can run the tests), with
  * every relative $ref inlined and ajv compiling the result (OpenAPI 3.1 schemas are JSON Schema
  * 2020-12).
  */
@@ -9,7 +10,10 @@ import { fileURLToPath } from 'node:url';
 import { parse } from 'yaml';
 import Ajv2020 from 'ajv/dist/2020.js';
 
-export const SPEC_DATA = resolve(fileURLToPath(new URL('../../../shared/spec/data', import.meta.url)));
+/** The copies the validators read. */
+export const SPEC_DATA = resolve(fileURLToPath(new URL('../fixtures/matrix-spec/data', import.meta.url)));
+/** The spec extract next to the repository, when there is one (the ground truth the copies must match). */
+export const SHARED_SPEC_DATA = resolve(fileURLToPath(new URL('../../../shared/spec/data', import.meta.url)));
 
 type Json = Record<string, unknown>;
 
