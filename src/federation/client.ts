@@ -109,7 +109,7 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
         ...(policy ? { lookup: policy.lookup() } : {}),
         signal: AbortSignal.timeout(options.timeoutMs),
         protocol: u.protocol,
-        hostname: u.hostname.replace(/^\[|\]$/g, ''),
+        hostname: literal,
         port: u.port || (secure ? 443 : 80),
         path: `${u.pathname}${u.search}`,
         method: options.method ?? 'GET',
