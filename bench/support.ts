@@ -4,12 +4,15 @@
  * sign a million one-time keys in well under a minute).
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
-import { createHmac, generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
+import { generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { createServer } from 'node:net';
 import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdirSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { canonical } from '../test/support/keys.js';
+import { withSignature } from '../test/support/keys.js';
+import { registrationMac, type Session } from '../test/support/client.js';
+
+export type { Session };
 import { http, type HttpResult, type RequestOptions } from '../test/support/http.js';
 
 export const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -289,18 +292,11 @@ export async function ok<T = Json>(base: string, method: string, path: string, o
   return r;
 }
 
-export interface Session {
-  readonly userId: string;
-  readonly deviceId: string;
-  readonly accessToken: string;
-  readonly password: string;
-}
-
 /** Synapse's shared-secret registration (GET nonce, POST with the HMAC-SHA1 mac). */
 export async function registerUser(base: string, secret: string, username: string): Promise<Session> {
   const password = `pw-${username}`;
   const { body } = await ok<{ nonce: string }>(base, 'GET', '/_synapse/admin/v1/register');
-  const mac = createHmac('sha1', secret).update(`${body.nonce}\0${username}\0${password}\0notadmin`).digest('hex');
+  const mac = registrationMac(secret, body.nonce, username, password, false);
   const r = await ok(base, 'POST', '/_synapse/admin/v1/register', { body: { nonce: body.nonce, username, password, admin: false, mac } });
   return { userId: r.body['user_id'] as string, deviceId: r.body['device_id'] as string, accessToken: r.body['access_token'] as string, password };
 }
@@ -332,12 +328,8 @@ export class Ed25519Key {
     return b64(sign(null, Buffer.from(text), this.privateKey));
   }
 
-  /** Adds `signatures[entity][keyId]` over the canonical JSON of the object without signatures/unsigned. */
   sign<T extends Json>(obj: T, entity: string, keyId: string): T {
-    const { signatures, unsigned, ...rest } = obj as Json;
-    const sigs = { ...(signatures as Record<string, Json> | undefined) };
-    sigs[entity] = { ...sigs[entity], [keyId]: this.signText(canonical(rest)) };
-    return { ...obj, signatures: sigs, ...(unsigned !== undefined ? { unsigned } : {}) };
+    return withSignature(obj, entity, keyId, (text) => this.signText(text));
   }
 }
 

@@ -56,3 +56,8 @@ export function newDeviceId(): string {
 export function newOpaqueId(bytes = 18): string {
   return randomBytes(bytes).toString('base64url');
 }
+
+/** Whether `id` looks like one of ours (base64url); anything else was never issued and is not looked up. */
+export function isOpaqueId(id: string): boolean {
+  return /^[A-Za-z0-9_-]{1,64}$/.test(id);
+}

@@ -8,7 +8,7 @@ import { MatrixError } from '../matrix/errors.js';
 import { isValidDeviceId, isValidNewLocalpart, MAX_USER_ID_BYTES, parseUserId, userIdFor } from '../matrix/ids.js';
 import { RateLimiter, type RateLimit } from '../matrix/ratelimit.js';
 import type { AccountsStore, StoredDevice } from '../storage/store.js';
-import { hashAccessToken, hashPassword, newAccessToken, newDeviceId, newOpaqueId, verifyPassword } from './secrets.js';
+import { hashAccessToken, hashPassword, isOpaqueId, newAccessToken, newDeviceId, newOpaqueId, verifyPassword } from './secrets.js';
 import { UserInteractiveAuth, type StageChecker } from './uia.js';
 
 /** Who is making an authenticated request. */
@@ -48,9 +48,6 @@ export const NONCE_LIFETIME_MS = 60_000;
 const PASSWORD_FLOWS = [['m.login.password']] as const;
 
 type Body = Readonly<Record<string, unknown>>;
-
-/** What our nonces and session IDs look like (base64url); anything else was never issued. */
-const OPAQUE = /^[A-Za-z0-9_-]{1,64}$/;
 
 function optionalString(body: Body, key: string): string | undefined {
   const v = body[key];
@@ -245,7 +242,7 @@ export class Accounts {
     const displayName = optionalString(body, 'displayname');
     const admin = body['admin'] ?? false;
     if (typeof admin !== 'boolean') throw new MatrixError('M_BAD_JSON', '"admin" must be a boolean');
-    if (!OPAQUE.test(nonce) || !(await this.store.consumeRegistrationNonce(nonce, this.now() - NONCE_LIFETIME_MS))) {
+    if (!isOpaqueId(nonce) || !(await this.store.consumeRegistrationNonce(nonce, this.now() - NONCE_LIFETIME_MS))) {
       throw new MatrixError('M_UNKNOWN', 'Unrecognised or expired nonce; fetch a new one with GET /_synapse/admin/v1/register', 400);
     }
     const hmac = createHmac('sha1', secret);

@@ -13,7 +13,7 @@ import { createHash } from 'node:crypto';
 import { MatrixError, type Errcode } from '../matrix/errors.js';
 import { canonicalJson } from '../matrix/canonical-json.js';
 import type { AccountsStore, UiaSession } from '../storage/store.js';
-import { newOpaqueId } from './secrets.js';
+import { isOpaqueId, newOpaqueId } from './secrets.js';
 
 export const UIA_SESSION_LIFETIME_MS = 30 * 60_000;
 
@@ -113,7 +113,7 @@ export class UserInteractiveAuth {
       session = await this.newSession(r, operation);
     } else {
       const id = auth['session'] as string;
-      const found = /^[A-Za-z0-9_-]{1,64}$/.test(id) ? await this.store.getUiaSession(id) : undefined;
+      const found = isOpaqueId(id) ? await this.store.getUiaSession(id) : undefined;
       if (!found || found.createdTs < this.now() - UIA_SESSION_LIFETIME_MS) {
         throw new MatrixError('M_UNKNOWN', 'Unknown or expired user-interactive auth session; start again without "auth.session"', 400);
       }

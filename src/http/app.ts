@@ -113,7 +113,6 @@ export function buildApp(deps: AppDeps): App {
     done();
   });
 
-
   const observe = deps.observeRequest;
   if (observe) {
     app.addHook('onResponse', (request, reply, done) => {

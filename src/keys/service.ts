@@ -313,6 +313,11 @@ export class Keys {
   async changes(viewer: string, from: string, to: string | undefined): Promise<{ changed: string[]; left: string[] }> {
     const fromPos = parseStreamToken(from, 'from');
     const toPos = to === undefined ? await this.options.deviceLists.currentStreamId() : parseStreamToken(to, 'to');
+    return this.changesBetween(viewer, fromPos, toPos);
+  }
+
+  /** `changed` and `left` between two stream positions, as `viewer` may see them. */
+  private async changesBetween(viewer: string, fromPos: number, toPos: number): Promise<{ changed: string[]; left: string[] }> {
     const changed = toPos > fromPos ? await this.store.changedUsers(viewer, fromPos, toPos) : [];
     return { changed, left: [] };
   }
@@ -330,9 +335,8 @@ export class Keys {
       const from = parseStreamToken(since, 'since');
       const deadline = Date.now() + Math.min(timeoutMs, MAX_SYNC_WAIT_MS);
       for (;;) {
-        const changed = position > from ? await this.store.changedUsers(requester.userId, from, position) : [];
-        deviceLists = { changed, left: [] };
-        if (changed.length > 0 || Date.now() >= deadline || cancelled()) break;
+        deviceLists = await this.changesBetween(requester.userId, from, position);
+        if (deviceLists.changed.length > 0 || Date.now() >= deadline || cancelled()) break;
         await new Promise((r) => setTimeout(r, Math.min(SYNC_POLL_MS, deadline - Date.now())));
         position = await this.options.deviceLists.currentStreamId();
       }

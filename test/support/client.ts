@@ -1,7 +1,8 @@
 /** Client-side helpers for tests: accounts over real HTTP, the way admin tools and clients do it. */
 import { createHmac } from 'node:crypto';
 import assert from 'node:assert/strict';
-import { http, type TestServer } from './server.js';
+import { http } from './http.js';
+import type { TestServer } from './server.js';
 
 export const SHARED_SECRET = 'test-shared-secret';
 

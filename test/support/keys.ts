@@ -19,17 +19,20 @@ export function canonical(v: unknown): string {
 
 const b64 = (bytes: Uint8Array) => Buffer.from(bytes).toString('base64').replace(/=+$/, '');
 
+/** Adds `signatures[entity][keyId]`, made by `signText` over the canonical object without signatures/unsigned. */
+export function withSignature<T extends Json>(obj: T, entity: string, keyId: string, signText: (text: string) => string): T {
+  const { signatures, unsigned, ...rest } = obj as Json;
+  const sigs = { ...(signatures as Record<string, Json> | undefined) };
+  sigs[entity] = { ...sigs[entity], [keyId]: signText(canonical(rest)) };
+  return { ...obj, signatures: sigs, ...(unsigned !== undefined ? { unsigned } : {}) };
+}
+
 export class TestSigningKey {
   readonly pair = nacl.sign.keyPair();
   readonly publicKey = b64(this.pair.publicKey);
 
-  /** Adds `signatures[entity][keyId]` over the object without signatures/unsigned. */
   sign<T extends Json>(obj: T, entity: string, keyId: string): T {
-    const { signatures, unsigned, ...rest } = obj as Json;
-    const sig = b64(nacl.sign.detached(Buffer.from(canonical(rest)), this.pair.secretKey));
-    const sigs = { ...(signatures as Record<string, Json> | undefined) };
-    sigs[entity] = { ...sigs[entity], [keyId]: sig };
-    return { ...obj, signatures: sigs, ...(unsigned !== undefined ? { unsigned } : {}) };
+    return withSignature(obj, entity, keyId, (text) => b64(nacl.sign.detached(Buffer.from(text), this.pair.secretKey)));
   }
 }
 
