@@ -7,6 +7,8 @@ import Fastify, { LogController, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
+import { createServer } from 'node:http';
+import { DirectRoutes } from './direct.js';
 import { MatrixError } from '../matrix/errors.js';
 import { parseJsonBody } from './json-body.js';
 import { sendMatrixError } from './errors.js';
@@ -16,12 +18,12 @@ import type { OwnServerKeys } from '../federation/own-keys.js';
 import type { Accounts } from '../accounts/service.js';
 import { accountRoutes } from './routes/accounts.js';
 import { discoveryRoutes } from './routes/discovery.js';
-import { keyRoutes } from './routes/keys.js';
+import { keyDirectRoutes, keyRoutes } from './routes/keys.js';
 import type { Keys } from '../keys/service.js';
 import type { CrossSigning } from '../keys/cross-signing.js';
 import type { Notary } from '../federation/notary.js';
 import type { RequestAuthenticator } from '../federation/request-auth.js';
-import { federationRoutes } from './routes/federation.js';
+import { federationDirectRoutes, federationRoutes } from './routes/federation.js';
 import { notaryRoutes } from './routes/notary.js';
 
 export type App = FastifyInstance<
@@ -73,12 +75,31 @@ function routeMatcher(url: string): RegExp {
 export function buildApp(deps: AppDeps): App {
   const prefix = randomBytes(3).toString('hex');
   let counter = 0;
+  const newRequestId = () => `${prefix}-${(++counter).toString(36)}`;
+  const direct = new DirectRoutes({
+    maxRequestBodyBytes: deps.maxRequestBodyBytes,
+    headers: CORS_HEADERS,
+    log: deps.logger,
+    newRequestId,
+    observeRequest: deps.observeRequest,
+  });
+  for (const route of keyDirectRoutes({ keys: deps.keys, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery })) direct.add(route);
+  for (const route of federationDirectRoutes({ keys: deps.keys, ...deps.federation })) direct.add(route);
+
   const app = Fastify({
+    // The hot key routes are answered before Fastify sees the request (direct.ts).
+    serverFactory: (handler) => {
+      const server = createServer((req, res) => {
+        if (!direct.serve(req, res)) handler(req, res);
+      });
+      server.keepAliveTimeout = 72_000; // Fastify's default, which it sets only on servers it creates
+      return server;
+    },
     loggerInstance: deps.logger,
     // Per-request logs cost throughput; request errors are logged by the error handler.
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: deps.maxRequestBodyBytes,
-    genReqId: () => `${prefix}-${(++counter).toString(36)}`,
+    genReqId: newRequestId,
     // No per-request child logger (it costs throughput): the error handler logs the request id itself.
     childLoggerFactory: (logger) => logger,
     // User IDs (up to 255 bytes, percent-encoded up to 3x) travel in path segments.
@@ -102,7 +123,7 @@ export function buildApp(deps: AppDeps): App {
     }
   });
 
-  const routes: { method: string; matcher: RegExp }[] = [];
+  const routes: { method: string; matcher: RegExp }[] = direct.list().map((r) => ({ method: r.method, matcher: routeMatcher(r.path) }));
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method];
     for (const method of methods) if (method !== 'OPTIONS') routes.push({ method, matcher: routeMatcher(route.url ?? route.path) });
@@ -120,6 +141,11 @@ export function buildApp(deps: AppDeps): App {
       done();
     });
   }
+
+  app.addHook('preClose', (done) => {
+    direct.closing = true;
+    done();
+  });
 
   app.setErrorHandler((error, request, reply) => sendMatrixError(error, request, reply));
   app.setNotFoundHandler((request, reply) => {

@@ -3,6 +3,7 @@
  * allow_access_token_in_query is on, the deprecated `?access_token=`), resolved once per request
  * in an onRequest hook, before the body is read.
  */
+import type { IncomingMessage } from 'node:http';
 import type { FastifyReply, FastifyRequest, onRequestAsyncHookHandler } from 'fastify';
 import { MatrixError } from '../matrix/errors.js';
 import type { Accounts, Requester } from '../accounts/service.js';
@@ -13,16 +14,18 @@ declare module 'fastify' {
   }
 }
 
-export function accessTokenOf(request: FastifyRequest, allowQuery: boolean): string {
-  const header = request.headers.authorization;
+/** The access token of a request (Fastify's or a direct route's: only the raw request is read). */
+export function accessTokenOf(raw: IncomingMessage, allowQuery: boolean): string {
+  const header = raw.headers.authorization;
   if (header !== undefined) {
     const m = /^Bearer +(\S+)\s*$/i.exec(header);
     if (!m) throw new MatrixError('M_MISSING_TOKEN', 'The Authorization header must be "Bearer <access token>"', 401);
     return m[1]!;
   }
-  if (allowQuery) {
-    const q = (request.query as Record<string, unknown> | undefined)?.['access_token'];
-    if (typeof q === 'string' && q !== '') return q;
+  const q = allowQuery ? (raw.url ?? '').indexOf('?') : -1;
+  if (q >= 0) {
+    const token = new URLSearchParams((raw.url ?? '').slice(q + 1)).get('access_token');
+    if (token !== null && token !== '') return token;
   }
   throw new MatrixError('M_MISSING_TOKEN', 'Missing access token: send "Authorization: Bearer <token>"', 401);
 }
@@ -30,7 +33,7 @@ export function accessTokenOf(request: FastifyRequest, allowQuery: boolean): str
 /** An onRequest hook that authenticates every route of the plugin it is added to. */
 export function requireAccessToken(accounts: Accounts, allowQuery: boolean): onRequestAsyncHookHandler {
   return async (request: FastifyRequest, _reply: FastifyReply) => {
-    request.requester = await accounts.authenticate(accessTokenOf(request, allowQuery));
+    request.requester = await accounts.authenticate(accessTokenOf(request.raw, allowQuery));
   };
 }
 

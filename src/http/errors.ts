@@ -4,6 +4,7 @@
  * anything else is our bug: 500 M_UNKNOWN, logged with the request id, no details to the client.
  */
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
+import type { Logger } from 'pino';
 import { MatrixError, type Errcode } from '../matrix/errors.js';
 
 interface ValidationIssue {
@@ -57,12 +58,26 @@ export function toMatrixError(error: unknown, requestId: string): { matrix: Matr
   };
 }
 
-export function sendMatrixError(error: unknown, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+export interface ErrorContext {
+  readonly id: string;
+  readonly method: string;
+  readonly url: string;
+  readonly log: Pick<Logger, 'error' | 'warn'>;
+}
+
+/** The status, extra headers and body of the error response for `error`, logging what needs it. */
+export function errorResponse(error: unknown, request: ErrorContext): { status: number; headers: Record<string, string>; body: string } {
   const { matrix, unexpected } = toMatrixError(error, request.id);
   if (unexpected) request.log.error({ err: error, reqId: request.id, method: request.method, url: request.url }, 'unexpected error while handling a request');
   else if (matrix.status >= 500) request.log.warn({ reqId: request.id, errcode: matrix.errcode }, matrix.message);
+  const headers: Record<string, string> = {};
   if (matrix.status === 429 && typeof matrix.extra?.['retry_after_ms'] === 'number') {
-    reply.header('retry-after', Math.ceil(matrix.extra['retry_after_ms'] / 1000));
+    headers['retry-after'] = String(Math.ceil(matrix.extra['retry_after_ms'] / 1000));
   }
-  return reply.code(matrix.status).type('application/json').send(JSON.stringify(matrix.toJSON()));
+  return { status: matrix.status, headers, body: JSON.stringify(matrix.toJSON()) };
+}
+
+export function sendMatrixError(error: unknown, request: FastifyRequest, reply: FastifyReply): FastifyReply {
+  const r = errorResponse(error, request);
+  return reply.code(r.status).headers(r.headers).type('application/json').send(r.body);
 }

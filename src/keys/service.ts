@@ -8,7 +8,7 @@ import { canonicalJson } from '../matrix/canonical-json.js';
 import { isLocalUser, isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
 import type { ClaimRequest, DeviceListsStore, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
 import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
-import { badJson, parseKeyMap, requireObject, validateDeviceKeys } from './validate.js';
+import { badJson, checkTimeout, parseKeyMap, requireObject, requireObjectField, validateDeviceKeys } from './validate.js';
 
 /** The user and device making a client request. */
 export interface Requester {
@@ -115,7 +115,7 @@ export class Keys {
   }
 
   /** Federation requests may only name our users (Synapse answers 400 otherwise). */
-  requireLocalUsers(userIds: Iterable<string>, field: string): string[] {
+  requireLocalUsers(userIds: readonly string[], field: string): string[] {
     const { local, remoteServers } = this.partition(userIds, field);
     if (remoteServers.size > 0) {
       const foreign = [...userIds].find((u) => !isLocalUser(u, this.options.serverName));
@@ -211,23 +211,29 @@ export class Keys {
    * POST /keys/claim (client) and /user/keys/claim (federation): the response body as JSON text.
    * `localOnly` makes other servers' users a 400 instead of a `failures` entry.
    */
-  async claim(body: JsonObject, localOnly: boolean): Promise<string> {
-    const wanted = requireObject(body['one_time_keys'], 'one_time_keys');
+  async claim(body: unknown, localOnly: boolean): Promise<string> {
+    const wanted = requireObjectField(body, 'one_time_keys');
+    checkTimeout(body as JsonObject);
+    const byUserDevices = new Map<string, [string, string][]>();
+    for (const [userId, devices] of Object.entries(wanted)) {
+      const entries = Object.entries(requireObject(devices, `one_time_keys["${userId}"]`));
+      for (const [deviceId, algorithm] of entries) {
+        if (typeof algorithm !== 'string') throw badJson(`one_time_keys["${userId}"]["${deviceId}"]`, 'an algorithm name (a string)');
+      }
+      byUserDevices.set(userId, entries as [string, string][]);
+    }
+    const userIds = [...byUserDevices.keys()];
     const { local, remoteServers } = localOnly
-      ? { local: this.requireLocalUsers(Object.keys(wanted), 'one_time_keys'), remoteServers: new Set<string>() }
-      : this.partition(Object.keys(wanted), 'one_time_keys');
+      ? { local: this.requireLocalUsers(userIds, 'one_time_keys'), remoteServers: new Set<string>() }
+      : this.partition(userIds, 'one_time_keys');
     const requests: ClaimRequest[] = [];
     for (const userId of local) {
-      const devices = requireObject(wanted[userId], `one_time_keys["${userId}"]`);
-      for (const [deviceId, algorithm] of Object.entries(devices)) {
-        if (typeof algorithm !== 'string') throw badJson(`one_time_keys["${userId}"]["${deviceId}"]`, 'an algorithm name (a string)');
+      for (const [deviceId, algorithm] of byUserDevices.get(userId)!) {
         if (!isValidDeviceId(deviceId)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]: "${deviceId}" is not a valid device ID`);
         if (!isValidKeyPart(algorithm)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]["${deviceId}"]: "${algorithm}" is not a valid algorithm name`);
         requests.push({ userId, deviceId, algorithm });
       }
     }
-    const localSet = new Set(local);
-    for (const userId of Object.keys(wanted)) if (!localSet.has(userId)) requireObject(wanted[userId], `one_time_keys["${userId}"]`);
 
     const claimed = requests.length > 0 ? await this.store.claimKeys(requests) : [];
     for (const k of claimed) {
@@ -251,8 +257,9 @@ export class Keys {
    * POST /keys/query (client) and /user/keys/query (federation): the response body as JSON text.
    * Keys come back exactly as uploaded, plus `unsigned` and the signatures the viewer may see.
    */
-  async query(viewer: Viewer, body: JsonObject, options: QueryOptions): Promise<string> {
-    const wanted = requireObject(body['device_keys'], 'device_keys');
+  async query(viewer: Viewer, body: unknown, options: QueryOptions): Promise<string> {
+    const wanted = requireObjectField(body, 'device_keys');
+    checkTimeout(body as JsonObject);
     for (const [userId, devices] of Object.entries(wanted)) {
       if (!Array.isArray(devices) || devices.some((d) => typeof d !== 'string')) throw badJson(`device_keys["${userId}"]`, 'a list of device IDs');
     }

@@ -26,6 +26,22 @@ export function requireObject(value: unknown, path: string): JsonObject {
   return value;
 }
 
+/**
+ * The object in a required field of a request body: the body not an object or the field not an
+ * object → 400 M_BAD_JSON, the field missing → 400 M_MISSING_PARAM.
+ */
+export function requireObjectField(body: unknown, field: string): JsonObject {
+  const obj = requireObject(body, 'the request body');
+  if (obj[field] === undefined) throw new MatrixError('M_MISSING_PARAM', `the request body is missing the required field "${field}"`);
+  return requireObject(obj[field], field);
+}
+
+/** `timeout` of a key query or claim (milliseconds): absent, or a non-negative integer. */
+export function checkTimeout(body: JsonObject): void {
+  const t = body['timeout'];
+  if (t !== undefined && !(Number.isSafeInteger(t) && (t as number) >= 0)) throw badJson('timeout', 'a non-negative integer (milliseconds)');
+}
+
 function requireField(obj: JsonObject, key: string, path: string): unknown {
   if (obj[key] === undefined) throw new MatrixError('M_MISSING_PARAM', `${path}.${key} is required`);
   return obj[key];

@@ -3,7 +3,8 @@
  * authentication. The key rules are the client-server API's, with another server as the viewer.
  */
 import type { FastifyPluginAsync, FastifyReply } from 'fastify';
-import { Type } from '@sinclair/typebox';
+import type { IncomingMessage } from 'node:http';
+import type { DirectRoute } from '../direct.js';
 import type { Keys } from '../../keys/service.js';
 import type { RequestAuthenticator } from '../../federation/request-auth.js';
 
@@ -20,12 +21,35 @@ export interface FederationRoutesOptions {
   readonly allowDeviceNameLookup: boolean;
 }
 
-type Body = Record<string, unknown>;
 const F = '/_matrix/federation/v1';
 const json = (reply: FastifyReply, text: string) => reply.type('application/json').send(text);
 
-const QueryBody = Type.Object({ device_keys: Type.Record(Type.String(), Type.Array(Type.String())) }, { additionalProperties: true });
-const ClaimBody = Type.Object({ one_time_keys: Type.Record(Type.String(), Type.Record(Type.String(), Type.String())) }, { additionalProperties: true });
+/**
+ * POST /user/keys/query and /user/keys/claim (user_keys.yaml), the hot routes, served by
+ * DirectRoutes: the signature (which covers the body) is checked, then the key rules check the body.
+ */
+export function federationDirectRoutes({ keys, authenticator, allowDeviceNameLookup }: FederationRoutesOptions): DirectRoute[] {
+  const verify = (raw: IncomingMessage, content: unknown) =>
+    authenticator.authenticate({ method: raw.method ?? '', uri: raw.url ?? '', authorization: raw.headers.authorization, content });
+  return [
+    {
+      method: 'POST',
+      path: `${F}/user/keys/query`,
+      handle: async (raw, body) => {
+        await verify(raw, body);
+        return keys.query(null, body, { displayNames: allowDeviceNameLookup, clientApi: false });
+      },
+    },
+    {
+      method: 'POST',
+      path: `${F}/user/keys/claim`,
+      handle: async (raw, body) => {
+        await verify(raw, body);
+        return keys.claim(body, true);
+      },
+    },
+  ];
+}
 
 export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = async (app, { keys, authenticator, allowDeviceNameLookup }) => {
   // After the body is parsed (the signature covers it) and before it is validated, so an unsigned
@@ -38,14 +62,6 @@ export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = asy
       content: request.body,
     });
   });
-
-  /** POST /_matrix/federation/v1/user/keys/query — spec: user_keys.yaml */
-  app.post(`${F}/user/keys/query`, { schema: { body: QueryBody } }, async (request, reply) =>
-    json(reply, await keys.query(null, request.body as Body, { displayNames: allowDeviceNameLookup, clientApi: false })),
-  );
-
-  /** POST /_matrix/federation/v1/user/keys/claim — spec: user_keys.yaml */
-  app.post(`${F}/user/keys/claim`, { schema: { body: ClaimBody } }, async (request, reply) => json(reply, await keys.claim(request.body as Body, true)));
 
   /** GET /_matrix/federation/v1/user/devices/{userId} — spec: user_devices.yaml */
   app.get(`${F}/user/devices/:userId`, async (request, reply) =>

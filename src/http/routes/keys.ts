@@ -2,12 +2,14 @@
  * The client-server end-to-end keys API (keys.yaml, cross_signing.yaml) and the key parts of
  * /sync. Handlers parse, call the key rules, and send the JSON text those build.
  */
-import type { FastifyPluginAsync, FastifyReply } from 'fastify';
+import type { FastifyPluginAsync } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import type { Keys } from '../../keys/service.js';
 import type { CrossSigning } from '../../keys/cross-signing.js';
 import type { Accounts } from '../../accounts/service.js';
-import { pathOf, requesterOf, requireAccessToken } from '../auth.js';
+import { accessTokenOf, pathOf, requesterOf, requireAccessToken } from '../auth.js';
+import type { IncomingMessage } from 'node:http';
+import type { DirectRoute } from '../direct.js';
 
 export interface KeyRoutesOptions {
   readonly keys: Keys;
@@ -21,9 +23,6 @@ const C = '/_matrix/client/v3';
 const UNSTABLE = '/_matrix/client/unstable';
 
 const AnyObject = Type.Object({}, { additionalProperties: true });
-const Timeout = Type.Optional(Type.Integer({ minimum: 0 }));
-const QueryBody = Type.Object({ device_keys: Type.Record(Type.String(), Type.Array(Type.String())), timeout: Timeout }, { additionalProperties: true });
-const ClaimBody = Type.Object({ one_time_keys: Type.Record(Type.String(), Type.Record(Type.String(), Type.String())), timeout: Timeout }, { additionalProperties: true });
 const UploadBody = Type.Object(
   {
     device_keys: Type.Optional(Type.Union([AnyObject, Type.Null()])),
@@ -33,21 +32,34 @@ const UploadBody = Type.Object(
   { additionalProperties: true },
 );
 
-const json = (reply: FastifyReply, text: string) => reply.type('application/json').send(text);
+/**
+ * POST /keys/query and /keys/claim (keys.yaml), the hot routes, served by DirectRoutes: the key
+ * rules check the bodies (Keys.query, Keys.claim), as no Fastify schema runs before them.
+ */
+export function keyDirectRoutes({ keys, accounts, allowAccessTokenInQuery }: Omit<KeyRoutesOptions, 'crossSigning'>): DirectRoute[] {
+  const requester = (raw: IncomingMessage) => accounts.authenticate(accessTokenOf(raw, allowAccessTokenInQuery));
+  return [
+    {
+      method: 'POST',
+      path: `${C}/keys/query`,
+      handle: async (raw, body) => keys.query({ userId: (await requester(raw)).userId }, body, { displayNames: true, clientApi: true }),
+    },
+    {
+      method: 'POST',
+      path: `${C}/keys/claim`,
+      handle: async (raw, body) => {
+        await requester(raw);
+        return keys.claim(body, false);
+      },
+    },
+  ];
+}
 
 export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { keys, crossSigning, accounts, allowAccessTokenInQuery }) => {
   app.addHook('onRequest', requireAccessToken(accounts, allowAccessTokenInQuery));
 
   /** POST /_matrix/client/v3/keys/upload — spec: keys.yaml */
   app.post(`${C}/keys/upload`, { schema: { body: UploadBody } }, async (request) => keys.upload(requesterOf(request), request.body as Body));
-
-  /** POST /_matrix/client/v3/keys/query — spec: keys.yaml */
-  app.post(`${C}/keys/query`, { schema: { body: QueryBody } }, async (request, reply) =>
-    json(reply, await keys.query({ userId: requesterOf(request).userId }, request.body as Body, { displayNames: true, clientApi: true })),
-  );
-
-  /** POST /_matrix/client/v3/keys/claim — spec: keys.yaml */
-  app.post(`${C}/keys/claim`, { schema: { body: ClaimBody } }, async (request, reply) => json(reply, await keys.claim(request.body as Body, false)));
 
   /** GET /_matrix/client/v3/keys/changes?from=&to= — spec: keys.yaml */
   app.get(
