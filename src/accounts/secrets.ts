@@ -42,8 +42,21 @@ export function newAccessToken(): string {
   return `mxk_${randomBytes(32).toString('base64url')}`;
 }
 
+/**
+ * Recent tokens' hashes: every authenticated request hashes its token, and a client sends the same
+ * one again and again (Synapse, too, keeps recent raw tokens in memory, keying its token cache
+ * on them). Only tokens that hash to a stored token are remembered (rememberTokenHash).
+ */
+const tokenHashes = new Map<string, string>();
+
 export function hashAccessToken(token: string): string {
-  return createHash('sha256').update(token).digest('base64');
+  return tokenHashes.get(token) ?? createHash('sha256').update(token).digest('base64');
+}
+
+/** Remembers the hash of a token that authenticated someone. */
+export function rememberTokenHash(token: string, hash: string): void {
+  if (tokenHashes.size >= 10_000) tokenHashes.clear();
+  tokenHashes.set(token, hash);
 }
 
 /** A device ID as Synapse makes them: ten random upper-case letters. */

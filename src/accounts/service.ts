@@ -8,7 +8,7 @@ import { MatrixError } from '../matrix/errors.js';
 import { isValidDeviceId, isValidNewLocalpart, MAX_USER_ID_BYTES, parseUserId, userIdFor } from '../matrix/ids.js';
 import { RateLimiter, type RateLimit } from '../matrix/ratelimit.js';
 import type { AccountsStore, StoredDevice } from '../storage/store.js';
-import { hashAccessToken, hashPassword, isOpaqueId, newAccessToken, newDeviceId, newOpaqueId, verifyPassword } from './secrets.js';
+import { hashAccessToken, hashPassword, rememberTokenHash, isOpaqueId, newAccessToken, newDeviceId, newOpaqueId, verifyPassword } from './secrets.js';
 import { UserInteractiveAuth, type StageChecker } from './uia.js';
 
 /** Who is making an authenticated request. */
@@ -103,8 +103,10 @@ export class Accounts {
 
   /** Resolves an access token to its user and device. */
   async authenticate(token: string): Promise<Requester> {
-    const found = await this.store.getAccessToken(hashAccessToken(token));
+    const hash = hashAccessToken(token);
+    const found = await this.store.getAccessToken(hash);
     if (!found) throw new MatrixError('M_UNKNOWN_TOKEN', 'Unknown or expired access token; log in again', 401, { soft_logout: false });
+    rememberTokenHash(token, hash);
     return found;
   }
 

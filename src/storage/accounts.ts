@@ -1,5 +1,6 @@
 /** AccountsStore on the driver-neutral SQL surface (same SQL on both backends). */
 import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
+import { readCacheFor, type ReadCache } from './read-cache.js';
 import type { AccountsStore, NewSession, StoredDevice, StoredUser, UiaSession } from './store.js';
 import { recordDeviceListChanges } from './device-lists.js';
 
@@ -41,7 +42,12 @@ const toDevice = (r: DeviceRow): StoredDevice => ({
 const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices'] as const;
 
 export class SqlAccountsStore implements AccountsStore {
-  constructor(private readonly db: SqlDatabase) {}
+  /** Access tokens by hash: every authenticated request looks one up. */
+  private readonly tokens: ReadCache<{ userId: string; deviceId: string }> | undefined;
+
+  constructor(private readonly db: SqlDatabase) {
+    this.tokens = readCacheFor(db);
+  }
 
   private async insertDevice(tx: Queryable, userId: string, s: NewSession): Promise<void> {
     await tx.run('INSERT INTO devices (user_id, device_id, display_name, created_ts, last_seen_ts, last_seen_ip) VALUES (?, ?, ?, ?, ?, ?)', [
@@ -96,9 +102,12 @@ export class SqlAccountsStore implements AccountsStore {
     });
   }
 
-  async getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined> {
-    const r = await this.db.get<{ user_id: string; device_id: string }>('SELECT user_id, device_id FROM access_tokens WHERE token_hash = ?', [tokenHash]);
-    return r && { userId: r.user_id, deviceId: r.device_id };
+  getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined> {
+    const read = async () => {
+      const r = await this.db.get<{ user_id: string; device_id: string }>('SELECT user_id, device_id FROM access_tokens WHERE token_hash = ?', [tokenHash]);
+      return r && { userId: r.user_id, deviceId: r.device_id };
+    };
+    return this.tokens ? this.tokens.get(tokenHash, read) : read();
   }
 
   async getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined> {

@@ -7,6 +7,7 @@
  *    concurrent claimers each lock (and delete) a different row instead of queueing on one.
  */
 import { placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
+import { readCacheFor, type ReadCache } from './read-cache.js';
 import type {
   ClaimedKey,
   ClaimRequest,
@@ -168,10 +169,14 @@ class SqlKeysTransaction implements KeysTransaction {
 export class SqlKeysStore implements KeysStore {
   /** Pairs (viewer, tracked) known to be stored, so repeated queries do not write again. */
   private readonly trackedCache = new Set<string>();
+  /** Each user's device keys, cross-signing keys and signatures (getKeysOf), while unchanged. */
+  private readonly keysOfUser: ReadCache<KeysOfUsers> | undefined;
   /** SQLite claims waiting for the next group commit. */
   private readonly claimQueue: { requests: readonly ClaimRequest[]; resolve: (keys: ClaimedKey[]) => void; reject: (e: unknown) => void }[] = [];
 
-  constructor(private readonly db: SqlDatabase) {}
+  constructor(private readonly db: SqlDatabase) {
+    this.keysOfUser = readCacheFor(db);
+  }
 
   transaction<T>(fn: (tx: KeysTransaction) => Promise<T>): Promise<T> {
     return this.db.transaction((tx) => fn(new SqlKeysTransaction(tx, Date.now())));
@@ -185,6 +190,26 @@ export class SqlKeysStore implements KeysStore {
   }
 
   async getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
+    if (!this.keysOfUser) return this.readKeysOf(userIds);
+    const byUser = await this.keysOfUser.getMany(userIds, async (missing) => {
+      const rows = await this.readKeysOf(missing);
+      const split = new Map<string, KeysOfUsers>(missing.map((u) => [u, { devices: [], crossSigning: [], signatures: [] }]));
+      for (const d of rows.devices) split.get(d.userId)!.devices.push(d);
+      for (const k of rows.crossSigning) split.get(k.userId)!.crossSigning.push(k);
+      for (const s of rows.signatures) split.get(s.targetUserId)!.signatures.push(s);
+      return split;
+    });
+    if (byUser.size === 1) return byUser.values().next().value!;
+    const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
+    for (const k of byUser.values()) {
+      out.devices.push(...k.devices);
+      out.crossSigning.push(...k.crossSigning);
+      out.signatures.push(...k.signatures);
+    }
+    return out;
+  }
+
+  private async readKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
     const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
     for (const part of chunks(userIds, Math.floor(CHUNK / 3))) {
       const inList = placeholders(part.length);

@@ -34,6 +34,12 @@ export interface SqlDatabase extends Queryable {
    * already holds the database's write lock.
    */
   withExclusiveLock<T>(fn: () => Promise<T>): Promise<T>;
+  /**
+   * SQLite only: a number that moves on whenever data in the database may have changed — a write
+   * statement of this process, or a commit by any other connection (PRAGMA data_version). Read
+   * caches (read-cache.ts) key on it. PostgreSQL has no equivalent as cheap as the read itself.
+   */
+  readonly dataGeneration?: () => number;
   close(): Promise<void>;
 }
 

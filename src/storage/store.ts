@@ -223,7 +223,7 @@ export interface KeysStore {
   /**
    * Everything a key query returns for the given users, in one statement: the device keys of
    * their devices that have uploaded keys, their cross-signing keys, and the uploaded signatures
-   * on either.
+   * on either. The result may be shared with other callers (a cache): read it, do not modify it.
    */
   getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers>;
   getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]>;

@@ -12,6 +12,7 @@ import Database from 'better-sqlite3';
 import { mkdirSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+import { WalIndexHeader } from './wal-index.js';
 
 type Statement = Database.Statement<unknown[]>;
 
@@ -39,6 +40,10 @@ export class SqliteDatabase implements SqlDatabase {
   readonly dialect = 'sqlite' as const;
   private readonly db: Database.Database;
   private readonly statements = new Map<string, Statement>();
+  /** Moves on with every write statement here and every commit elsewhere (dataGeneration). */
+  private generation = 0;
+  /** How commits by other connections are noticed: the wal-index header, or data_version. */
+  private readonly otherCommits: () => boolean;
   /** Resolves when the transaction currently open (and every one queued before it) has ended. */
   private txTail: Promise<void> = Promise.resolve();
   private txOpen = false;
@@ -58,12 +63,14 @@ export class SqliteDatabase implements SqlDatabase {
     // SQLite's default page cache is 2 MiB; with millions of one-time keys the hot index pages
     // no longer fit, and claims start reading pages from the OS. 64 MiB keeps them in memory.
     this.db.pragma('cache_size = -65536');
+    this.otherCommits = this.commitWatch(options.path);
     this.direct = {
       dialect: 'sqlite',
       all: async <T extends object>(sql: string, params?: readonly SqlValue[]) => this.prepare(sql).all(...bind(params)) as T[],
       get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => this.prepare(sql).get(...bind(params)) as T | undefined,
       run: async (sql: string, params?: readonly SqlValue[]) => this.prepare(sql).run(...bind(params)).changes,
       exec: async (script: string) => {
+        this.generation++;
         this.db.exec(script);
       },
     };
@@ -76,8 +83,57 @@ export class SqliteDatabase implements SqlDatabase {
       st = this.db.prepare(sql);
       this.statements.set(sql, st);
     }
+    if (!st.readonly) this.generation++;
     return st;
   }
+
+  /**
+   * The data_version seen first in the current run of this process's job queue stands for the
+   * whole run: a run (one I/O or timer callback with the ticks and promise jobs it sets off)
+   * takes in nothing from outside, so every request handled in it arrived before the check, and
+   * every commit made before such a request was sent is seen. Forgotten when the run ends.
+   */
+  private versionChecked = false;
+  private readonly forgetVersionCheck = () => {
+    // A job of this microtask checkpoint; the tick it queues runs once the checkpoint is drained.
+    process.nextTick(() => (this.versionChecked = false));
+  };
+
+  readonly dataGeneration = (): number => {
+    // Commits by other connections are looked for once per run; this connection's own writes
+    // are counted in prepare() and exec().
+    if (!this.versionChecked) {
+      this.versionChecked = true;
+      queueMicrotask(this.forgetVersionCheck);
+      if (this.otherCommits()) this.generation++;
+    }
+    return this.generation;
+  };
+
+  private commitWatch(path: string): () => boolean {
+    const mode = this.db.pragma('journal_mode', { simple: true });
+    // A first read transaction creates the -shm file when this is the only connection.
+    this.db.pragma('schema_version');
+    if (mode === 'wal' && path !== ':memory:') {
+      try {
+        const header = new WalIndexHeader(`${path}-shm`);
+        this.closeWatch = () => header.close();
+        return () => header.changed();
+      } catch {
+        // No -shm file to read (an unusual file system): data_version below.
+      }
+    }
+    const dataVersion = this.db.prepare<[], number>('PRAGMA data_version').pluck();
+    let last = -1;
+    return () => {
+      const version = dataVersion.get()!;
+      if (version === last) return false;
+      last = version;
+      return true;
+    };
+  }
+
+  private closeWatch = () => {};
 
   private async outsideTransaction(): Promise<void> {
     while (this.txOpen) await this.txTail;
@@ -154,6 +210,7 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   async exec(script: string): Promise<void> {
+    this.generation++;
     await this.retrying(() => this.db.exec(script));
   }
 
@@ -163,6 +220,9 @@ export class SqliteDatabase implements SqlDatabase {
 
   async close(): Promise<void> {
     await this.outsideTransaction();
-    if (this.db.open) this.db.close();
+    if (this.db.open) {
+      this.closeWatch();
+      this.db.close();
+    }
   }
 }
