@@ -9,6 +9,9 @@
  * with the captured bytes of a real mxkeys answer. Target: mxkeys ≥ 70 % of the verification rate.
  *
  *   npm run bench:federation -- [--backend sqlite|postgres] [--duration S] [--warmup S] [--rounds N] [--json FILE] [--cpu-prof DIR]
+ *
+ * mxkeys inherits the environment: `UV_THREADPOOL_SIZE=1 npm run bench:federation` measures it
+ * with one libuv thread (where verification runs); the report says which size was used.
  */
 import { parseArgs } from 'node:util';
 import { createServer } from 'node:http';
@@ -194,7 +197,7 @@ async function main(): Promise<void> {
     const p50 = median(rounds.map((r) => r.mxkeys.latency.p50));
     const p99 = median(rounds.map((r) => r.mxkeys.latency.p99));
     const table = [
-      `Federation POST /user/keys/query (1 user × 1 device, distinct X-Matrix signature per request), ${opts.backend}, ${opts.connections} connections, median of ${opts.rounds} × ${opts.duration} s:`,
+      `Federation POST /user/keys/query (1 user × 1 device, distinct X-Matrix signature per request), ${opts.backend}, ${opts.connections} connections, median of ${opts.rounds} × ${opts.duration} s; mxkeys with UV_THREADPOOL_SIZE=${process.env['UV_THREADPOOL_SIZE'] ?? 'unset (libuv default: 4)'}; load sent by bench/load.ts's own client:`,
       '',
       '| measure | req/s |',
       '|---|---|',
