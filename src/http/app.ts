@@ -123,7 +123,7 @@ export function buildApp(deps: AppDeps): App {
     }
   });
 
-  const routes: { method: string; matcher: RegExp }[] = direct.list().map((r) => ({ method: r.method, matcher: routeMatcher(r.path) }));
+  const routes: { method: string; matcher: RegExp }[] = [];
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method];
     for (const method of methods) if (method !== 'OPTIONS') routes.push({ method, matcher: routeMatcher(route.url ?? route.path) });
@@ -167,6 +167,16 @@ export function buildApp(deps: AppDeps): App {
   app.options('*', (_request, reply) => {
     reply.type('application/json').send('{}');
   });
+
+  // The direct routes again, for requests that reach Fastify without our server's listener (an
+  // embedding homeserver's own server calling app.routing, or app.inject).
+  for (const route of direct.list()) {
+    app.route({
+      method: route.method,
+      url: route.path,
+      handler: async (request, reply) => reply.type('application/json').send(await route.handle(request.raw, request.body)),
+    });
+  }
 
   app.decorateRequest('requester', undefined);
   app.decorateRequest('origin', undefined);

@@ -1,7 +1,7 @@
 /**
  * Client authentication: the access token from `Authorization: Bearer` (or, when
- * allow_access_token_in_query is on, the deprecated `?access_token=`), resolved once per request
- * in an onRequest hook, before the body is read.
+ * allow_access_token_in_query is on, the deprecated `?access_token=`), resolved once per request:
+ * in an onRequest hook before the body is read, or by a direct route (direct.ts) after it.
  */
 import type { IncomingMessage } from 'node:http';
 import type { FastifyReply, FastifyRequest, onRequestAsyncHookHandler } from 'fastify';

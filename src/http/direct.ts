@@ -69,7 +69,7 @@ export class DirectRoutes {
     this.routes.set(route.path, route);
   }
 
-  /** The routes, for telling 405 from 404 on their paths. */
+  /** The routes (app.ts also gives them to Fastify, for requests that reach it directly). */
   list(): readonly DirectRoute[] {
     return [...this.routes.values()];
   }

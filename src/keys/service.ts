@@ -93,9 +93,19 @@ export interface KeyStats {
   claimsUnanswered: number;
 }
 
+/** Query answers up to this size are kept for reuse, at most ANSWERS_KEPT of them. */
+const MAX_KEPT_ANSWER_CHARS = 16_384;
+const ANSWERS_KEPT = 4096;
+
 export class Keys {
   private readonly store: KeysStore;
   readonly stats: KeyStats = { oneTimeKeysClaimed: 0, fallbackKeysClaimed: 0, claimsUnanswered: 0 };
+  /**
+   * Query answers by viewer, options and request, valid for one data version of the store: the
+   * same question about unchanged data has the same answer (clients and servers repeat queries).
+   */
+  private readonly answers = new Map<string, string>();
+  private answersVersion: number | undefined;
 
   constructor(private readonly options: KeysOptions) {
     this.store = options.store;
@@ -267,9 +277,28 @@ export class Keys {
       ? this.partition(Object.keys(wanted), 'device_keys')
       : { local: this.requireLocalUsers(Object.keys(wanted), 'device_keys'), remoteServers: new Set<string>() };
 
-    const { devices, crossSigning, signatures } = local.length ? await this.store.getKeysOf(local) : { devices: [], crossSigning: [], signatures: [] };
     if (viewer) await this.store.trackUsers(viewer.userId, Object.keys(wanted));
+    const version = this.store.dataVersion();
+    const answerKey = version === undefined ? undefined : `${viewer?.userId ?? ''}\0${Number(options.displayNames)}${Number(options.clientApi)}\0${JSON.stringify(wanted)}`;
+    if (answerKey !== undefined) {
+      if (version !== this.answersVersion) {
+        this.answers.clear();
+        this.answersVersion = version;
+      }
+      const kept = this.answers.get(answerKey);
+      if (kept !== undefined) return kept;
+    }
+    const answer = await this.buildQueryAnswer(viewer, wanted, local, remoteServers, options);
+    // Built from data at least as new as `version`; a change since has moved the version on.
+    if (answerKey !== undefined && this.answersVersion === version && answer.length <= MAX_KEPT_ANSWER_CHARS) {
+      if (this.answers.size >= ANSWERS_KEPT) this.answers.clear();
+      this.answers.set(answerKey, answer);
+    }
+    return answer;
+  }
 
+  private async buildQueryAnswer(viewer: Viewer, wanted: JsonObject, local: readonly string[], remoteServers: Set<string>, options: QueryOptions): Promise<string> {
+    const { devices, crossSigning, signatures } = local.length ? await this.store.getKeysOf(local) : { devices: [], crossSigning: [], signatures: [] };
     const signed = withVisibleSignatures(signatures, viewer);
 
     const deviceEntries = new Map<string, [string, string][]>(local.map((u) => [u, []]));

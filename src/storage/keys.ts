@@ -352,6 +352,10 @@ export class SqlKeysStore implements KeysStore {
     return rows.map((r) => r.user_id);
   }
 
+  dataVersion(): number | undefined {
+    return this.db.dataGeneration?.();
+  }
+
   async isCrossSigningPublicKey(userId: string, key: string): Promise<boolean> {
     return (await this.db.get('SELECT 1 AS x FROM e2e_cross_signing_keys WHERE user_id = ? AND public_key = ?', [userId, key])) !== undefined;
   }

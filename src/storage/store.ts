@@ -240,6 +240,12 @@ export interface KeysStore {
   /** Remembers that `userId` has asked for these users' keys (for /keys/changes). */
   trackUsers(userId: string, tracked: readonly string[]): Promise<void>;
   /**
+   * A number that stays the same while no stored data can have changed, through this process or
+   * any other (SQLite: the data generation); undefined when the store cannot tell cheaply
+   * (PostgreSQL). Lets the key rules reuse what they built from unchanged data.
+   */
+  dataVersion(): number | undefined;
+  /**
    * Users whose device lists changed with from < position <= to and whom `viewer` sees: the viewer
    * and the users they track; changes private to someone else are left out.
    */

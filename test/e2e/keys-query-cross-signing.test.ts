@@ -63,6 +63,12 @@ describeEachBackend('POST /keys/query', (backend) => {
     assert.deepEqual(byBob.body['user_signing_keys'], {});
     const byAlice = await query(server, alice.session, { [alice.session.userId]: [] });
     assert.deepEqual((byAlice.body['user_signing_keys'] as Json)[alice.session.userId], alice.cs.userSigningKey());
+    // The same question again, in turn, with nothing changed in between: each still gets their own answer.
+    for (let i = 0; i < 2; i++) {
+      const again = await query(server, alice.session, { [alice.session.userId]: [] });
+      assert.deepEqual((again.body['user_signing_keys'] as Json)[alice.session.userId], alice.cs.userSigningKey());
+      assert.deepEqual((await query(server, bob.session, { [alice.session.userId]: [] })).body['user_signing_keys'], {}, 'not the answer alice got');
+    }
   });
 
   test('users on other servers are reported in failures', async () => {
@@ -175,6 +181,11 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
     assert.deepEqual((seenByBob.body['master_keys'] as Json)[bob.session.userId], bob.cs.masterKey(), "…and from bob himself");
     const seenByAlice = await query(server, alice.session, { [bob.session.userId]: [] });
     assert.deepEqual((seenByAlice.body['master_keys'] as Json)[bob.session.userId], signedBob, '…but alice sees her own signature');
+    // Asked in turn with nothing changed in between, the answers stay each viewer's own.
+    for (let i = 0; i < 2; i++) {
+      assert.deepEqual(((await query(server, alice.session, { [bob.session.userId]: [] })).body['master_keys'] as Json)[bob.session.userId], signedBob);
+      assert.deepEqual(((await query(server, bob.session, { [bob.session.userId]: [] })).body['master_keys'] as Json)[bob.session.userId], bob.cs.masterKey());
+    }
   });
 
   test('invalid signatures are reported per item and not stored, while valid ones in the same request are', async () => {

@@ -22,6 +22,9 @@ export interface FederationRoutesOptions {
 }
 
 const F = '/_matrix/federation/v1';
+
+/** What X-Matrix authentication checks of a request: the raw request target, exactly as received. */
+const signedRequest = (raw: IncomingMessage, content: unknown) => ({ method: raw.method ?? '', uri: raw.url ?? '', authorization: raw.headers.authorization, content });
 const json = (reply: FastifyReply, text: string) => reply.type('application/json').send(text);
 
 /**
@@ -29,8 +32,7 @@ const json = (reply: FastifyReply, text: string) => reply.type('application/json
  * DirectRoutes: the signature (which covers the body) is checked, then the key rules check the body.
  */
 export function federationDirectRoutes({ keys, authenticator, allowDeviceNameLookup }: FederationRoutesOptions): DirectRoute[] {
-  const verify = (raw: IncomingMessage, content: unknown) =>
-    authenticator.authenticate({ method: raw.method ?? '', uri: raw.url ?? '', authorization: raw.headers.authorization, content });
+  const verify = (raw: IncomingMessage, content: unknown) => authenticator.authenticate(signedRequest(raw, content));
   return [
     {
       method: 'POST',
@@ -55,12 +57,7 @@ export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = asy
   // After the body is parsed (the signature covers it) and before it is validated, so an unsigned
   // request learns nothing about what a valid body looks like.
   app.addHook('preValidation', async (request) => {
-    request.origin = await authenticator.authenticate({
-      method: request.method,
-      uri: request.raw.url ?? request.url,
-      authorization: request.headers.authorization,
-      content: request.body,
-    });
+    request.origin = await authenticator.authenticate(signedRequest(request.raw, request.body));
   });
 
   /** GET /_matrix/federation/v1/user/devices/{userId} — spec: user_devices.yaml */
