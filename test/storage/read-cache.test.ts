@@ -19,13 +19,18 @@ describe('the SQLite data generation', () => {
   after(async () => {
     for (const db of open) await db.close();
   });
-
-  test('moves on when another connection commits, and not for reads', async () => {
-    const path = join(tempDir(), 'gen.db');
+  /** Two connections to one new file with a table `t`, the first run after its creation begun. */
+  const twoConnections = async () => {
+    const path = join(tempDir(), 'shared.db');
     const writer = database(path);
     const reader = database(path);
     await writer.exec('CREATE TABLE t (x INTEGER)');
     await nextRun();
+    return { writer, reader };
+  };
+
+  test('moves on when another connection commits, and not for reads', async () => {
+    const { writer, reader } = await twoConnections();
     const g0 = reader.dataGeneration();
     await reader.all('SELECT * FROM t');
     await writer.all('SELECT * FROM t');
@@ -55,11 +60,7 @@ describe('the SQLite data generation', () => {
   });
 
   test('looks at other connections once per run of the job queue, then again in the next', async () => {
-    const path = join(tempDir(), 'run.db');
-    const writer = database(path);
-    const reader = database(path);
-    await writer.exec('CREATE TABLE t (x INTEGER)');
-    await nextRun();
+    const { writer, reader } = await twoConnections();
     const g0 = reader.dataGeneration();
     // Another process's commit arriving while this run goes on (simulated by a second connection).
     await writer.run('INSERT INTO t VALUES (1)');
