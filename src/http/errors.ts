@@ -6,6 +6,7 @@
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { MatrixError, type Errcode } from '../matrix/errors.js';
+import { redactUrl } from './redact.js';
 
 interface ValidationIssue {
   keyword: string;
@@ -68,7 +69,7 @@ export interface ErrorContext {
 /** The status, extra headers and body of the error response for `error`, logging what needs it. */
 export function errorResponse(error: unknown, request: ErrorContext): { status: number; headers: Record<string, string>; body: string } {
   const { matrix, unexpected } = toMatrixError(error, request.id);
-  if (unexpected) request.log.error({ err: error, reqId: request.id, method: request.method, url: request.url }, 'unexpected error while handling a request');
+  if (unexpected) request.log.error({ err: error, reqId: request.id, method: request.method, url: redactUrl(request.url) }, 'unexpected error while handling a request');
   else if (matrix.status >= 500) request.log.warn({ reqId: request.id, errcode: matrix.errcode }, matrix.message);
   const headers: Record<string, string> = {};
   if (matrix.status === 429 && typeof matrix.extra?.['retry_after_ms'] === 'number') {
