@@ -20,6 +20,16 @@ import { RequestAuthenticator } from './federation/request-auth.js';
 import { ConfigError } from './config/load.js';
 import { MxkeysMetrics } from './metrics/mxkeys.js';
 import type { Server } from 'node:http';
+import type { Server as TlsServer } from 'node:https';
+import { Destinations } from './federation/destinations.js';
+import { RemoteDeviceListCache } from './federation/device-list-cache.js';
+import { RemoteKeys } from './federation/remote-keys.js';
+import { DeviceListSubscriptions } from './federation/subscriptions.js';
+import { FederationSender } from './federation/sender.js';
+import { DeviceListEdus } from './federation/device-list-edus.js';
+import { InboundTransactions } from './federation/transactions.js';
+import { FederationMaintenance } from './federation/maintenance.js';
+import type { RemoteKeyLookup } from './keys/remote.js';
 
 export interface Mxkeys {
   readonly config: Readonly<Config>;
@@ -30,6 +40,22 @@ export interface Mxkeys {
   readonly keys: Keys;
   readonly keyRing: KeyRing;
   readonly logger: Logger;
+  /**
+   * Which servers receive a local user's device-list updates. Servers that ask about a user are
+   * added for `federation.device_list_subscription_lifetime`; an embedding homeserver that knows
+   * its rooms adds and removes the servers sharing them (these never lapse).
+   */
+  readonly deviceListSubscriptions: DeviceListSubscriptions;
+  /** The federation machinery, for embedding and tests. */
+  readonly federation: {
+    readonly sender: FederationSender;
+    readonly maintenance: FederationMaintenance;
+    readonly remoteDeviceLists: RemoteDeviceListCache;
+    readonly destinations: Destinations;
+    readonly transactions: InboundTransactions;
+  };
+  /** Reads the TLS certificate and key again (SIGHUP); open connections keep theirs. */
+  reloadTls(): void;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
   /** Where metrics are served once listening, when `metrics.enabled`. */
@@ -51,14 +77,35 @@ function readCaFile(path: string | undefined): string | undefined {
   }
 }
 
-function keysFor(config: Readonly<Config>, store: Store): Keys {
+function keysFor(config: Readonly<Config>, store: Store, remote?: RemoteKeyLookup): Keys {
   return new Keys({
     store: store.keys,
     deviceLists: store.deviceLists,
     serverName: config.server_name,
     maxOneTimeKeysPerDevice: config.max_one_time_keys_per_device,
+    limits: { queryUsers: config.max_key_query_users, queryDeviceIds: config.max_key_query_device_ids, claimDevices: config.max_key_claim_devices },
+    remote,
   });
 }
+
+function readTls(config: Readonly<Config>): { key: Buffer; cert: Buffer } | undefined {
+  const certPath = config.tls_certificate_path;
+  const keyPath = config.tls_private_key_path;
+  if (certPath === undefined || keyPath === undefined) return undefined;
+  const read = (key: string, path: string) => {
+    try {
+      return readFileSync(path);
+    } catch (e) {
+      throw new ConfigError(`config key "${key}": cannot read ${path}: ${(e as NodeJS.ErrnoException).code ?? (e as Error).message}`);
+    }
+  };
+  return { cert: read('tls_certificate_path', certPath), key: read('tls_private_key_path', keyPath) };
+}
+
+/** How often the sender looks for EDUs queued by other processes, and retries that are due. */
+const SENDER_POLL_MS = 1000;
+/** How often federation housekeeping runs (in one process of those sharing the database). */
+const MAINTENANCE_INTERVAL_MS = 60_000;
 
 function accountsFor(config: Readonly<Config>, store: Store, keys: Keys): Accounts {
   return new Accounts({
@@ -102,19 +149,40 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     oldVerifyKeys: config.old_signing_keys,
     validityMs: durationMs(config.key_refresh_interval),
   });
-  const keys = keysFor(config, store);
+  const log = (level: 'info' | 'warn', message: string, details: Record<string, unknown>) => logger[level](details, message);
+  const destinations = new Destinations({
+    store: store.federation,
+    policy: {
+      minIntervalMs: durationMs(config.federation.destination_min_retry_interval),
+      multiplier: config.federation.destination_retry_multiplier,
+      maxIntervalMs: durationMs(config.federation.destination_max_retry_interval),
+    },
+    log: (message, details) => logger.info(details, message),
+  });
+  const requestTimeoutMs = durationMs(config.federation.request_timeout);
+  const federationClient = new FederationClient({
+    resolve: config.federation.resolve,
+    extraCa: readCaFile(config.federation.tls_ca_file),
+    timeoutMs: requestTimeoutMs,
+    ...(config.federation.ip_range_blacklist ? { ipRangeBlacklist: config.federation.ip_range_blacklist } : {}),
+    ipRangeWhitelist: config.federation.ip_range_whitelist,
+    signer: { serverName: config.server_name, key: ownKeys.signingKey },
+  });
+  const remoteDeviceLists = new RemoteDeviceListCache({
+    store: store.remoteDeviceLists,
+    client: federationClient,
+    destinations,
+    refreshAfterMs: durationMs(config.federation.device_list_refresh_interval),
+    requestTimeoutMs,
+    log,
+  });
+  const remoteKeys = new RemoteKeys({ client: federationClient, destinations, cache: remoteDeviceLists, store: store.remoteDeviceLists, log });
+  const keys = keysFor(config, store, remoteKeys);
   const accounts = accountsFor(config, store, keys);
   const crossSigning = new CrossSigning({
     store: store.keys,
     serverName: config.server_name,
     requireUserInteractiveAuth: (requester, request) => accounts.requirePassword(requester, request),
-  });
-  const federationClient = new FederationClient({
-    resolve: config.federation.resolve,
-    extraCa: readCaFile(config.federation.tls_ca_file),
-    timeoutMs: durationMs(config.federation.request_timeout),
-    ...(config.federation.ip_range_blacklist ? { ipRangeBlacklist: config.federation.ip_range_blacklist } : {}),
-    ipRangeWhitelist: config.federation.ip_range_whitelist,
   });
   const keyRing = new KeyRing({
     serverName: config.server_name,
@@ -123,7 +191,42 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     trustedKeyServers: config.federation.trusted_key_servers,
     log: (message, details) => logger.warn(details, message),
   });
-  const authenticator = new RequestAuthenticator({ serverName: config.server_name, keys: keyRing, rateLimit: config.federation.rate_limit });
+  const subscriptions = new DeviceListSubscriptions({ store: store.federation, lifetimeMs: durationMs(config.federation.device_list_subscription_lifetime) });
+  const sender = new FederationSender({
+    serverName: config.server_name,
+    client: federationClient,
+    store: store.federation,
+    destinations,
+    sources: [new DeviceListEdus({ store: store.federation, keys, displayNames: config.federation.allow_device_name_lookup })],
+    pollIntervalMs: SENDER_POLL_MS,
+    log,
+  });
+  const maintenance = new FederationMaintenance({
+    store: store.federation,
+    cache: remoteDeviceLists,
+    destinations,
+    owner: sender.owner,
+    intervalMs: MAINTENANCE_INTERVAL_MS,
+    maxUndeliveredAgeMs: durationMs(config.federation.max_undelivered_age),
+    log,
+  });
+  const transactions = new InboundTransactions({
+    store: store.federation,
+    handlers: {
+      'm.device_list_update': (origin, content) => remoteDeviceLists.deviceListUpdate(origin, content),
+      'm.signing_key_update': (origin, content) => remoteDeviceLists.signingKeyUpdate(origin, content),
+    },
+  });
+  // A change committed here is sent at once; changes made by other processes are found by polling.
+  store.deviceLists.onChange(() => void sender.poll());
+  destinations.onRecovered((d) => sender.wake(d));
+  const authenticator = new RequestAuthenticator({
+    serverName: config.server_name,
+    keys: keyRing,
+    rateLimit: config.federation.rate_limit,
+    // A server that talks to us is up: stop waiting to send to it (as Synapse does).
+    onAccepted: (origin) => void destinations.succeeded(origin).catch(() => undefined),
+  });
   const metrics = config.metrics.enabled
     ? new MxkeysMetrics({ store, keyStats: keys.stats, federationAuth: authenticator.stats, serverKeyFetches: keyRing.stats })
     : undefined;
@@ -140,7 +243,10 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       authenticator,
       notary: new Notary(ownKeys, keyRing),
       allowDeviceNameLookup: config.federation.allow_device_name_lookup,
+      subscriptions,
+      transactions,
     },
+    tls: readTls(config),
     client: {
       allowAccessTokenInQuery: config.allow_access_token_in_query,
       publicBaseurl: config.public_baseurl,
@@ -160,8 +266,17 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     keys,
     keyRing,
     logger,
+    deviceListSubscriptions: subscriptions,
+    federation: { sender, maintenance, remoteDeviceLists, destinations, transactions },
+    reloadTls() {
+      const tls = readTls(config);
+      if (tls) (app.server as unknown as TlsServer).setSecureContext({ key: tls.key, cert: tls.cert });
+    },
     async listen() {
-      const address = await app.listen({ host: config.listen.host, port: config.listen.port });
+      const listening = await app.listen({ host: config.listen.host, port: config.listen.port });
+      const address = config.tls_certificate_path === undefined ? listening : listening.replace(/^http:/, 'https:');
+      await sender.start();
+      maintenance.start();
       if (metrics) {
         const m = await metrics.listen(config.metrics.host, config.metrics.port);
         metricsServer = m.server;
@@ -176,6 +291,9 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       closed = true;
       metricsServer?.close();
       metrics?.stop();
+      await maintenance.stop();
+      await sender.stop();
+      remoteDeviceLists.stop();
       // Connections that go idle while in-flight requests finish are closed as they do, so
       // keep-alive clients cannot hold the shutdown open.
       const closer = setInterval(() => app.server.closeIdleConnections(), 25);
@@ -184,6 +302,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       } finally {
         clearInterval(closer);
       }
+      federationClient.close();
       await store.close();
     },
   };

@@ -25,6 +25,8 @@ export interface CliIo {
   readonly env: Readonly<Record<string, string | undefined>>;
   /** Resolves when the process is asked to stop (SIGTERM/SIGINT); `serve` waits on it. */
   readonly stopSignal: () => Promise<string>;
+  /** Calls `handler` when the process is asked to reload (SIGHUP). */
+  readonly onReload?: (handler: () => void) => void;
 }
 
 class UsageError extends Error {}
@@ -70,6 +72,15 @@ signing key under ./data. MXKEYS_* environment variables override the file (docs
         throw e;
       }
       mx.logger.info({ url, server_name: config.server_name, database: config.database.postgres ? 'postgres' : 'sqlite', version: VERSION }, 'mxkeys is listening');
+      io.onReload?.(() => {
+        if (config.tls_certificate_path === undefined) return;
+        try {
+          mx.reloadTls();
+          mx.logger.info({ certificate: config.tls_certificate_path }, 'reloaded the TLS certificate and key');
+        } catch (e) {
+          mx.logger.error({ reason: (e as Error).message }, 'could not reload the TLS certificate and key; still serving the previous ones');
+        }
+      });
       const signal = await io.stopSignal();
       mx.logger.info({ signal }, 'shutting down: finishing in-flight requests');
       await mx.close();
@@ -255,6 +266,7 @@ export async function main(argv: readonly string[]): Promise<never> {
         process.once('SIGTERM', onSignal);
         process.once('SIGINT', onSignal);
       }),
+    onReload: (handler) => process.on('SIGHUP', handler),
   };
   // A reader that goes away (e.g. `| head`) must not keep us from shutting down.
   process.stdout.on('error', () => undefined);

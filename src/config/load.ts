@@ -106,10 +106,29 @@ function semanticChecks(c: Config): void {
     }
     if (!ok) throw new ConfigError('config key "database.postgres": expected a URL like postgres://user:password@host:5432/dbname');
   }
-  try {
-    durationMs(c.key_refresh_interval);
-  } catch (e) {
-    throw new ConfigError(`config key "key_refresh_interval": ${(e as Error).message}`);
+  const durations: [string, number | string][] = [
+    ['key_refresh_interval', c.key_refresh_interval],
+    ['federation.request_timeout', c.federation.request_timeout],
+    ['federation.device_list_subscription_lifetime', c.federation.device_list_subscription_lifetime],
+    ['federation.device_list_refresh_interval', c.federation.device_list_refresh_interval],
+    ['federation.destination_min_retry_interval', c.federation.destination_min_retry_interval],
+    ['federation.destination_max_retry_interval', c.federation.destination_max_retry_interval],
+    ['federation.max_undelivered_age', c.federation.max_undelivered_age],
+  ];
+  for (const [key, value] of durations) {
+    try {
+      durationMs(value);
+    } catch (e) {
+      throw new ConfigError(`config key "${key}": ${(e as Error).message}`);
+    }
+  }
+  if (durationMs(c.federation.device_list_subscription_lifetime) < durationMs(c.federation.device_list_refresh_interval)) {
+    throw new ConfigError(
+      'config key "federation.device_list_subscription_lifetime" must be at least "federation.device_list_refresh_interval": servers refetch cached lists at that interval, which is what keeps their subscriptions alive',
+    );
+  }
+  if ((c.tls_certificate_path === undefined) !== (c.tls_private_key_path === undefined)) {
+    throw new ConfigError('config keys "tls_certificate_path" and "tls_private_key_path" go together: set both for an HTTPS listener, or neither');
   }
   for (const [keyId, old] of Object.entries(c.old_signing_keys)) {
     const [alg, version] = keyId.split(':', 2);

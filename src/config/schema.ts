@@ -79,6 +79,21 @@ export const ConfigSchema = Type.Object(
           { ...strict, default: {} },
         ),
         request_timeout: Type.Union([Duration], { default: '10s' }),
+        device_list_subscription_lifetime: Type.Union([Duration], {
+          default: '1d',
+          description: 'how long a server that asked about a local user keeps receiving that user\'s device-list updates',
+        }),
+        device_list_refresh_interval: Type.Union([Duration], {
+          default: '1h',
+          description: 'how old a cached device list of a remote user may get before it is fetched again',
+        }),
+        destination_min_retry_interval: Type.Union([Duration], { default: '10s' }),
+        destination_retry_multiplier: Type.Number({ minimum: 1, default: 2 }),
+        destination_max_retry_interval: Type.Union([Duration], { default: '1h' }),
+        max_undelivered_age: Type.Union([Duration], {
+          default: '1d',
+          description: 'after a server has taken no transaction for this long, its queued updates are cut to the newest per user',
+        }),
         ip_range_blacklist: Type.Optional(Type.Array(Type.String(), { description: 'CIDR ranges discovered servers may not be reached at' })),
         ip_range_whitelist: Type.Array(Type.String(), { default: [] }),
       },
@@ -86,6 +101,11 @@ export const ConfigSchema = Type.Object(
     ),
     max_request_body_bytes: Type.Integer({ minimum: 1024, default: 10 * 1024 * 1024 }),
     max_one_time_keys_per_device: Type.Integer({ minimum: 1, default: 10_000 }),
+    max_key_query_users: Type.Integer({ minimum: 1, default: 10_000, description: 'users one key query may name' }),
+    max_key_query_device_ids: Type.Integer({ minimum: 1, default: 10_000, description: 'device IDs one key query may name, over all its users' }),
+    max_key_claim_devices: Type.Integer({ minimum: 1, default: 10_000, description: 'devices one key claim may name' }),
+    tls_certificate_path: Type.Optional(Type.String({ description: 'PEM certificate chain; with tls_private_key_path the listener speaks HTTPS' })),
+    tls_private_key_path: Type.Optional(Type.String({ description: 'PEM private key of tls_certificate_path' })),
     metrics: Type.Object(
       {
         enabled: Type.Boolean({ default: false }),

@@ -1,15 +1,18 @@
 /**
  * Outbound HTTP to other Matrix servers: discovery (server names → address, Host, TLS name),
- * HTTPS with certificate checks against the right name (plus an optional extra CA), timeouts and
- * a response size limit. Used to fetch server keys; the requests it makes need no X-Matrix.
+ * HTTPS with certificate checks against the right name (plus an optional extra CA), timeouts,
+ * a response size limit, kept-alive connections, and X-Matrix signing for authenticated requests
+ * (server-server API, "Request Authentication").
  */
-import { request as httpsRequest } from 'node:https';
-import { request as httpRequest, type IncomingMessage } from 'node:http';
+import { Agent as HttpsAgent, request as httpsRequest } from 'node:https';
+import { Agent as HttpAgent, request as httpRequest, type IncomingMessage } from 'node:http';
 import { checkServerIdentity, rootCertificates, type PeerCertificate } from 'node:tls';
 import { BlockList, isIP, type LookupFunction } from 'node:net';
 import { lookup as dnsLookup } from 'node:dns';
 import { resolveSrv } from 'node:dns/promises';
 import { VERSION } from '../version.js';
+import type { SigningKey } from '../matrix/signing.js';
+import { signRequest } from './xmatrix.js';
 import { parseWellKnownServer, ServerDiscovery, wellKnownCacheMs, WELL_KNOWN_ERROR_CACHE_MS, type DiscoveryNetwork, type WellKnownResult } from './discovery.js';
 
 export interface FederationResponse {
@@ -72,7 +75,7 @@ export const DEFAULT_IP_RANGE_BLACKLIST: readonly string[] = [
 ];
 
 export interface HttpGetOptions {
-  readonly method?: 'GET' | 'POST';
+  readonly method?: 'GET' | 'POST' | 'PUT';
   readonly body?: unknown;
   /** Host header; defaults to the URL's host. */
   readonly host?: string;
@@ -84,6 +87,10 @@ export interface HttpGetOptions {
   readonly ca: readonly string[] | undefined;
   /** Where the request may connect; without one, anywhere (operator-configured URLs). */
   readonly addresses?: AddressPolicy | undefined;
+  /** The Authorization header (X-Matrix for signed federation requests). */
+  readonly authorization?: string;
+  /** Connection pools to reuse connections from (one request per connection without). */
+  readonly agents?: { readonly http: HttpAgent; readonly https: HttpsAgent } | undefined;
 }
 
 /** One JSON request over HTTP(S), no redirects. Rejects on network errors, timeouts and non-JSON. */
@@ -96,6 +103,7 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
     host: options.host ?? u.host,
     'user-agent': `mxkeys/${VERSION}`,
     accept: 'application/json',
+    ...(options.authorization !== undefined ? { authorization: options.authorization } : {}),
     ...(payload ? { 'content-type': 'application/json', 'content-length': String(payload.length) } : {}),
   };
   const policy = options.addresses;
@@ -107,6 +115,7 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
     const req = (secure ? httpsRequest : httpRequest)(
       {
         ...(policy ? { lookup: policy.lookup() } : {}),
+        ...(options.agents ? { agent: secure ? options.agents.https : options.agents.http } : {}),
         signal: AbortSignal.timeout(options.timeoutMs),
         protocol: u.protocol,
         hostname: literal,
@@ -169,9 +178,20 @@ export interface FederationClientOptions {
   readonly timeoutMs?: number;
   /** Discovery's network operations; defaults to real HTTPS and DNS. */
   readonly network?: DiscoveryNetwork;
+  /** Our server name and the key that signs our requests (X-Matrix). */
+  readonly signer?: { readonly serverName: string; readonly key: SigningKey };
 }
 
 const MAX_RESPONSE_BYTES = 1024 * 1024;
+
+export interface SignedRequestOptions {
+  readonly method: 'GET' | 'POST' | 'PUT';
+  /** The JSON body; covered by the signature. */
+  readonly body?: unknown;
+  /** The request must be answered by then (ms since the epoch); capped by the configured timeout. */
+  readonly deadline?: number;
+  readonly maxBytes?: number;
+}
 
 export class FederationClient {
   readonly discovery: ServerDiscovery;
@@ -179,8 +199,15 @@ export class FederationClient {
   private readonly timeoutMs: number;
   private readonly addresses: AddressPolicy;
   private readonly overrides: Readonly<Record<string, string>>;
+  private readonly signer: FederationClientOptions['signer'];
+  /** Kept-alive connections for signed requests: a destination is usually asked again soon. */
+  private readonly agents = {
+    http: new HttpAgent({ keepAlive: true, maxSockets: 16 }),
+    https: new HttpsAgent({ keepAlive: true, maxSockets: 16 }),
+  };
 
   constructor(options: FederationClientOptions) {
+    this.signer = options.signer;
     this.ca = options.extraCa ? [...rootCertificates, options.extraCa] : undefined;
     this.timeoutMs = options.timeoutMs ?? 10_000;
     this.addresses = new AddressPolicy(options.ipRangeBlacklist ?? DEFAULT_IP_RANGE_BLACKLIST, options.ipRangeWhitelist ?? []);
@@ -213,6 +240,39 @@ export class FederationClient {
       return { server, cacheMs: server === undefined ? WELL_KNOWN_ERROR_CACHE_MS : wellKnownCacheMs(r.headers['cache-control']) };
     }
     return { server: undefined, cacheMs: WELL_KNOWN_ERROR_CACHE_MS };
+  }
+
+  /**
+   * An X-Matrix signed request to `destination` at `path` (path and query, as signed). Resolves to
+   * the answer whatever its status; rejects on network errors, timeouts and bodies that are not JSON.
+   */
+  async signedRequest(destination: string, path: string, options: SignedRequestOptions): Promise<FederationResponse> {
+    if (!this.signer) throw new Error('this federation client has no signing key');
+    const timeoutMs = Math.min(this.timeoutMs, options.deadline === undefined ? Infinity : options.deadline - Date.now());
+    if (timeoutMs <= 0) throw new FederationRequestError(`no time left to ask ${destination}`);
+    const target = await this.discovery.resolve(destination);
+    const authorization = signRequest(
+      { method: options.method, uri: path, origin: this.signer.serverName, destination, ...(options.body !== undefined ? { content: options.body } : {}) },
+      this.signer.key,
+    );
+    return requestJson(`${target.baseUrl}${path}`, {
+      method: options.method,
+      ...(options.body !== undefined ? { body: options.body } : {}),
+      host: target.host,
+      tlsName: target.tlsName,
+      timeoutMs: Math.max(1, Math.floor(timeoutMs)),
+      maxBytes: options.maxBytes ?? MAX_RESPONSE_BYTES,
+      ca: this.ca,
+      addresses: this.overrides[destination] === undefined ? this.addresses : undefined,
+      authorization,
+      agents: this.agents,
+    });
+  }
+
+  /** Closes kept-alive connections (at shutdown). */
+  close(): void {
+    this.agents.http.destroy();
+    this.agents.https.destroy();
   }
 
   /** A request to `serverName` at `path` (an unauthenticated key API request). */

@@ -22,6 +22,8 @@ export interface RequestAuthenticatorOptions {
   readonly serverName: string;
   readonly keys: { requestKey(serverName: string, keyId: string): Promise<KeyLookup> };
   readonly rateLimit: RateLimit;
+  /** Called with the origin of every request that passes (a server that talks to us is up). */
+  readonly onAccepted?: (origin: string) => void;
 }
 
 const unauthorized = (why: string) => new MatrixError('M_UNAUTHORIZED', why, 401);
@@ -40,6 +42,7 @@ export class RequestAuthenticator {
     try {
       const origin = await this.check(r);
       this.stats.accepted++;
+      this.options.onAccepted?.(origin);
       return origin;
     } catch (e) {
       this.stats.refused++;

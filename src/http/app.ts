@@ -7,7 +7,8 @@ import Fastify, { LogController, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
-import { createServer } from 'node:http';
+import { createServer, type Server } from 'node:http';
+import { createServer as createTlsServer } from 'node:https';
 import { DirectRoutes } from './direct.js';
 import { MatrixError } from '../matrix/errors.js';
 import { parseJsonBody } from './json-body.js';
@@ -23,6 +24,8 @@ import type { Keys } from '../keys/service.js';
 import type { CrossSigning } from '../keys/cross-signing.js';
 import type { Notary } from '../federation/notary.js';
 import type { RequestAuthenticator } from '../federation/request-auth.js';
+import type { DeviceListSubscriptions } from '../federation/subscriptions.js';
+import type { InboundTransactions } from '../federation/transactions.js';
 import { federationDirectRoutes, federationRoutes } from './routes/federation.js';
 import { notaryRoutes } from './routes/notary.js';
 
@@ -47,7 +50,11 @@ export interface AppDeps {
     readonly authenticator: RequestAuthenticator;
     readonly notary: Notary;
     readonly allowDeviceNameLookup: boolean;
+    readonly subscriptions: DeviceListSubscriptions;
+    readonly transactions: InboundTransactions;
   };
+  /** PEM key and certificate: the listener speaks HTTPS (tls_certificate_path, tls_private_key_path). */
+  readonly tls?: { readonly key: Buffer; readonly cert: Buffer } | undefined;
   /** Called once per answered request (metrics). */
   readonly observeRequest?: ((method: string, route: string, status: number, seconds: number) => void) | undefined;
   readonly client: {
@@ -89,9 +96,11 @@ export function buildApp(deps: AppDeps): App {
   const app = Fastify({
     // The hot key routes are answered before Fastify sees the request (direct.ts).
     serverFactory: (handler) => {
-      const server = createServer((req, res) => {
+      const listener = (req: Parameters<typeof handler>[0], res: Parameters<typeof handler>[1]) => {
         if (!direct.serve(req, res)) handler(req, res);
-      });
+      };
+      // An HTTPS server is an http.Server for everything Fastify does with it.
+      const server = deps.tls ? (createTlsServer({ key: deps.tls.key, cert: deps.tls.cert }, listener) as unknown as Server) : createServer(listener);
       server.keepAliveTimeout = 72_000; // Fastify's default, which it sets only on servers it creates
       return server;
     },
@@ -194,6 +203,8 @@ export function buildApp(deps: AppDeps): App {
     keys: deps.keys,
     authenticator: deps.federation.authenticator,
     allowDeviceNameLookup: deps.federation.allowDeviceNameLookup,
+    subscriptions: deps.federation.subscriptions,
+    transactions: deps.federation.transactions,
   });
   app.register(notaryRoutes, { notary: deps.federation.notary });
   return app;

@@ -5,8 +5,9 @@
  */
 import { MatrixError } from '../matrix/errors.js';
 import { canonicalJson } from '../matrix/canonical-json.js';
-import { isLocalUser, isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
-import type { ClaimRequest, DeviceListsStore, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
+import { isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
+import type { ClaimedKey, ClaimRequest, DeviceListsStore, KeysOfUsers, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
+import type { RemoteKeyLookup, RemoteQueryResult, ServerFailure } from './remote.js';
 import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
 import { badJson, checkTimeout, parseKeyMap, requireObject, requireObjectField, validateDeviceKeys } from './validate.js';
 
@@ -19,18 +20,30 @@ export interface Requester {
 /** Who reads keys: a local user, or another server (no user: only owners' own signatures show). */
 export type Viewer = { readonly userId: string } | null;
 
+/** How much one key query or claim may ask for; more is refused with 400 naming the setting. */
+export interface RequestLimits {
+  /** Users named in one /keys/query (`max_key_query_users`). */
+  readonly queryUsers: number;
+  /** Device IDs named in one /keys/query, over all users (`max_key_query_device_ids`). */
+  readonly queryDeviceIds: number;
+  /** Devices named in one /keys/claim (`max_key_claim_devices`). */
+  readonly claimDevices: number;
+}
+
+export const DEFAULT_REQUEST_LIMITS: RequestLimits = { queryUsers: 10_000, queryDeviceIds: 10_000, claimDevices: 10_000 };
+
 export interface KeysOptions {
   readonly store: KeysStore;
   readonly deviceLists: DeviceListsStore;
   readonly serverName: string;
   readonly maxOneTimeKeysPerDevice: number;
+  readonly limits?: RequestLimits;
+  /** Keys of users on other servers; without it they are listed in `failures`. */
+  readonly remote?: RemoteKeyLookup | undefined;
+  readonly now?: () => number;
 }
 
-/** A `failures` entry for a server we could not ask. */
-export interface ServerFailure {
-  readonly status: number;
-  readonly message: string;
-}
+export type { ServerFailure } from './remote.js';
 
 type JsonObject = Record<string, unknown>;
 
@@ -93,9 +106,21 @@ export interface KeyStats {
   claimsUnanswered: number;
 }
 
-/** Query answers up to this size are kept for reuse, at most ANSWERS_KEPT of them. */
+/**
+ * Query answers are kept for reuse while the data is unchanged, bounded by what they hold: the
+ * request (the key) and the answer count, so a small answer to a huge request cannot pin memory.
+ */
 const MAX_KEPT_ANSWER_CHARS = 16_384;
-const ANSWERS_KEPT = 4096;
+const MAX_KEPT_REQUEST_CHARS = 4096;
+/** All kept requests and answers together, in UTF-16 code units (about 2 bytes each): ~16 MB. */
+export const ANSWER_CACHE_BUDGET_CHARS = 8 * 1024 * 1024;
+
+/** The `failures` object of a client answer. */
+function failuresText(failures: ReadonlyMap<string, ServerFailure>): string {
+  return objectText([...failures].map(([server, f]) => [server, JSON.stringify(f)] as const));
+}
+
+const EMPTY_KEYS: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
 
 export class Keys {
   private readonly store: KeysStore;
@@ -106,37 +131,48 @@ export class Keys {
    */
   private readonly answers = new Map<string, string>();
   private answersVersion: number | undefined;
+  private answersChars = 0;
+  private readonly limits: RequestLimits;
+  private readonly now: () => number;
 
   constructor(private readonly options: KeysOptions) {
     this.store = options.store;
+    this.limits = options.limits ?? DEFAULT_REQUEST_LIMITS;
+    this.now = options.now ?? Date.now;
   }
 
   /** Splits the user IDs of a request into ours and other servers'; a malformed ID is a 400. */
-  private partition(userIds: Iterable<string>, field: string): { local: string[]; remoteServers: Set<string> } {
+  private partition(userIds: Iterable<string>, field: string): { local: string[]; remote: string[] } {
     const local: string[] = [];
-    const remoteServers = new Set<string>();
+    const remote: string[] = [];
     for (const userId of userIds) {
       const parts = parseUserId(userId);
       if (!parts) throw new MatrixError('M_INVALID_PARAM', `${field}: "${userId}" is not a valid user ID`);
       if (parts.serverName === this.options.serverName) local.push(userId);
-      else remoteServers.add(parts.serverName);
+      else remote.push(userId);
     }
-    return { local, remoteServers };
+    return { local, remote };
   }
 
   /** Federation requests may only name our users (Synapse answers 400 otherwise). */
   requireLocalUsers(userIds: readonly string[], field: string): string[] {
-    const { local, remoteServers } = this.partition(userIds, field);
-    if (remoteServers.size > 0) {
-      const foreign = [...userIds].find((u) => !isLocalUser(u, this.options.serverName));
-      throw new MatrixError('M_INVALID_PARAM', `${field}: user ${foreign} is not hosted on this server (${this.options.serverName})`);
+    const { local, remote } = this.partition(userIds, field);
+    if (remote.length > 0) {
+      throw new MatrixError('M_INVALID_PARAM', `${field}: user ${remote[0]} is not hosted on this server (${this.options.serverName})`);
     }
     return local;
   }
 
-  private static remoteFailures(servers: Set<string>): string {
-    const failure: ServerFailure = { status: 503, message: 'mxkeys does not fetch keys from other servers' };
-    return objectText([...servers].map((s) => [s, JSON.stringify(failure)] as const));
+  /** Refuses a request naming more than a limit allows, saying which setting it is. */
+  private static checkLimit(count: number, limit: number, what: string, setting: string): void {
+    if (count > limit) {
+      throw new MatrixError('M_INVALID_PARAM', `The request names ${count} ${what}, more than the ${limit} this server answers at once (${setting}); split it into smaller requests`);
+    }
+  }
+
+  /** Used by the query-answer cache, in UTF-16 code units (metrics and tests). */
+  answerCacheChars(): number {
+    return this.answersChars;
   }
 
   /** POST /keys/upload */
@@ -219,38 +255,62 @@ export class Keys {
 
   /**
    * POST /keys/claim (client) and /user/keys/claim (federation): the response body as JSON text.
-   * `localOnly` makes other servers' users a 400 instead of a `failures` entry.
+   * `localOnly` makes other servers' users a 400 instead of a claim on their servers.
    */
   async claim(body: unknown, localOnly: boolean): Promise<string> {
     const wanted = requireObjectField(body, 'one_time_keys');
-    checkTimeout(body as JsonObject);
+    const deadline = this.now() + checkTimeout(body as JsonObject);
     const byUserDevices = new Map<string, [string, string][]>();
-    for (const [userId, devices] of Object.entries(wanted)) {
-      const entries = Object.entries(requireObject(devices, `one_time_keys["${userId}"]`));
-      for (const [deviceId, algorithm] of entries) {
+    let devices = 0;
+    for (const [userId, entries] of Object.entries(wanted)) {
+      const list = Object.entries(requireObject(entries, `one_time_keys["${userId}"]`));
+      for (const [deviceId, algorithm] of list) {
         if (typeof algorithm !== 'string') throw badJson(`one_time_keys["${userId}"]["${deviceId}"]`, 'an algorithm name (a string)');
       }
-      byUserDevices.set(userId, entries as [string, string][]);
+      devices += list.length;
+      byUserDevices.set(userId, list as [string, string][]);
     }
+    Keys.checkLimit(devices, this.limits.claimDevices, 'devices', 'max_key_claim_devices');
     const userIds = [...byUserDevices.keys()];
-    const { local, remoteServers } = localOnly
-      ? { local: this.requireLocalUsers(userIds, 'one_time_keys'), remoteServers: new Set<string>() }
-      : this.partition(userIds, 'one_time_keys');
-    const requests: ClaimRequest[] = [];
-    for (const userId of local) {
-      for (const [deviceId, algorithm] of byUserDevices.get(userId)!) {
-        if (!isValidDeviceId(deviceId)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]: "${deviceId}" is not a valid device ID`);
-        if (!isValidKeyPart(algorithm)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]["${deviceId}"]: "${algorithm}" is not a valid algorithm name`);
-        requests.push({ userId, deviceId, algorithm });
-      }
-    }
+    const { local, remote } = localOnly ? { local: this.requireLocalUsers(userIds, 'one_time_keys'), remote: [] } : this.partition(userIds, 'one_time_keys');
+    const requestsOf = (users: readonly string[]): ClaimRequest[] =>
+      users.flatMap((userId) =>
+        byUserDevices.get(userId)!.map(([deviceId, algorithm]) => {
+          if (!isValidDeviceId(deviceId)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]: "${deviceId}" is not a valid device ID`);
+          if (!isValidKeyPart(algorithm)) throw new MatrixError('M_INVALID_PARAM', `one_time_keys["${userId}"]["${deviceId}"]: "${algorithm}" is not a valid algorithm name`);
+          return { userId, deviceId, algorithm };
+        }),
+      );
+    const localRequests = requestsOf(local);
+    const remoteRequests = requestsOf(remote);
 
-    const claimed = requests.length > 0 ? await this.store.claimKeys(requests) : [];
+    const [claimed, fromRemote] = await Promise.all([
+      localRequests.length > 0 ? this.store.claimKeys(localRequests) : [],
+      this.claimRemote(remoteRequests, deadline),
+    ]);
     for (const k of claimed) {
       if (k.fallback) this.stats.fallbackKeysClaimed++;
       else this.stats.oneTimeKeysClaimed++;
     }
-    this.stats.claimsUnanswered += requests.length - claimed.length;
+    this.stats.claimsUnanswered += localRequests.length - claimed.length;
+    const oneTimeKeys = Keys.claimedText([...claimed, ...fromRemote.claimed]);
+    return localOnly ? `{"one_time_keys":${oneTimeKeys}}` : `{"one_time_keys":${oneTimeKeys},"failures":${failuresText(fromRemote.failures)}}`;
+  }
+
+  private async claimRemote(requests: readonly ClaimRequest[], deadline: number): Promise<{ claimed: ClaimedKey[]; failures: ReadonlyMap<string, ServerFailure> }> {
+    if (requests.length === 0) return { claimed: [], failures: new Map() };
+    if (this.options.remote) return this.options.remote.claimKeys(requests, deadline);
+    return { claimed: [], failures: this.unreachable(requests.map((r) => r.userId)) };
+  }
+
+  /** Failures for every server of `userIds`, when this Keys has no way to ask other servers. */
+  private unreachable(userIds: readonly string[]): Map<string, ServerFailure> {
+    const failure: ServerFailure = { status: 503, message: 'this server is not set up to ask other servers' };
+    return new Map(userIds.map((u) => [parseUserId(u)!.serverName, failure]));
+  }
+
+  /** `{"user":{"device":{"alg:id":key}}}` of claimed keys. */
+  private static claimedText(claimed: readonly ClaimedKey[]): string {
     const byUser = new Map<string, Map<string, string[]>>();
     for (const k of claimed) {
       let devices = byUser.get(k.userId);
@@ -259,54 +319,82 @@ export class Keys {
       if (!keys) devices.set(k.deviceId, (keys = []));
       keys.push(`${JSON.stringify(`${k.algorithm}:${k.keyId}`)}:${k.json}`);
     }
-    const oneTimeKeys = objectText([...byUser].map(([u, devices]) => [u, objectText([...devices].map(([d, keys]) => [d, `{${keys.join(',')}}`]))] as const));
-    return localOnly ? `{"one_time_keys":${oneTimeKeys}}` : `{"one_time_keys":${oneTimeKeys},"failures":${Keys.remoteFailures(remoteServers)}}`;
+    return objectText([...byUser].map(([u, devices]) => [u, objectText([...devices].map(([d, keys]) => [d, `{${keys.join(',')}}`]))] as const));
   }
 
   /**
    * POST /keys/query (client) and /user/keys/query (federation): the response body as JSON text.
    * Keys come back exactly as uploaded, plus `unsigned` and the signatures the viewer may see.
+   * Users on other servers (client API only) come from the remote key lookup.
    */
   async query(viewer: Viewer, body: unknown, options: QueryOptions): Promise<string> {
     const wanted = requireObjectField(body, 'device_keys');
-    checkTimeout(body as JsonObject);
+    const deadline = this.now() + checkTimeout(body as JsonObject);
+    const userIds = Object.keys(wanted);
+    let deviceIds = 0;
     for (const [userId, devices] of Object.entries(wanted)) {
       if (!Array.isArray(devices) || devices.some((d) => typeof d !== 'string')) throw badJson(`device_keys["${userId}"]`, 'a list of device IDs');
+      deviceIds += devices.length;
     }
-    const { local, remoteServers } = options.clientApi
-      ? this.partition(Object.keys(wanted), 'device_keys')
-      : { local: this.requireLocalUsers(Object.keys(wanted), 'device_keys'), remoteServers: new Set<string>() };
+    Keys.checkLimit(userIds.length, this.limits.queryUsers, 'users', 'max_key_query_users');
+    Keys.checkLimit(deviceIds, this.limits.queryDeviceIds, 'device IDs', 'max_key_query_device_ids');
+    const { local, remote } = options.clientApi ? this.partition(userIds, 'device_keys') : { local: this.requireLocalUsers(userIds, 'device_keys'), remote: [] };
 
-    if (viewer) await this.store.trackUsers(viewer.userId, Object.keys(wanted));
+    if (remote.length > 0) {
+      const fromRemote = this.options.remote
+        ? await this.options.remote.queryKeys(new Map(remote.map((u) => [u, wanted[u] as string[]])), deadline)
+        : { keys: EMPTY_KEYS, known: [], failures: this.unreachable(remote) };
+      if (viewer) await this.store.trackUsers(viewer.userId, [...local, ...fromRemote.known]);
+      return this.buildQueryAnswer(viewer, wanted, local, fromRemote, options);
+    }
+
+    if (viewer) await this.store.trackUsers(viewer.userId, local);
     const version = this.store.dataVersion();
-    const answerKey = version === undefined ? undefined : `${viewer?.userId ?? ''}\0${Number(options.displayNames)}${Number(options.clientApi)}\0${JSON.stringify(wanted)}`;
+    const request = JSON.stringify(wanted);
+    const answerKey =
+      version === undefined || request.length > MAX_KEPT_REQUEST_CHARS ? undefined : `${viewer?.userId ?? ''}\0${Number(options.displayNames)}${Number(options.clientApi)}\0${request}`;
     if (answerKey !== undefined) {
       if (version !== this.answersVersion) {
         this.answers.clear();
+        this.answersChars = 0;
         this.answersVersion = version;
       }
       const kept = this.answers.get(answerKey);
       if (kept !== undefined) return kept;
     }
-    const answer = await this.buildQueryAnswer(viewer, wanted, local, remoteServers, options);
+    const answer = await this.buildQueryAnswer(viewer, wanted, local, undefined, options);
     // Built from data at least as new as `version`; a change since has moved the version on.
-    if (answerKey !== undefined && this.answersVersion === version && answer.length <= MAX_KEPT_ANSWER_CHARS) {
-      if (this.answers.size >= ANSWERS_KEPT) this.answers.clear();
-      this.answers.set(answerKey, answer);
-    }
+    if (answerKey !== undefined && this.answersVersion === version && answer.length <= MAX_KEPT_ANSWER_CHARS) this.keepAnswer(answerKey, answer);
     return answer;
   }
 
-  private async buildQueryAnswer(viewer: Viewer, wanted: JsonObject, local: readonly string[], remoteServers: Set<string>, options: QueryOptions): Promise<string> {
-    const { devices, crossSigning, signatures } = local.length ? await this.store.getKeysOf(local) : { devices: [], crossSigning: [], signatures: [] };
-    const signed = withVisibleSignatures(signatures, viewer);
+  /** Keeps an answer, dropping the oldest ones while the cache would exceed its budget. */
+  private keepAnswer(key: string, answer: string): void {
+    const size = key.length + answer.length;
+    for (const [oldKey, oldAnswer] of this.answers) {
+      if (this.answersChars + size <= ANSWER_CACHE_BUDGET_CHARS) break;
+      this.answers.delete(oldKey);
+      this.answersChars -= oldKey.length + oldAnswer.length;
+    }
+    this.answers.set(key, answer);
+    this.answersChars += size;
+  }
 
-    const deviceEntries = new Map<string, [string, string][]>(local.map((u) => [u, []]));
+  private async buildQueryAnswer(viewer: Viewer, wanted: JsonObject, local: readonly string[], remote: RemoteQueryResult | undefined, options: QueryOptions): Promise<string> {
+    const known = remote?.known ?? [];
+    const users = known.length > 0 ? [...local, ...known] : local;
+    // For remote users the store holds only signatures our users made on their keys.
+    const stored = users.length ? await this.store.getKeysOf(users) : EMPTY_KEYS;
+    const devices = remote ? [...stored.devices, ...remote.keys.devices] : stored.devices;
+    const crossSigning = remote ? [...stored.crossSigning, ...remote.keys.crossSigning] : stored.crossSigning;
+    const signed = withVisibleSignatures(stored.signatures, viewer);
+
+    const deviceEntries = new Map<string, [string, string][]>(users.map((u) => [u, []]));
     for (const d of devices) {
       const only = wanted[d.userId] as string[];
       if (only.length > 0 && !only.includes(d.deviceId)) continue;
       const unsigned = options.displayNames && d.displayName !== null ? `{"device_display_name":${JSON.stringify(d.displayName)}}` : '{}';
-      deviceEntries.get(d.userId)!.push([d.deviceId, withUnsigned(signed(d.json, d.userId, d.deviceId), unsigned)]);
+      deviceEntries.get(d.userId)?.push([d.deviceId, withUnsigned(signed(d.json, d.userId, d.deviceId), unsigned)]);
     }
 
     const keysOfType = (type: StoredCrossSigningKey['keyType']): [string, string][] =>
@@ -316,22 +404,23 @@ export class Keys {
 
     let out = `{"device_keys":${objectText([...deviceEntries].map(([u, entries]) => [u, objectText(entries)] as const))}`;
     out += `,"master_keys":${objectText(keysOfType('master'))},"self_signing_keys":${objectText(keysOfType('self_signing'))}`;
-    if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${Keys.remoteFailures(remoteServers)}`;
+    if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${failuresText(remote?.failures ?? new Map())}`;
     return `${out}}`;
   }
 
   /**
    * GET /_matrix/federation/v1/user/devices/{userId} (user_devices.yaml): the user's devices with
-   * keys, their cross-signing keys, and the stream position of their device list, as JSON text.
+   * keys, their cross-signing keys, and the stream position of their device list: the answer as
+   * JSON text, and that position.
    */
-  async userDevices(userId: string, displayNames: boolean): Promise<string> {
+  async userDevices(userId: string, displayNames: boolean): Promise<{ body: string; streamId: number }> {
     this.requireLocalUsers([userId], 'userId');
     // The position first: keys read afterwards are at least that new, so a remote server that
     // resumes from this stream_id cannot miss a change.
     const streamId = await this.options.deviceLists.latestStreamIdForUser(userId);
     const { devices, crossSigning, signatures } = await this.store.getKeysOf([userId]);
     const signed = withVisibleSignatures(signatures, null);
-    const list = devices
+    const list = [...devices]
       .sort((a, b) => (a.deviceId < b.deviceId ? -1 : a.deviceId > b.deviceId ? 1 : 0))
       .map((d) => {
         const name = displayNames && d.displayName !== null ? `,"device_display_name":${JSON.stringify(d.displayName)}` : '';
@@ -342,7 +431,26 @@ export class Keys {
       if (k.keyType === 'master') out += `,"master_key":${signed(k.json, userId, k.publicKey)}`;
       if (k.keyType === 'self_signing') out += `,"self_signing_key":${signed(k.json, userId, k.publicKey)}`;
     }
-    return `${out}}`;
+    return { body: `${out}}`, streamId };
+  }
+
+  /**
+   * What other servers may see of a local user's keys (for outgoing device-list EDUs): each
+   * device's keys and the master and self-signing keys, as JSON text with only the signatures
+   * everyone may see (the owner's own; e2e spec, "Key and signature security").
+   */
+  async federationKeysOf(userId: string): Promise<{ devices: Map<string, string>; masterKey: string | undefined; selfSigningKey: string | undefined }> {
+    const { devices, crossSigning, signatures } = await this.store.getKeysOf([userId]);
+    const signed = withVisibleSignatures(signatures, null);
+    const key = (type: StoredCrossSigningKey['keyType']) => {
+      const k = crossSigning.find((c) => c.keyType === type);
+      return k && signed(k.json, userId, k.publicKey);
+    };
+    return {
+      devices: new Map(devices.map((d) => [d.deviceId, signed(d.json, userId, d.deviceId)])),
+      masterKey: key('master'),
+      selfSigningKey: key('self_signing'),
+    };
   }
 
   /** GET /keys/changes: users the viewer follows whose keys changed between two tokens. */

@@ -36,10 +36,20 @@ export function requireObjectField(body: unknown, field: string): JsonObject {
   return requireObject(obj[field], field);
 }
 
-/** `timeout` of a key query or claim (milliseconds): absent, or a non-negative integer. */
-export function checkTimeout(body: JsonObject): void {
+/** keys.yaml: "10 seconds is the recommended default." */
+export const DEFAULT_REMOTE_TIMEOUT_MS = 10_000;
+/** However long a client asks to wait, a request is not held open longer than this. */
+export const MAX_REMOTE_TIMEOUT_MS = 60_000;
+
+/**
+ * `timeout` of a key query or claim: absent, or a non-negative integer (milliseconds), how long to
+ * wait for other servers. Returns the milliseconds to wait.
+ */
+export function checkTimeout(body: JsonObject): number {
   const t = body['timeout'];
-  if (t !== undefined && !(Number.isSafeInteger(t) && (t as number) >= 0)) throw badJson('timeout', 'a non-negative integer (milliseconds)');
+  if (t === undefined) return DEFAULT_REMOTE_TIMEOUT_MS;
+  if (!(Number.isSafeInteger(t) && (t as number) >= 0)) throw badJson('timeout', 'a non-negative integer (milliseconds)');
+  return Math.min(t as number, MAX_REMOTE_TIMEOUT_MS);
 }
 
 function requireField(obj: JsonObject, key: string, path: string): unknown {

@@ -2,7 +2,7 @@
 import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
 import type { AccountsStore, NewSession, StoredDevice, StoredUser, UiaSession } from './store.js';
-import { recordDeviceListChanges } from './device-lists.js';
+import type { DeviceListWriter } from './device-lists.js';
 
 interface UserRow {
   user_id: string;
@@ -45,7 +45,10 @@ export class SqlAccountsStore implements AccountsStore {
   /** Access tokens by hash: every authenticated request looks one up. */
   private readonly tokens: ReadCache<{ userId: string; deviceId: string }> | undefined;
 
-  constructor(private readonly db: SqlDatabase) {
+  constructor(
+    private readonly db: SqlDatabase,
+    private readonly deviceLists: DeviceListWriter,
+  ) {
     this.tokens = readCacheFor(db);
   }
 
@@ -76,7 +79,7 @@ export class SqlAccountsStore implements AccountsStore {
       if (session) {
         await this.insertDevice(tx, user.userId, session);
         await this.insertToken(tx, user.userId, session);
-        await recordDeviceListChanges(tx, user.userId, [session.deviceId], session.ts);
+        await this.deviceLists.record(tx, user.userId, [session.deviceId], session.ts);
       }
       return true;
     });
@@ -97,7 +100,7 @@ export class SqlAccountsStore implements AccountsStore {
         await this.insertDevice(tx, userId, session);
       }
       await this.insertToken(tx, userId, session);
-      if (!existing) await recordDeviceListChanges(tx, userId, [session.deviceId], session.ts);
+      if (!existing) await this.deviceLists.record(tx, userId, [session.deviceId], session.ts);
       return { created: !existing };
     });
   }
@@ -130,7 +133,7 @@ export class SqlAccountsStore implements AccountsStore {
     return this.db.transaction(async (tx) => {
       const changed = await tx.run('UPDATE devices SET display_name = ? WHERE user_id = ? AND device_id = ?', [displayName, userId, deviceId]);
       if (changed === 0) return false;
-      await recordDeviceListChanges(tx, userId, [deviceId], Date.now());
+      await this.deviceLists.record(tx, userId, [deviceId], Date.now());
       return true;
     });
   }
@@ -160,7 +163,7 @@ export class SqlAccountsStore implements AccountsStore {
          WHERE (target_user_id = ? AND target_key_id IN (${inList})) OR (signer_user_id = ? AND signer_key_id IN (${inList}))`,
         [userId, ...targets, userId, ...targets.map((d) => `ed25519:${d}`)],
       );
-      await recordDeviceListChanges(tx, userId, existing, Date.now());
+      await this.deviceLists.record(tx, userId, existing, Date.now());
       return existing;
     });
   }

@@ -10,8 +10,10 @@ import type { SqlDatabase } from './sql.js';
 import type { Store } from './store.js';
 import { SqlServerKeysStore } from './server-keys.js';
 import { SqlAccountsStore } from './accounts.js';
-import { SqlDeviceListsStore } from './device-lists.js';
+import { DeviceListWriter, SqlDeviceListsStore } from './device-lists.js';
 import { SqlKeysStore } from './keys.js';
+import { SqlFederationStore } from './federation.js';
+import { SqlRemoteDeviceListsStore } from './remote-device-lists.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
@@ -45,13 +47,18 @@ class SqlStore implements Store {
   readonly accounts;
   readonly deviceLists;
   readonly keys;
+  readonly federation;
+  readonly remoteDeviceLists;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
+    const deviceListWriter = new DeviceListWriter();
     this.serverKeys = new SqlServerKeysStore(db);
-    this.accounts = new SqlAccountsStore(db);
-    this.deviceLists = new SqlDeviceListsStore(db);
-    this.keys = new SqlKeysStore(db);
+    this.accounts = new SqlAccountsStore(db, deviceListWriter);
+    this.deviceLists = new SqlDeviceListsStore(db, deviceListWriter);
+    this.keys = new SqlKeysStore(db, deviceListWriter);
+    this.federation = new SqlFederationStore(db);
+    this.remoteDeviceLists = new SqlRemoteDeviceListsStore(db, deviceListWriter);
   }
 
   statementCount(): number {

@@ -20,7 +20,7 @@ import type {
   StoredOneTimeKey,
   StoredSignature,
 } from './store.js';
-import { recordDeviceListChanges } from './device-lists.js';
+import type { DeviceListWriter } from './device-lists.js';
 
 /** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
 const CHUNK = 500;
@@ -60,6 +60,7 @@ class SqlKeysTransaction implements KeysTransaction {
   constructor(
     private readonly tx: Queryable,
     private readonly now: number,
+    private readonly deviceLists: DeviceListWriter,
   ) {}
 
   async lockDevice(userId: string, deviceId: string): Promise<boolean> {
@@ -162,7 +163,7 @@ class SqlKeysTransaction implements KeysTransaction {
   }
 
   async recordDeviceListChange(userId: string, deviceId: string | null, privateTo?: string): Promise<void> {
-    await recordDeviceListChanges(this.tx, userId, [deviceId], this.now, privateTo ?? null);
+    await this.deviceLists.record(this.tx, userId, [deviceId], this.now, { privateTo: privateTo ?? null });
   }
 }
 
@@ -174,12 +175,15 @@ export class SqlKeysStore implements KeysStore {
   /** SQLite claims waiting for the next group commit. */
   private readonly claimQueue: { requests: readonly ClaimRequest[]; resolve: (keys: ClaimedKey[]) => void; reject: (e: unknown) => void }[] = [];
 
-  constructor(private readonly db: SqlDatabase) {
+  constructor(
+    private readonly db: SqlDatabase,
+    private readonly deviceLists: DeviceListWriter,
+  ) {
     this.keysOfUser = readCacheFor(db);
   }
 
   transaction<T>(fn: (tx: KeysTransaction) => Promise<T>): Promise<T> {
-    return this.db.transaction((tx) => fn(new SqlKeysTransaction(tx, Date.now())));
+    return this.db.transaction((tx) => fn(new SqlKeysTransaction(tx, Date.now(), this.deviceLists)));
   }
 
   /** Rows of `sql` (whose `IN (…)` list is filled in) for every user, in chunks of CHUNK users. */
@@ -331,13 +335,20 @@ export class SqlKeysStore implements KeysStore {
     const fresh = tracked.filter((t) => t !== userId && !this.trackedCache.has(`${userId}\0${t}`));
     if (fresh.length === 0) return;
     for (const part of chunks(fresh)) {
-      await this.db.run(
-        `INSERT INTO e2e_tracked_users (user_id, tracked_user_id) VALUES ${valuesList(part.length, 2)} ON CONFLICT DO NOTHING`,
-        part.flatMap((t) => [userId, t]),
+      // Only users this server can answer for: invented IDs would be rows nobody ever needs.
+      const inList = placeholders(part.length);
+      const known = await this.db.all<{ user_id: string }>(
+        `SELECT user_id FROM users WHERE user_id IN (${inList}) UNION SELECT user_id FROM remote_device_lists WHERE user_id IN (${inList})`,
+        [...part, ...part],
       );
+      if (known.length === 0) continue;
+      await this.db.run(
+        `INSERT INTO e2e_tracked_users (user_id, tracked_user_id) VALUES ${valuesList(known.length, 2)} ON CONFLICT DO NOTHING`,
+        known.flatMap((k) => [userId, k.user_id]),
+      );
+      if (this.trackedCache.size > 100_000) this.trackedCache.clear();
+      for (const k of known) this.trackedCache.add(`${userId}\0${k.user_id}`);
     }
-    if (this.trackedCache.size > 100_000) this.trackedCache.clear();
-    for (const t of fresh) this.trackedCache.add(`${userId}\0${t}`);
   }
 
   async changedUsers(viewer: string, fromExclusive: number, toInclusive: number): Promise<string[]> {

@@ -17,6 +17,11 @@ export interface Queryable {
   run(sql: string, params?: readonly SqlValue[]): Promise<number>;
   /** Runs a script of several statements without parameters (migrations). */
   exec(script: string): Promise<void>;
+  /**
+   * Runs `fn` once what was written through this queryable is committed: at the end of the
+   * transaction (never, if it rolls back), or soon when there is no transaction (autocommit).
+   */
+  afterCommit(fn: () => void): void;
 }
 
 export interface SqlDatabase extends Queryable {

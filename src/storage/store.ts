@@ -119,8 +119,14 @@ export interface AccountsStore {
 export interface DeviceListsStore {
   /** The highest stream position written so far (0 when empty). */
   currentStreamId(): Promise<number>;
-  /** The latest public stream position of one user's device list (0 when it never changed). */
+  /**
+   * The latest public stream position of one user's devices (0 when they never changed): the
+   * `stream_id` of /user/devices. Cross-signing key changes are not counted (they travel as
+   * m.signing_key_update, outside the device EDUs' prev_id chain).
+   */
   latestStreamIdForUser(userId: string): Promise<number>;
+  /** Calls `listener` in this process after a transaction that recorded changes commits. */
+  onChange(listener: (userIds: readonly string[]) => void): () => void;
 }
 
 /** A one-time or fallback key as stored: its algorithm, key ID and the uploaded value as JSON text. */
@@ -237,7 +243,10 @@ export interface KeysStore {
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>>;
   /** Algorithms whose fallback key has not been handed out since it was uploaded. */
   unusedFallbackKeyTypes(userId: string, deviceId: string): Promise<string[]>;
-  /** Remembers that `userId` has asked for these users' keys (for /keys/changes). */
+  /**
+   * Remembers that `userId` has asked for these users' keys (for /keys/changes). Only users this
+   * server can answer for are kept: existing local users and remote users with a cached list.
+   */
   trackUsers(userId: string, tracked: readonly string[]): Promise<void>;
   /**
    * A number that stays the same while no stored data can have changed, through this process or
@@ -260,9 +269,175 @@ export interface Store {
   readonly serverKeys: ServerKeysStore;
   readonly accounts: AccountsStore;
   readonly deviceLists: DeviceListsStore;
+  readonly federation: FederationStore;
+  readonly remoteDeviceLists: RemoteDeviceListsStore;
   /** Database statements this process has run (a metric; tests use it to count round trips). */
   statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */
   tableNames(): Promise<string[]>;
   close(): Promise<void>;
+}
+
+/** A change waiting to be sent to one destination as an EDU (`device_list_outbound_pokes`). */
+export interface DeviceListPoke {
+  readonly streamId: number;
+  readonly userId: string;
+  /** Null: the user's cross-signing keys changed (m.signing_key_update). */
+  readonly deviceId: string | null;
+}
+
+/** A local device's current state, for an outgoing m.device_list_update. */
+export interface LocalDeviceState {
+  readonly userId: string;
+  readonly deviceId: string;
+  readonly displayName: string | null;
+  /** The uploaded device keys as JSON text, or null when the device has none. */
+  readonly keyJson: string | null;
+}
+
+export interface DestinationState {
+  readonly destination: string;
+  readonly failureCount: number;
+  /** No request to the destination before this time (0: none pending). */
+  readonly retryAfterTs: number;
+  /** When the current run of failures began; null while the destination answers. */
+  readonly firstFailureTs: number | null;
+}
+
+/**
+ * Federation bookkeeping (server-server API, Device Management and Transactions): which servers
+ * want a local user's device-list updates, the updates still to send them, per-destination retry
+ * state, leases that make one process the sender for a destination, and the transactions received.
+ */
+export interface FederationStore {
+  /**
+   * Subscribes `serverName` to the device lists of those of `userIds` that exist here, until
+   * `expiresTs` (null: until unsubscribed). Only ever extends a subscription. A subscription that
+   * had lapsed starts a new EDU chain (the receiver may have missed changes meanwhile).
+   */
+  subscribe(serverName: string, userIds: readonly string[], expiresTs: number | null, now: number): Promise<void>;
+  /** Ends subscriptions and drops what was queued for them. */
+  unsubscribe(serverName: string, userIds: readonly string[]): Promise<void>;
+  /** The servers subscribed to a user's device list now, with when each subscription ends. */
+  subscribers(userId: string, now: number): Promise<{ serverName: string; expiresTs: number | null }[]>;
+  /**
+   * `serverName` has just read the user's whole device list at `streamId` (/user/devices): queued
+   * changes up to it are moot, and the next EDU's prev_id continues from it.
+   */
+  noteDeviceListRead(serverName: string, userId: string, streamId: number): Promise<void>;
+
+  /** The oldest changes queued for `destination`, in stream order. */
+  pendingPokes(destination: string, limit: number): Promise<DeviceListPoke[]>;
+  /** Per user, the stream_id of the last update `destination` acknowledged (the next prev_id). */
+  lastSentStreamIds(destination: string, userIds: readonly string[]): Promise<Map<string, number>>;
+  /** After a 200 for a transaction: drops its pokes and records the last stream_id sent per user. */
+  pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void>;
+  /** Destinations with queued changes that are not waiting for a retry. */
+  destinationsWithPokes(now: number): Promise<string[]>;
+  /** Queued changes per destination (metrics). */
+  pokeCounts(): Promise<Map<string, number>>;
+  /**
+   * For a destination that has not taken a transaction for too long: keeps only the newest change
+   * per user and forgets what was sent, so the next update for each user starts a new chain and
+   * the receiver resyncs. Returns the number of changes dropped.
+   */
+  compressPokes(destination: string): Promise<number>;
+  /** The current state of the named local devices (deleted ones are absent). */
+  localDeviceStates(userId: string, deviceIds: readonly string[]): Promise<LocalDeviceState[]>;
+
+  getDestinations(destinations: readonly string[]): Promise<DestinationState[]>;
+  putDestination(state: DestinationState): Promise<void>;
+  /** Every destination with failures on record. */
+  failingDestinations(): Promise<DestinationState[]>;
+
+  /**
+   * Takes (or renews) the lease `name` for `owner` until `expiresTs`, if it is free, expired or
+   * already `owner`'s. True when `owner` holds it afterwards.
+   */
+  takeLease(name: string, owner: string, expiresTs: number, now: number): Promise<boolean>;
+  releaseLease(name: string, owner: string): Promise<void>;
+  /** Owners currently holding a lease (to find those of processes that died). */
+  leaseOwners(): Promise<string[]>;
+  releaseLeasesOf(owner: string): Promise<void>;
+
+  /** The stored answer to a transaction already processed, if any. */
+  getInboundTransaction(origin: string, txnId: string): Promise<string | undefined>;
+  putInboundTransaction(origin: string, txnId: string, responseJson: string, now: number): Promise<void>;
+
+  /** Drops lapsed subscriptions (with what was queued for them) and old transaction records. */
+  cleanup(now: number, inboundTransactionsBeforeTs: number): Promise<{ subscriptionsExpired: number }>;
+}
+
+/** What this server knows of a remote user's device list (`remote_device_lists`). */
+export interface RemoteDeviceList {
+  readonly userId: string;
+  readonly serverName: string;
+  /** The last stream_id applied (from /user/devices or an m.device_list_update). */
+  readonly streamId: number;
+  /** True when an update could not be applied in order: resync before trusting it. */
+  readonly stale: boolean;
+  /** When the whole list was last fetched from its server. */
+  readonly syncedTs: number;
+}
+
+export interface RemoteDevice {
+  readonly deviceId: string;
+  readonly displayName: string | null;
+  /** The device keys as received (JSON text, verbatim), or null when the device has none. */
+  readonly keyJson: string | null;
+}
+
+export interface RemoteCrossSigningKey {
+  readonly publicKey: string;
+  /** As received, JSON text. */
+  readonly json: string;
+}
+
+/** A whole remote device list, as fetched from GET /user/devices/{userId} and checked. */
+export interface RemoteDeviceListSnapshot {
+  readonly userId: string;
+  readonly serverName: string;
+  readonly streamId: number;
+  readonly devices: readonly RemoteDevice[];
+  readonly masterKey: RemoteCrossSigningKey | undefined;
+  readonly selfSigningKey: RemoteCrossSigningKey | undefined;
+}
+
+/** One m.device_list_update, checked. */
+export interface RemoteDeviceUpdate {
+  readonly userId: string;
+  readonly deviceId: string;
+  readonly streamId: number;
+  readonly prevIds: readonly number[];
+  readonly deleted: boolean;
+  readonly displayName: string | null;
+  readonly keyJson: string | null;
+}
+
+/** How an update relates to the cached list: apply it, ignore it (already have it), or a gap. */
+export type ChainDecision = 'apply' | 'ignore' | 'gap';
+
+/** The cache of remote users' device lists (`remote_device_lists`, `remote_devices`, `remote_cross_signing_keys`). */
+export interface RemoteDeviceListsStore {
+  getLists(userIds: readonly string[]): Promise<RemoteDeviceList[]>;
+  /** The cached devices with keys and the cross-signing keys of these users. */
+  getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers>;
+  /**
+   * Replaces a user's cached list with a fetched one (unless the cache already holds a newer,
+   * non-stale stream position) and records a device-list change when anything differs. Returns
+   * whether the cache changed.
+   */
+  replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean>;
+  /**
+   * Applies an update to a tracked user's list in one transaction, after `decide` has judged it
+   * against the cached state; a gap marks the list stale. 'untracked' when there is no list.
+   */
+  applyDeviceUpdate(update: RemoteDeviceUpdate, decide: (current: RemoteDeviceList) => ChainDecision, now: number): Promise<ChainDecision | 'untracked'>;
+  /** Replaces the named cross-signing keys of a tracked user; false when the user is not tracked. */
+  applySigningKeys(userId: string, keys: { master?: RemoteCrossSigningKey; selfSigning?: RemoteCrossSigningKey }, now: number): Promise<boolean>;
+  markStale(userId: string): Promise<void>;
+  /** Tracked users whose list is stale or was last fetched before `syncedBeforeTs`, oldest first. */
+  dueForResync(syncedBeforeTs: number, limit: number): Promise<string[]>;
+  /** Number of cached lists, and of stale ones (metrics). */
+  counts(): Promise<{ lists: number; stale: number }>;
 }

@@ -1,12 +1,16 @@
 /**
- * The federation user-key API (user_keys.yaml, user_devices.yaml), behind X-Matrix request
- * authentication. The key rules are the client-server API's, with another server as the viewer.
+ * The federation API of a key server, behind X-Matrix request authentication: the user-key API
+ * (user_keys.yaml, user_devices.yaml), whose key rules are the client-server API's with another
+ * server as the viewer, and incoming transactions (transactions.yaml) carrying EDUs. A server that
+ * asks about a local user subscribes to that user's device-list updates.
  */
 import type { FastifyPluginAsync, FastifyReply } from 'fastify';
 import type { IncomingMessage } from 'node:http';
 import type { DirectRoute } from '../direct.js';
 import type { Keys } from '../../keys/service.js';
 import type { RequestAuthenticator } from '../../federation/request-auth.js';
+import type { DeviceListSubscriptions } from '../../federation/subscriptions.js';
+import type { InboundTransactions } from '../../federation/transactions.js';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -19,6 +23,8 @@ export interface FederationRoutesOptions {
   readonly keys: Keys;
   readonly authenticator: RequestAuthenticator;
   readonly allowDeviceNameLookup: boolean;
+  readonly subscriptions: DeviceListSubscriptions;
+  readonly transactions: InboundTransactions;
 }
 
 const F = '/_matrix/federation/v1';
@@ -27,33 +33,40 @@ const F = '/_matrix/federation/v1';
 const signedRequest = (raw: IncomingMessage, content: unknown) => ({ method: raw.method ?? '', uri: raw.url ?? '', authorization: raw.headers.authorization, content });
 const json = (reply: FastifyReply, text: string) => reply.type('application/json').send(text);
 
+/** The user IDs a (validated) query or claim body names under `field`. */
+const usersIn = (body: unknown, field: string): string[] => Object.keys((body as Record<string, Record<string, unknown>>)[field]!);
+
 /**
  * POST /user/keys/query and /user/keys/claim (user_keys.yaml), the hot routes, served by
  * DirectRoutes: the signature (which covers the body) is checked, then the key rules check the body.
  */
-export function federationDirectRoutes({ keys, authenticator, allowDeviceNameLookup }: FederationRoutesOptions): DirectRoute[] {
+export function federationDirectRoutes({ keys, authenticator, allowDeviceNameLookup, subscriptions }: Omit<FederationRoutesOptions, 'transactions'>): DirectRoute[] {
   const verify = (raw: IncomingMessage, content: unknown) => authenticator.authenticate(signedRequest(raw, content));
   return [
     {
       method: 'POST',
       path: `${F}/user/keys/query`,
       handle: async (raw, body) => {
-        await verify(raw, body);
-        return keys.query(null, body, { displayNames: allowDeviceNameLookup, clientApi: false });
+        const origin = await verify(raw, body);
+        const answer = await keys.query(null, body, { displayNames: allowDeviceNameLookup, clientApi: false });
+        await subscriptions.touch(origin, usersIn(body, 'device_keys'));
+        return answer;
       },
     },
     {
       method: 'POST',
       path: `${F}/user/keys/claim`,
       handle: async (raw, body) => {
-        await verify(raw, body);
-        return keys.claim(body, true);
+        const origin = await verify(raw, body);
+        const answer = await keys.claim(body, true);
+        await subscriptions.touch(origin, usersIn(body, 'one_time_keys'));
+        return answer;
       },
     },
   ];
 }
 
-export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = async (app, { keys, authenticator, allowDeviceNameLookup }) => {
+export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = async (app, { keys, authenticator, allowDeviceNameLookup, subscriptions, transactions }) => {
   // After the body is parsed (the signature covers it) and before it is validated, so an unsigned
   // request learns nothing about what a valid body looks like.
   app.addHook('preValidation', async (request) => {
@@ -61,7 +74,16 @@ export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = asy
   });
 
   /** GET /_matrix/federation/v1/user/devices/{userId} — spec: user_devices.yaml */
-  app.get(`${F}/user/devices/:userId`, async (request, reply) =>
-    json(reply, await keys.userDevices((request.params as { userId: string }).userId, allowDeviceNameLookup)),
+  app.get(`${F}/user/devices/:userId`, async (request, reply) => {
+    const userId = (request.params as { userId: string }).userId;
+    const { body, streamId } = await keys.userDevices(userId, allowDeviceNameLookup);
+    await subscriptions.touch(request.origin!, [userId]);
+    await subscriptions.noteRead(request.origin!, userId, streamId);
+    return json(reply, body);
+  });
+
+  /** PUT /_matrix/federation/v1/send/{txnId} — spec: transactions.yaml */
+  app.put(`${F}/send/:txnId`, async (request, reply) =>
+    json(reply, await transactions.receive(request.origin!, (request.params as { txnId: string }).txnId, request.body)),
   );
 };

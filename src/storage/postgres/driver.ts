@@ -41,7 +41,8 @@ function prepared(sql: string): Prepared {
 const RETRYABLE = new Set(['40001', '40P01']);
 const MAX_ATTEMPTS = 5;
 
-function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: number }): Queryable {
+/** `commitCallbacks` collects afterCommit callbacks inside a transaction; without it they run at once. */
+function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: number }, commitCallbacks?: (() => void)[]): Queryable {
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
     counter.statementCount++;
     const p = prepared(sql);
@@ -57,6 +58,10 @@ function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: n
     run: async (sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rowCount ?? 0,
     exec: async (script: string) => {
       await client.query(script);
+    },
+    afterCommit: (fn: () => void) => {
+      if (commitCallbacks) commitCallbacks.push(fn);
+      else queueMicrotask(fn);
     },
   };
 }
@@ -96,14 +101,20 @@ export class PostgresDatabase implements SqlDatabase {
     return this.direct.exec(script);
   }
 
+  afterCommit(fn: () => void): void {
+    this.direct.afterCommit(fn);
+  }
+
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
       const client = await this.pool.connect();
       let broken = false;
+      const callbacks: (() => void)[] = [];
       try {
         await client.query('BEGIN');
-        const result = await fn(queryable(client, this));
+        const result = await fn(queryable(client, this, callbacks));
         await client.query('COMMIT');
+        for (const cb of callbacks) cb();
         return result;
       } catch (e) {
         try {

@@ -47,6 +47,8 @@ export class SqliteDatabase implements SqlDatabase {
   /** Resolves when the transaction currently open (and every one queued before it) has ended. */
   private txTail: Promise<void> = Promise.resolve();
   private txOpen = false;
+  /** afterCommit callbacks of the open transaction. */
+  private commitCallbacks: (() => void)[] = [];
   private readonly direct: Queryable;
   private readonly busyTimeoutMs: number;
   statementCount = 0;
@@ -72,6 +74,9 @@ export class SqliteDatabase implements SqlDatabase {
       exec: async (script: string) => {
         this.generation++;
         this.db.exec(script);
+      },
+      afterCommit: (fn: () => void) => {
+        this.commitCallbacks.push(fn);
       },
     };
   }
@@ -195,18 +200,28 @@ export class SqliteDatabase implements SqlDatabase {
         this.db.exec('BEGIN IMMEDIATE');
         this.txOpen = true;
       });
+      let result: T;
+      const callbacks: (() => void)[] = [];
+      this.commitCallbacks = callbacks;
       try {
-        const result = await fn(this.direct);
+        result = await fn(this.direct);
         this.db.exec('COMMIT');
-        return result;
       } catch (e) {
         if (this.db.inTransaction) this.db.exec('ROLLBACK');
         throw e;
+      } finally {
+        this.commitCallbacks = [];
       }
+      for (const cb of callbacks) cb();
+      return result;
     } finally {
       this.txOpen = false;
       release();
     }
+  }
+
+  afterCommit(fn: () => void): void {
+    queueMicrotask(fn);
   }
 
   async exec(script: string): Promise<void> {

@@ -130,4 +130,70 @@ export const migrations: readonly Migration[] = [
       ALTER TABLE device_lists_stream ADD COLUMN private_to TEXT;
     `,
   },
+  {
+    version: 4,
+    name: 'federation: device-list subscriptions and outbound updates, destinations, leases, inbound transactions, remote device-list cache',
+    sql: `
+      CREATE TABLE device_list_subscriptions (
+        user_id TEXT NOT NULL,
+        server_name TEXT NOT NULL,
+        expires_ts BIGINT,
+        PRIMARY KEY (user_id, server_name)
+      );
+      CREATE INDEX device_list_subscriptions_by_server ON device_list_subscriptions (server_name);
+      CREATE TABLE device_list_outbound_pokes (
+        destination TEXT NOT NULL,
+        stream_id BIGINT NOT NULL,
+        user_id TEXT NOT NULL,
+        device_id TEXT,
+        PRIMARY KEY (destination, stream_id)
+      );
+      CREATE TABLE device_list_outbound_last_sent (
+        destination TEXT NOT NULL,
+        user_id TEXT NOT NULL,
+        stream_id BIGINT NOT NULL,
+        PRIMARY KEY (destination, user_id)
+      );
+      CREATE TABLE federation_destinations (
+        destination TEXT NOT NULL PRIMARY KEY,
+        failure_count INTEGER NOT NULL,
+        retry_after_ts BIGINT NOT NULL,
+        first_failure_ts BIGINT
+      );
+      CREATE TABLE leases (
+        name TEXT NOT NULL PRIMARY KEY,
+        owner TEXT NOT NULL,
+        expires_ts BIGINT NOT NULL
+      );
+      CREATE TABLE federation_inbound_transactions (
+        origin TEXT NOT NULL,
+        txn_id TEXT NOT NULL,
+        response_json TEXT NOT NULL,
+        received_ts BIGINT NOT NULL,
+        PRIMARY KEY (origin, txn_id)
+      );
+      CREATE TABLE remote_device_lists (
+        user_id TEXT NOT NULL PRIMARY KEY,
+        server_name TEXT NOT NULL,
+        stream_id BIGINT NOT NULL,
+        stale BOOLEAN NOT NULL,
+        synced_ts BIGINT NOT NULL
+      );
+      CREATE INDEX remote_device_lists_by_server ON remote_device_lists (server_name);
+      CREATE TABLE remote_devices (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        display_name TEXT,
+        key_json TEXT,
+        PRIMARY KEY (user_id, device_id)
+      );
+      CREATE TABLE remote_cross_signing_keys (
+        user_id TEXT NOT NULL,
+        key_type TEXT NOT NULL,
+        public_key TEXT NOT NULL,
+        key_json TEXT NOT NULL,
+        PRIMARY KEY (user_id, key_type)
+      );
+    `,
+  },
 ];

@@ -1,0 +1,77 @@
+/**
+ * Periodic federation housekeeping, done by one process of those sharing a database at a time (a
+ * lease): refetching cached remote device lists that are stale or due for a refresh; dropping
+ * lapsed subscriptions and old transaction records; and, for a destination that has taken no
+ * transaction for `maxUndeliveredAgeMs`, keeping only the newest queued change per user and
+ * breaking its EDU chains, so when it comes back it resyncs instead of replaying a long backlog.
+ */
+import type { FederationStore } from '../storage/store.js';
+import type { Destinations } from './destinations.js';
+import type { RemoteDeviceListCache } from './device-list-cache.js';
+
+/** Received transaction records are kept this long: senders retry a txnId well within it. */
+const INBOUND_TRANSACTION_RETENTION_MS = 24 * 3_600_000;
+/** Remote lists refetched per round, at most. */
+const REFRESH_BATCH = 200;
+
+export interface MaintenanceOptions {
+  readonly store: Pick<FederationStore, 'takeLease' | 'releaseLease' | 'cleanup' | 'compressPokes'>;
+  readonly cache: RemoteDeviceListCache;
+  readonly destinations: Destinations;
+  readonly owner: string;
+  readonly intervalMs: number;
+  readonly maxUndeliveredAgeMs: number;
+  readonly now?: () => number;
+  readonly log?: (level: 'info' | 'warn', message: string, details: Record<string, unknown>) => void;
+}
+
+export class FederationMaintenance {
+  private timer: NodeJS.Timeout | undefined;
+  private running: Promise<void> | undefined;
+  private readonly now: () => number;
+
+  constructor(private readonly options: MaintenanceOptions) {
+    this.now = options.now ?? Date.now;
+  }
+
+  start(): void {
+    this.timer = setInterval(() => void this.runOnce(), this.options.intervalMs);
+    this.timer.unref();
+  }
+
+  /** One round, unless another process is doing one (or this one already is). */
+  runOnce(): Promise<void> {
+    this.running ??= this.round().finally(() => (this.running = undefined));
+    return this.running;
+  }
+
+  private async round(): Promise<void> {
+    const { store, owner, log } = this.options;
+    const lease = 'job:federation-maintenance';
+    try {
+      if (!(await store.takeLease(lease, owner, this.now() + 2 * this.options.intervalMs + 60_000, this.now()))) return;
+      try {
+        const now = this.now();
+        const { subscriptionsExpired } = await store.cleanup(now, now - INBOUND_TRANSACTION_RETENTION_MS);
+        if (subscriptionsExpired > 0) log?.('info', 'device-list subscriptions lapsed', { count: subscriptionsExpired });
+        await this.options.destinations.refresh();
+        for (const d of this.options.destinations.waiting()) {
+          const since = this.options.destinations.failingSince(d);
+          if (since === undefined || now - since < this.options.maxUndeliveredAgeMs) continue;
+          const dropped = await store.compressPokes(d);
+          if (dropped > 0) log?.('warn', 'a destination has been unreachable for long; dropped older queued device-list updates (it will refetch the lists)', { destination: d, dropped });
+        }
+        await this.options.cache.refreshDue(REFRESH_BATCH);
+      } finally {
+        await store.releaseLease(lease, owner);
+      }
+    } catch (e) {
+      log?.('warn', 'federation housekeeping failed; it will run again', { reason: (e as Error).message });
+    }
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    await this.running;
+  }
+}
