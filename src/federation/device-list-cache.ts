@@ -70,7 +70,7 @@ export async function ask(client: SignedRequester, destinations: Destinations, d
 
 export class RemoteDeviceListCache {
   private readonly now: () => number;
-  private readonly resyncs = new Map<string, Promise<boolean>>();
+  private readonly resyncs = new Map<string, Promise<Asked<undefined>>>();
   private readonly userQueues = new Map<string, Promise<unknown>>();
   private readonly timers = new Set<NodeJS.Timeout>();
   private stopped = false;
@@ -96,9 +96,9 @@ export class RemoteDeviceListCache {
 
   /**
    * Fetches a user's whole list and stores it; concurrent calls for one user share one request.
-   * True when the cache holds a list fetched now.
+   * `ok` when the cache holds a list fetched now; otherwise what went wrong.
    */
-  resync(userId: string, deadline: number): Promise<boolean> {
+  resync(userId: string, deadline: number): Promise<Asked<undefined>> {
     const running = this.resyncs.get(userId);
     if (running) return running;
     const p = this.fetchList(userId, deadline).finally(() => this.resyncs.delete(userId));
@@ -106,9 +106,9 @@ export class RemoteDeviceListCache {
     return p;
   }
 
-  private async fetchList(userId: string, deadline: number): Promise<boolean> {
+  private async fetchList(userId: string, deadline: number): Promise<Asked<undefined>> {
     const server = serverOf(userId);
-    if (server === undefined) return false;
+    if (server === undefined) return { ok: false, status: 400, message: `${userId} is not a valid user ID` };
     this.stats.resyncs++;
     const answer = await ask(this.options.client, this.options.destinations, server, `/_matrix/federation/v1/user/devices/${encodeURIComponent(userId)}`, {
       method: 'GET',
@@ -118,7 +118,7 @@ export class RemoteDeviceListCache {
     if (!answer.ok) {
       this.stats.resyncFailures++;
       this.log('info', 'could not fetch a remote device list', { user: userId, status: answer.status, reason: answer.message });
-      return false;
+      return answer;
     }
     const problems = new Problems();
     const snapshot = checkUserDevicesAnswer(answer.value, userId, server, problems);
@@ -126,20 +126,23 @@ export class RemoteDeviceListCache {
     if (typeof snapshot === 'string') {
       this.stats.resyncFailures++;
       this.log('warn', 'refused a remote device list', { user: userId, server, reason: snapshot });
-      return false;
+      return { ok: false, status: 502, message: `${server} sent a device list of ${userId} that does not follow the spec: ${snapshot}` };
     }
     await this.options.store.replaceList(snapshot, this.now());
-    return true;
+    return { ok: true, value: undefined };
   }
 
   /** Resyncs in the background, retrying a few times; the refresh job picks up what still fails. */
   scheduleResync(userId: string, attempt = 0): void {
     if (this.stopped) return;
     void this.resync(userId, this.now() + this.options.requestTimeoutMs)
-      .catch((e: unknown) => {
-        this.log('warn', 'resyncing a remote device list failed', { user: userId, reason: (e as Error).message });
-        return false;
-      })
+      .then(
+        (r) => r.ok,
+        (e: unknown) => {
+          this.log('warn', 'resyncing a remote device list failed', { user: userId, reason: (e as Error).message });
+          return false;
+        },
+      )
       .then((ok) => {
         const wait = RESYNC_RETRY_MS[attempt];
         if (ok || wait === undefined || this.stopped) return;
@@ -222,7 +225,7 @@ export class RemoteDeviceListCache {
   /** One round of the refresh job: lists that are stale or older than the refresh interval. */
   async refreshDue(limit: number): Promise<number> {
     const due = await this.options.store.dueForResync(this.now() - this.options.refreshAfterMs, limit);
-    await Promise.all(due.map((u) => this.resync(u, this.now() + this.options.requestTimeoutMs).catch(() => false)));
+    await Promise.all(due.map((u) => this.resync(u, this.now() + this.options.requestTimeoutMs).catch(() => undefined)));
     return due.length;
   }
 

@@ -130,9 +130,9 @@ export class RemoteKeys implements RemoteKeyLookup {
     const known: string[] = [];
     let failure: ServerFailure | undefined;
     const resyncs = toResync.map(async (userId) => {
-      if (await this.options.cache.resync(userId, deadline)) known.push(userId);
-      else if (lists.has(userId)) known.push(userId);
-      else failure ??= { status: 503, message: `could not fetch the device list of ${userId} from ${server}` };
+      const outcome = await this.options.cache.resync(userId, deadline);
+      if (outcome.ok || lists.has(userId)) known.push(userId);
+      else failure ??= { status: outcome.status, message: outcome.message };
     });
     let keys: KeysOfUsers | undefined;
     const query = (async () => {

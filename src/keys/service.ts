@@ -345,7 +345,7 @@ export class Keys {
         ? await this.options.remote.queryKeys(new Map(remote.map((u) => [u, wanted[u] as string[]])), deadline)
         : { keys: EMPTY_KEYS, known: [], failures: this.unreachable(remote) };
       if (viewer) await this.store.trackUsers(viewer.userId, [...local, ...fromRemote.known]);
-      return this.buildQueryAnswer(viewer, wanted, local, fromRemote, options);
+      return this.buildQueryAnswer(viewer, wanted, local, { users: remote, result: fromRemote }, options);
     }
 
     if (viewer) await this.store.trackUsers(viewer.userId, local);
@@ -380,13 +380,22 @@ export class Keys {
     this.answersChars += size;
   }
 
-  private async buildQueryAnswer(viewer: Viewer, wanted: JsonObject, local: readonly string[], remote: RemoteQueryResult | undefined, options: QueryOptions): Promise<string> {
-    const known = remote?.known ?? [];
-    const users = known.length > 0 ? [...local, ...known] : local;
+  private async buildQueryAnswer(
+    viewer: Viewer,
+    wanted: JsonObject,
+    local: readonly string[],
+    remote: { readonly users: readonly string[]; readonly result: RemoteQueryResult } | undefined,
+    options: QueryOptions,
+  ): Promise<string> {
+    // Remote users whose server answered (or whose list is cached) are listed, with or without devices.
+    const failed = remote?.result.failures;
+    const known = new Set(remote?.result.known);
+    const answered = remote ? remote.users.filter((u) => known.has(u) || !failed!.has(parseUserId(u)!.serverName)) : [];
+    const users = answered.length > 0 ? [...local, ...answered] : local;
     // For remote users the store holds only signatures our users made on their keys.
     const stored = users.length ? await this.store.getKeysOf(users) : EMPTY_KEYS;
-    const devices = remote ? [...stored.devices, ...remote.keys.devices] : stored.devices;
-    const crossSigning = remote ? [...stored.crossSigning, ...remote.keys.crossSigning] : stored.crossSigning;
+    const devices = remote ? [...stored.devices, ...remote.result.keys.devices] : stored.devices;
+    const crossSigning = remote ? [...stored.crossSigning, ...remote.result.keys.crossSigning] : stored.crossSigning;
     const signed = withVisibleSignatures(stored.signatures, viewer);
 
     const deviceEntries = new Map<string, [string, string][]>(users.map((u) => [u, []]));
@@ -404,7 +413,7 @@ export class Keys {
 
     let out = `{"device_keys":${objectText([...deviceEntries].map(([u, entries]) => [u, objectText(entries)] as const))}`;
     out += `,"master_keys":${objectText(keysOfType('master'))},"self_signing_keys":${objectText(keysOfType('self_signing'))}`;
-    if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${failuresText(remote?.failures ?? new Map())}`;
+    if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${failuresText(failed ?? new Map())}`;
     return `${out}}`;
   }
 

@@ -51,6 +51,11 @@ export class FakeHomeserver {
   /** Corrupts the notary countersignature when set. */
   badNotarySignature = false;
   readonly requests: { method: string; url: string }[] = [];
+  /**
+   * Answers requests the fake does not serve itself (e.g. /_matrix/federation/v1/user/devices/…):
+   * return the status and body to send, `'hang'` to never answer, or undefined for 404.
+   */
+  onRequest: ((method: string, url: string, body: unknown) => { status: number; body?: unknown; raw?: string } | 'hang' | undefined) | undefined;
   private server!: Server;
   serverName = '';
   url = '';
@@ -113,7 +118,32 @@ export class FakeHomeserver {
       });
       return send(200, { server_keys: answers });
     }
+    if (this.onRequest) {
+      let text = '';
+      for await (const chunk of req) text += chunk;
+      let body: unknown;
+      try {
+        body = text === '' ? undefined : JSON.parse(text);
+      } catch {
+        body = undefined;
+      }
+      const answer = this.onRequest(req.method ?? '', req.url ?? '', body);
+      if (answer === 'hang') return;
+      if (answer !== undefined) {
+        if (answer.raw !== undefined) {
+          res.writeHead(answer.status, { 'content-type': 'application/json' });
+          res.end(answer.raw);
+          return;
+        }
+        return send(answer.status, answer.body ?? {});
+      }
+    }
     send(404, { errcode: 'M_UNRECOGNIZED', error: 'not here' });
+  }
+
+  /** Requests to paths starting with `prefix`. */
+  count(prefix: string): number {
+    return this.requests.filter((r) => r.url.startsWith(prefix)).length;
   }
 
   /** The X-Matrix header for a request, signed over `signed` overrides if given. */

@@ -1,0 +1,196 @@
+/**
+ * Two mxkeys servers federating over loopback, with real clients on each: remote keys for local
+ * clients, device-list updates sent and received, and what happens when one server is down.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createServer } from 'node:net';
+import type { AddressInfo } from 'node:net';
+import { describeEachBackend } from '../support/backends.js';
+import { http } from '../support/server.js';
+import { login, registerUser, type Session } from '../support/client.js';
+import { OlmClient, sdk } from '../support/olm.js';
+import { TestCrossSigning, TestDevice } from '../support/keys.js';
+import { startFederation } from '../support/federation.js';
+import type { TestServer } from '../support/server.js';
+
+const C = '/_matrix/client/v3';
+type Json = Record<string, unknown>;
+
+async function query(server: TestServer, session: Session, users: Record<string, string[]>, timeout?: number): Promise<Json> {
+  const r = await http(server.url, 'POST', `${C}/keys/query`, { token: session.accessToken, body: { device_keys: users, ...(timeout !== undefined ? { timeout } : {}) } });
+  assert.equal(r.status, 200, r.text);
+  return r.body;
+}
+
+const devicesOf = (answer: Json, userId: string) => Object.keys(((answer['device_keys'] as Record<string, Json>)[userId] ?? {}) as Json).sort();
+
+/** A device logged in on `server` with uploaded (signed) device keys. */
+async function deviceWithKeys(server: TestServer, user: string, password: string, deviceId: string, displayName?: string): Promise<Session> {
+  const s = await login(server, user, password, { device_id: deviceId, ...(displayName ? { initial_device_display_name: displayName } : {}) });
+  const r = await http(server.url, 'POST', `${C}/keys/upload`, { token: s.accessToken, body: { device_keys: new TestDevice(s.userId, deviceId).deviceKeys() } });
+  assert.equal(r.status, 200, r.text);
+  return s;
+}
+
+/** Syncs from `since` until `userId` is listed in device_lists.changed; returns the next token. */
+async function syncUntilChanged(server: TestServer, session: Session, since: string, userId: string): Promise<string> {
+  let token = since;
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const r = await http(server.url, 'GET', `${C}/sync?since=${token}&timeout=5000`, { token: session.accessToken });
+    assert.equal(r.status, 200, r.text);
+    token = r.body['next_batch'] as string;
+    const changed = ((r.body['device_lists'] as Json | undefined)?.['changed'] as string[] | undefined) ?? [];
+    if (changed.includes(userId)) return token;
+    assert.ok(Date.now() < deadline, `${userId} never showed up in device_lists.changed`);
+  }
+}
+
+async function syncToken(server: TestServer, session: Session): Promise<string> {
+  const r = await http(server.url, 'GET', `${C}/sync`, { token: session.accessToken });
+  return r.body['next_batch'] as string;
+}
+
+describeEachBackend('two mxkeys servers federating', (backend) => {
+  test('alice on hs1 queries and claims the keys of bob on hs2, builds an Olm session, and bob decrypts her message', async () => {
+    const { servers } = await startFederation(backend, ['hs1.test', 'hs2.test']);
+    const [hs1, hs2] = servers as [TestServer, TestServer];
+    const alice = await OlmClient.create(hs1, await registerUser(hs1, 'alice'));
+    const bob = await OlmClient.create(hs2, await registerUser(hs2, 'bob'));
+    await alice.flush();
+    await bob.flush();
+    await bob.bootstrapCrossSigning();
+
+    // Alice's machine asks hs1 for bob's keys; hs1 fetches them from hs2.
+    await alice.track([bob.session.userId]);
+    const bobDevice = await alice.machine.getDevice(new sdk.UserId(bob.session.userId), new sdk.DeviceId(bob.session.deviceId));
+    assert.ok(bobDevice, "alice's machine knows bob's device, fetched over federation");
+    assert.equal(bobDevice.isCrossSignedByOwner(), true, "bob's device is cross-signed by bob's identity as alice sees it");
+
+    // Alice claims a one-time key of bob's through hs1 and encrypts to him.
+    const claim = await alice.machine.getMissingSessions([new sdk.UserId(bob.session.userId)]);
+    assert.ok(claim, 'alice needs an Olm session with bob');
+    const claimed = JSON.parse(await alice.sendOutgoing(claim as unknown as { id: string; type: sdk.RequestType; body: string })) as Json;
+    assert.deepEqual(claimed['failures'], {});
+    const keys = ((claimed['one_time_keys'] as Record<string, Record<string, Json>>)[bob.session.userId] ?? {})[bob.session.deviceId];
+    assert.ok(keys && Object.keys(keys)[0]?.startsWith('signed_curve25519:'), JSON.stringify(claimed));
+
+    const encrypted = JSON.parse(await bobDevice.encryptToDeviceEvent('org.example.secret', { text: 'hello bob, from alice on another server' })) as Json;
+    const processed = await bob.receiveToDevice([{ sender: alice.session.userId, type: 'm.room.encrypted', content: encrypted }]);
+    const decrypted = processed.find((e) => e.type === sdk.ProcessedToDeviceEventType.Decrypted) as sdk.DecryptedToDeviceEvent | undefined;
+    assert.ok(decrypted, `bob decrypted alice's message (got ${processed.map((e) => e.type).join(', ')})`);
+    assert.equal((JSON.parse(decrypted.rawEvent) as { content: { text: string } }).content.text, 'hello bob, from alice on another server');
+
+    // The key alice claimed is gone on hs2: bob's server handed it out once.
+    const again = await http(hs2.url, 'POST', `${C}/keys/claim`, {
+      token: bob.session.accessToken,
+      body: { one_time_keys: { [bob.session.userId]: { [bob.session.deviceId]: 'signed_curve25519' } } },
+    });
+    const next = Object.keys((again.body['one_time_keys'] as Record<string, Record<string, Json>>)[bob.session.userId]![bob.session.deviceId]!);
+    assert.notDeepEqual(next, Object.keys(keys));
+  });
+
+  test("bob's new, renamed and deleted devices and new cross-signing keys reach alice's /sync and her next query without another request to hs2", async () => {
+    const { servers, proxies } = await startFederation(backend, ['hs1.test', 'hs2.test'], { federation: { allow_device_name_lookup: true } });
+    const [hs1, hs2] = servers as [TestServer, TestServer];
+    const toHs2 = proxies[1]!;
+    const alice = await registerUser(hs1, 'alice');
+    const bob = await registerUser(hs2, 'bob');
+    await deviceWithKeys(hs2, bob.userId, bob.password, 'PHONE', 'phone');
+
+    assert.deepEqual(devicesOf(await query(hs1, alice, { [bob.userId]: [] }), bob.userId), ['PHONE']);
+    const fetched = toHs2.count('/_matrix/federation/v1/user/');
+    assert.ok(fetched >= 1, 'hs1 asked hs2 for the list the first time');
+    let since = await syncToken(hs1, alice);
+
+    // A new device with keys.
+    const laptop = await deviceWithKeys(hs2, bob.userId, bob.password, 'LAPTOP', 'laptop');
+    since = await syncUntilChanged(hs1, alice, since, bob.userId);
+    let answer = await query(hs1, alice, { [bob.userId]: [] });
+    assert.deepEqual(devicesOf(answer, bob.userId), ['LAPTOP', 'PHONE']);
+
+    // A rename: the new display name arrives.
+    const rename = await http(hs2.url, 'PUT', `${C}/devices/LAPTOP`, { token: laptop.accessToken, body: { display_name: 'work laptop' } });
+    assert.equal(rename.status, 200, rename.text);
+    since = await syncUntilChanged(hs1, alice, since, bob.userId);
+    answer = await query(hs1, alice, { [bob.userId]: [] });
+    const laptopKeys = (answer['device_keys'] as Record<string, Record<string, Json>>)[bob.userId]!['LAPTOP']!;
+    assert.equal((laptopKeys['unsigned'] as Json)['device_display_name'], 'work laptop');
+
+    // New cross-signing keys.
+    const cs = new TestCrossSigning(bob.userId);
+    const upload = await http(hs2.url, 'POST', `${C}/keys/device_signing/upload`, { token: laptop.accessToken, body: cs.upload() });
+    assert.equal(upload.status, 200, upload.text);
+    since = await syncUntilChanged(hs1, alice, since, bob.userId);
+    answer = await query(hs1, alice, { [bob.userId]: [] });
+    assert.deepEqual((answer['master_keys'] as Record<string, Json>)[bob.userId], cs.masterKey());
+    assert.deepEqual((answer['self_signing_keys'] as Record<string, Json>)[bob.userId], cs.selfSigningKey());
+    assert.equal((answer['user_signing_keys'] as Json)[bob.userId], undefined, "bob's user-signing key never leaves hs2");
+
+    // A deleted device.
+    const remove = await http(hs2.url, 'POST', `${C}/logout`, { token: laptop.accessToken });
+    assert.equal(remove.status, 200, remove.text);
+    since = await syncUntilChanged(hs1, alice, since, bob.userId);
+    assert.deepEqual(devicesOf(await query(hs1, alice, { [bob.userId]: [] }), bob.userId), ['PHONE']);
+
+    // /keys/changes lists bob too.
+    const changes = await http(hs1.url, 'GET', `${C}/keys/changes?from=s0&to=${since}`, { token: alice.accessToken });
+    assert.ok((changes.body['changed'] as string[]).includes(bob.userId), changes.text);
+
+    assert.equal(toHs2.count('/_matrix/federation/v1/user/'), fetched, 'every later answer came from the cache that the updates kept fresh');
+    assert.ok(toHs2.count('/_matrix/federation/v1/send/') === 0, 'hs1 sent nothing to hs2 (alice changed nothing)');
+  });
+
+  test("while hs2 is down, alice still gets bob's last known devices and no failure", async () => {
+    const { servers, proxies } = await startFederation(backend, ['hs1.test', 'hs2.test'], { federation: { device_list_refresh_interval: 1 } });
+    const [hs1, hs2] = servers as [TestServer, TestServer];
+    const alice = await registerUser(hs1, 'alice');
+    const bob = await registerUser(hs2, 'bob');
+    await deviceWithKeys(hs2, bob.userId, bob.password, 'PHONE');
+    assert.deepEqual(devicesOf(await query(hs1, alice, { [bob.userId]: [] }), bob.userId), ['PHONE']);
+
+    proxies[1]!.up = false;
+    await new Promise((r) => setTimeout(r, 5)); // the 1 ms refresh interval has passed: hs1 tries hs2 again
+    const answer = await query(hs1, alice, { [bob.userId]: [] });
+    assert.deepEqual(devicesOf(answer, bob.userId), ['PHONE'], 'the cached list is served');
+    assert.deepEqual(answer['failures'], {}, 'and hs2 is not a failure');
+
+    // A user of hs2 that hs1 has never seen cannot be answered: that is a failure.
+    const unknown = await query(hs1, alice, { '@carol:hs2.test': [] });
+    assert.ok((unknown['failures'] as Json)['hs2.test'], JSON.stringify(unknown));
+    assert.deepEqual(unknown['device_keys'], {});
+  });
+
+  test('a server that does not answer in time is a failure entry, and the rest of the answer still arrives', async () => {
+    // hs3 accepts connections and never answers.
+    const silent = createServer(() => undefined);
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    try {
+      const hs3 = `http://127.0.0.1:${(silent.address() as AddressInfo).port}`;
+      const { servers } = await startFederation(backend, ['hs1.test', 'hs2.test'], {}, { 'hs3.test': hs3 });
+      const [hs1, hs2] = servers as [TestServer, TestServer];
+      const alice = await registerUser(hs1, 'alice');
+      const bob = await registerUser(hs2, 'bob');
+      await deviceWithKeys(hs2, bob.userId, bob.password, 'PHONE');
+
+      const answer = await query(hs1, alice, { [bob.userId]: [], '@dave:hs3.test': [] }, 700);
+      assert.deepEqual(devicesOf(answer, bob.userId), ['PHONE'], "hs2's answer is there");
+      const failures = answer['failures'] as Record<string, Json>;
+      assert.deepEqual(Object.keys(failures), ['hs3.test']);
+      assert.equal(typeof failures['hs3.test']!['status'], 'number');
+      assert.match(String(failures['hs3.test']!['message']), /700 ms/, 'the wait was the timeout the client asked for');
+
+      // Claims follow the same rule; hs3 is now also waiting for a retry, so it fails at once.
+      const claim = await http(hs1.url, 'POST', `${C}/keys/claim`, {
+        token: alice.accessToken,
+        body: { timeout: 700, one_time_keys: { '@dave:hs3.test': { DEV: 'signed_curve25519' } } },
+      });
+      assert.equal(claim.status, 200, claim.text);
+      assert.ok((claim.body['failures'] as Json)['hs3.test'], claim.text);
+      assert.deepEqual(claim.body['one_time_keys'], {});
+    } finally {
+      silent.close();
+    }
+  });
+});
