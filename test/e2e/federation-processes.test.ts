@@ -1,0 +1,120 @@
+/**
+ * The EDU sender across processes: its queue survives kill -9, and several processes sharing one
+ * database send each update to a destination once, not once per process.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { describeEachBackend, tempDir } from '../support/backends.js';
+import { http, startServer, type TestServer } from '../support/server.js';
+import { login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
+import { TestDevice } from '../support/keys.js';
+import { startServerProcess } from '../support/process.js';
+import { FakeHomeserver } from '../support/fake-homeserver.js';
+import { CountingProxy, eventually, freePort, QUICK_FEDERATION } from '../support/federation.js';
+import type { DatabaseConfig } from '../../src/storage/index.js';
+
+const C = '/_matrix/client/v3';
+const F = '/_matrix/federation/v1';
+type Json = Record<string, unknown>;
+
+function writeConfig(database: DatabaseConfig, serverName: string, resolve: Record<string, string>): string {
+  const dir = tempDir();
+  const path = join(dir, 'mxkeys.yaml');
+  const db = database.postgres ? `{ postgres: ${JSON.stringify(database.postgres)} }` : `{ sqlite: ${JSON.stringify(database.sqlite)} }`;
+  writeFileSync(
+    path,
+    [
+      `server_name: ${serverName}`,
+      `database: ${db}`,
+      `signing_key_path: ${JSON.stringify(join(dir, 'signing.key'))}`,
+      `registration_shared_secret: ${JSON.stringify(SHARED_SECRET)}`,
+      `federation: ${JSON.stringify({ ...QUICK_FEDERATION, resolve })}`,
+      '',
+    ].join('\n'),
+  );
+  return path;
+}
+
+const at = (url: string) => ({ url }) as TestServer;
+
+async function newDeviceWithKeys(url: string, user: Session, deviceId: string): Promise<Session> {
+  const s = await login(at(url), user.userId, user.password, { device_id: deviceId });
+  const r = await http(url, 'POST', `${C}/keys/upload`, { token: s.accessToken, body: { device_keys: new TestDevice(s.userId, deviceId).deviceKeys() } });
+  assert.equal(r.status, 200, r.text);
+  return s;
+}
+
+describeEachBackend('the federation sender across processes', (backend) => {
+  test('updates queued while the receiver is unreachable survive kill -9 of the sender and arrive after a restart', async () => {
+    const [port1, port2] = [await freePort(), await freePort()];
+    const toHs1 = await CountingProxy.start(`http://127.0.0.1:${port1}`);
+    const toHs2 = await CountingProxy.start(`http://127.0.0.1:${port2}`);
+    const hs2 = await startServer({
+      backend,
+      config: { server_name: 'hs2.test', registration_shared_secret: SHARED_SECRET, listen: { host: '127.0.0.1', port: port2 }, federation: { ...QUICK_FEDERATION, resolve: { 'hs1.test': toHs1.url } } },
+    });
+    const config = writeConfig(await backend.freshDatabase(), 'hs1.test', { 'hs2.test': toHs2.url });
+    const env = { MXKEYS_LISTEN_PORT: String(port1) };
+    let hs1 = await startServerProcess(['--config', config], { env });
+
+    const bob = await registerUser(at(hs1.url), 'bob');
+    await newDeviceWithKeys(hs1.url, bob, 'PHONE');
+    const alice = await registerUser(hs2, 'alice');
+    const query = async () => {
+      const r = await http(hs2.url, 'POST', `${C}/keys/query`, { token: alice.accessToken, body: { device_keys: { [bob.userId]: [] } } });
+      assert.equal(r.status, 200, r.text);
+      return Object.keys(((r.body['device_keys'] as Record<string, Json>)[bob.userId] ?? {}) as Json).sort();
+    };
+    assert.deepEqual(await query(), ['PHONE'], 'devices with keys');
+    const fetches = toHs1.count(`${F}/user/devices/`);
+
+    // hs2 becomes unreachable; bob adds a device; hs1 queues the update and cannot send it.
+    toHs2.up = false;
+    await newDeviceWithKeys(hs1.url, bob, 'LAPTOP');
+    await eventually('a failed attempt to send', async () => (hs1.output().includes('a destination did not answer') ? true : undefined));
+    hs1.child.kill('SIGKILL');
+    await hs1.exited;
+
+    toHs2.up = true;
+    hs1 = await startServerProcess(['--config', config], { env });
+    await eventually("bob's new device on hs2", async () => ((await query()).includes('LAPTOP') ? true : undefined), 20_000);
+    assert.equal(toHs1.count(`${F}/user/devices/`), fetches, 'it came as an update, not by hs2 asking again');
+    hs1.child.kill('SIGTERM');
+    assert.equal(await hs1.exited, 0, hs1.output());
+  });
+
+  test('two processes sharing one database send each update to a destination once, not once per process', async () => {
+    const fake = await FakeHomeserver.start();
+    const database = await backend.freshDatabase();
+    const signingKeyPath = join(tempDir(), 'signing.key');
+    const config = { registration_shared_secret: SHARED_SECRET, federation: { ...QUICK_FEDERATION, resolve: { [fake.serverName]: fake.url } } };
+    const a = await startServer({ backend, database: database as Record<string, unknown>, signingKeyPath, config });
+    const b = await startServer({ backend, database: database as Record<string, unknown>, signingKeyPath, config });
+    const received: Json[] = [];
+    fake.onRequest = (method, url, body) => {
+      if (method !== 'PUT' || !url.startsWith(`${F}/send/`)) return undefined;
+      for (const edu of ((body as Json)['edus'] as Json[] | undefined) ?? []) if (edu['edu_type'] === 'm.device_list_update') received.push(edu['content'] as Json);
+      return { status: 200, body: { pdus: {} } };
+    };
+
+    const bob = await registerUser(a, 'bob');
+    // The fake reads bob's list: it subscribes, and its chain starts at the stream_id it got.
+    const read = await fake.request(a.url, 'test.local', 'GET', `${F}/user/devices/${encodeURIComponent(bob.userId)}`);
+    assert.equal(read.status, 200, read.text);
+    let previous = read.body['stream_id'] as number;
+
+    const names = Array.from({ length: 12 }, (_, i) => `DEV${i}`);
+    for (const [i, name] of names.entries()) await newDeviceWithKeys((i % 2 === 0 ? a : b).url, bob, name);
+    await eventually('every new device at the fake', async () => (names.every((n) => received.some((c) => c['device_id'] === n && c['keys'])) ? true : undefined));
+
+    const streamIds = received.map((c) => c['stream_id'] as number);
+    assert.equal(new Set(streamIds).size, streamIds.length, `no update was sent twice: ${JSON.stringify(streamIds)}`);
+    // The chain is continuous: each prev_id is the stream_id sent before it.
+    for (const c of received) {
+      assert.deepEqual(c['prev_id'], [previous], JSON.stringify(received));
+      previous = c['stream_id'] as number;
+    }
+  });
+});
