@@ -1,10 +1,8 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
-import { join } from 'node:path';
 import { ServerDiscovery, wellKnownCacheMs, type DiscoveryNetwork, type SrvRecord } from '../../src/federation/discovery.js';
-import { backends, tempDir } from '../support/backends.js';
+import { backends } from '../support/backends.js';
+import { testCa } from '../support/tls.js';
 import { startServer } from '../support/server.js';
 import { FakeHomeserver } from '../support/fake-homeserver.js';
 
@@ -86,21 +84,12 @@ describe('server discovery', () => {
 });
 
 describe('HTTPS to other servers', () => {
-  /** A CA and a certificate for 127.0.0.1 signed by it, made with openssl. */
+  /** A CA and a certificate for 127.0.0.1 signed by it (and one for another name). */
   function certificates(): { ca: string; key: string; cert: string; otherCert: string; otherKey: string } {
-    const dir = tempDir();
-    const run = (...args: string[]) => execFileSync('openssl', args, { cwd: dir, stdio: 'pipe' });
-    run('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=mxkeys test CA');
-    const leaf = (name: string, san: string) => {
-      run('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', `${name}.key`, '-out', `${name}.csr`, '-subj', `/CN=${name}`);
-      const ext = join(dir, `${name}.ext`);
-      execFileSync('sh', ['-c', `printf 'subjectAltName=${san}\\n' > ${ext}`]);
-      run('x509', '-req', '-in', `${name}.csr`, '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', `${name}.pem`, '-days', '2', '-extfile', ext);
-    };
-    leaf('local', 'IP:127.0.0.1');
-    leaf('other', 'DNS:somewhere.else.example');
-    const read = (f: string) => readFileSync(join(dir, f), 'utf8');
-    return { ca: join(dir, 'ca.pem'), key: read('local.key'), cert: read('local.pem'), otherKey: read('other.key'), otherCert: read('other.pem') };
+    const ca = testCa();
+    const local = ca.leaf('local', 'IP:127.0.0.1');
+    const other = ca.leaf('other', 'DNS:somewhere.else.example');
+    return { ca: ca.caPath, key: local.key, cert: local.cert, otherKey: other.key, otherCert: other.cert };
   }
 
   test('keys are fetched over HTTPS with the certificate checked against the server name, trusting federation.tls_ca_file, and never from blacklisted addresses', async () => {
