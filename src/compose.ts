@@ -217,8 +217,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       'm.signing_key_update': (origin, content) => remoteDeviceLists.signingKeyUpdate(origin, content),
     },
   });
-  // A change committed here is sent at once; changes made by other processes are found by polling.
-  store.deviceLists.onChange(() => void sender.poll());
+  // A change committed here is sent at once (changes made by other processes are found by polling).
+  store.deviceLists.onChange(() => sender.soon());
   destinations.onRecovered((d) => sender.wake(d));
   const authenticator = new RequestAuthenticator({
     serverName: config.server_name,
@@ -228,7 +228,13 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     onAccepted: (origin) => void destinations.succeeded(origin).catch(() => undefined),
   });
   const metrics = config.metrics.enabled
-    ? new MxkeysMetrics({ store, keyStats: keys.stats, federationAuth: authenticator.stats, serverKeyFetches: keyRing.stats })
+    ? new MxkeysMetrics({
+        store,
+        keyStats: keys.stats,
+        federationAuth: authenticator.stats,
+        serverKeyFetches: keyRing.stats,
+        federation: { sender, destinations, remoteDeviceLists, transactions },
+      })
     : undefined;
   const app = buildApp({
     logger,

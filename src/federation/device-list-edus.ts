@@ -25,7 +25,7 @@ export interface LocalKeysView {
 }
 
 export interface DeviceListEdusOptions {
-  readonly store: Pick<FederationStore, 'pendingPokes' | 'lastSentStreamIds' | 'pokesDelivered' | 'destinationsWithPokes' | 'localDeviceStates'>;
+  readonly store: Pick<FederationStore, 'pendingPokes' | 'lastSentStreamIds' | 'pokesDelivered' | 'destinationsWithPokes' | 'localDeviceStates' | 'pokeCounts'>;
   readonly keys: LocalKeysView;
   /** Include device display names (`federation.allow_device_name_lookup`, as for /user/devices). */
   readonly displayNames: boolean;
@@ -36,6 +36,10 @@ export class DeviceListEdus implements EduSource {
 
   destinations(now: number): Promise<string[]> {
     return this.options.store.destinationsWithPokes(now);
+  }
+
+  queued(): Promise<Map<string, number>> {
+    return this.options.store.pokeCounts();
   }
 
   async take(destination: string, limit: number): Promise<OutgoingEdus | undefined> {

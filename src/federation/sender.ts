@@ -36,11 +36,17 @@ export interface EduSource {
   take(destination: string, limit: number): Promise<OutgoingEdus | undefined>;
   /** Destinations with EDUs waiting that are not in their retry wait at `now`. */
   destinations(now: number): Promise<string[]>;
+  /** EDUs (or changes they are built from) waiting per destination, for metrics. */
+  queued(): Promise<Map<string, number>>;
 }
 
 /** transactions.yaml: "Must not include more than 100 EDUs." */
 export const MAX_EDUS_PER_TRANSACTION = 100;
 const LEASE_MS = 30_000;
+/** How long new changes are gathered before they are sent. */
+const GATHER_MS = 10;
+/** Queue depths are read from the database at most this often (they are a metric). */
+const QUEUE_DEPTH_EVERY_MS = 5_000;
 
 export interface SenderOptions {
   readonly serverName: string;
@@ -88,11 +94,15 @@ export class FederationSender {
   private readonly queues = new Map<string, DestinationQueue>();
   private readonly now: () => number;
   private pollTimer: NodeJS.Timeout | undefined;
+  private soonTimer: NodeJS.Timeout | undefined;
   private polling: Promise<void> | undefined;
   private stopped = false;
   private counter = 0;
   /** Counts for metrics. */
   readonly stats = { transactionsSent: 0, edusSent: 0, transactionsFailed: 0 };
+  /** Queued EDUs per destination, as last read (metrics). */
+  queueDepths = new Map<string, number>();
+  private queueDepthsAt = 0;
 
   constructor(private readonly options: SenderOptions) {
     this.now = options.now ?? Date.now;
@@ -121,6 +131,12 @@ export class FederationSender {
         await this.options.destinations.refresh();
         const now = this.now();
         for (const source of this.options.sources) for (const d of await source.destinations(now)) this.wake(d);
+        if (now - this.queueDepthsAt >= QUEUE_DEPTH_EVERY_MS) {
+          this.queueDepthsAt = now;
+          const depths = new Map<string, number>();
+          for (const source of this.options.sources) for (const [d, n] of await source.queued()) depths.set(d, (depths.get(d) ?? 0) + n);
+          this.queueDepths = depths;
+        }
       } catch (e) {
         this.log('warn', 'the federation sender could not look for queued EDUs; trying again shortly', { reason: (e as Error).message });
       } finally {
@@ -128,6 +144,18 @@ export class FederationSender {
       }
     })();
     return this.polling;
+  }
+
+  /**
+   * Something was queued: look for work shortly. A burst of changes (a user's devices, many users
+   * at once) is gathered for a few milliseconds, so it travels in fewer, fuller transactions.
+   */
+  soon(): void {
+    if (this.soonTimer !== undefined || this.stopped) return;
+    this.soonTimer = setTimeout(() => {
+      this.soonTimer = undefined;
+      void this.poll();
+    }, GATHER_MS);
   }
 
   /** Sends what is queued for `destination` now (unless it is in its retry wait). */
@@ -223,6 +251,7 @@ export class FederationSender {
   async stop(): Promise<void> {
     this.stopped = true;
     if (this.pollTimer) clearInterval(this.pollTimer);
+    if (this.soonTimer) clearTimeout(this.soonTimer);
     await this.polling;
     for (const q of this.queues.values()) if (q.retryTimer) clearTimeout(q.retryTimer);
     while ([...this.queues.values()].some((q) => q.running)) await new Promise((r) => setTimeout(r, 10));

@@ -115,8 +115,9 @@ export class CrossSigning {
   /**
    * POST /keys/signatures/upload. Accepted: the caller's self-signing key on the caller's devices,
    * the caller's devices on the caller's master key, and the caller's user-signing key on another
-   * local user's master key. Each signature is verified, and the signed object must be the stored
-   * key. Per-item problems are returned as `failures`; valid signatures are stored.
+   * user's master key (a user of another server: as last fetched from their server). Each
+   * signature is verified, and the signed object must be the stored key. Per-item problems are
+   * returned as `failures`; valid signatures are stored.
    */
   async uploadSignatures(requester: Requester, body: JsonObject): Promise<{ failures: Record<string, Record<string, { errcode: Errcode; error: string }>> }> {
     const me = requester.userId;
@@ -218,12 +219,11 @@ export class CrossSigning {
     signed: JsonObject,
     myKey: (t: CrossSigningKeyType) => StoredCrossSigningKey | undefined,
   ): Promise<{ errcode: Errcode; error: string } | { signatures: StoredSignature[]; change: { userId: string; deviceId: string | null; privateTo: string } }> {
-    if (parseUserId(targetUser)?.serverName !== this.options.serverName) {
-      return failure('M_UNKNOWN', `Signing keys of users on other servers is not supported by this server (${targetUser})`);
-    }
     const userSigning = myKey('user_signing');
     if (!userSigning) return failure('M_NOT_FOUND', 'You have no user-signing key to sign other users with; upload one first');
-    const theirMaster = (await tx.getCrossSigningKeys(targetUser)).find((k) => k.keyType === 'master');
+    // A user of another server: their master key as this server last fetched it (keys.yaml: "previously uploaded or retrieved").
+    const local = parseUserId(targetUser)?.serverName === this.options.serverName;
+    const theirMaster = (local ? await tx.getCrossSigningKeys(targetUser) : await tx.getRemoteCrossSigningKeys(targetUser)).find((k) => k.keyType === 'master');
     if (!theirMaster || theirMaster.publicKey !== keyId) return failure('M_NOT_FOUND', `${keyId} is not the current master key of ${targetUser}`);
     if (signedContent(signed) !== signedContent(JSON.parse(theirMaster.json) as JsonObject)) {
       return failure('M_INVALID_SIGNATURE', `The signed object is not the stored master key of ${targetUser}`);

@@ -13,6 +13,12 @@ export interface MetricSources {
   readonly keyStats: KeyStats;
   readonly federationAuth: { readonly accepted: number; readonly refused: number };
   readonly serverKeyFetches: { readonly fromServer: number; readonly fromNotary: number; readonly failed: number };
+  readonly federation?: {
+    readonly sender: { readonly stats: { readonly transactionsSent: number; readonly edusSent: number; readonly transactionsFailed: number }; readonly queueDepths: ReadonlyMap<string, number> };
+    readonly destinations: { waiting(): string[] };
+    readonly remoteDeviceLists: { readonly stats: Readonly<Record<'hits' | 'misses' | 'resyncs' | 'resyncFailures' | 'updatesApplied' | 'updatesIgnored' | 'gaps' | 'updatesDropped', number>> };
+    readonly transactions: { readonly stats: Readonly<Record<'transactions' | 'repeated' | 'edus' | 'edusIgnored', number>> };
+  };
 }
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
@@ -48,6 +54,49 @@ export class MxkeysMetrics {
         [{ result: 'failed' }, sources.serverKeyFetches.failed],
       ]),
     );
+    const fed = sources.federation;
+    if (fed) {
+      r.add(
+        new Observed('mxkeys_federation_transactions_sent_total', 'Outgoing federation transactions by outcome.', 'counter', () => [
+          [{ result: 'accepted' }, fed.sender.stats.transactionsSent],
+          [{ result: 'failed' }, fed.sender.stats.transactionsFailed],
+        ]),
+      );
+      r.add(new Observed('mxkeys_federation_edus_sent_total', 'EDUs delivered to other servers.', 'counter', () => fed.sender.stats.edusSent));
+      r.add(
+        new Observed('mxkeys_federation_queued_edus', 'Device-list changes waiting to be sent, per destination (read every few seconds).', 'gauge', () =>
+          [...fed.sender.queueDepths].map(([destination, n]) => [{ destination }, n] as const),
+        ),
+      );
+      r.add(new Observed('mxkeys_federation_destinations_waiting', 'Destinations in their retry wait after failures.', 'gauge', () => fed.destinations.waiting().length));
+      const lists = fed.remoteDeviceLists.stats;
+      r.add(
+        new Observed('mxkeys_remote_device_list_lookups_total', 'Remote device lists needed for key queries: served from the cache, or fetched.', 'counter', () => [
+          [{ result: 'hit' }, lists.hits],
+          [{ result: 'miss' }, lists.misses],
+        ]),
+      );
+      r.add(
+        new Observed('mxkeys_remote_device_list_resyncs_total', 'Fetches of whole remote device lists (GET /user/devices) by outcome.', 'counter', () => [
+          [{ result: 'ok' }, lists.resyncs - lists.resyncFailures],
+          [{ result: 'failed' }, lists.resyncFailures],
+        ]),
+      );
+      r.add(
+        new Observed('mxkeys_remote_device_list_updates_total', 'Incoming device-list EDUs by what became of them.', 'counter', () => [
+          [{ result: 'applied' }, lists.updatesApplied],
+          [{ result: 'ignored' }, lists.updatesIgnored],
+          [{ result: 'gap' }, lists.gaps],
+          [{ result: 'dropped' }, lists.updatesDropped],
+        ]),
+      );
+      r.add(
+        new Observed('mxkeys_federation_transactions_received_total', 'Incoming federation transactions: processed, or repeats answered from the record.', 'counter', () => [
+          [{ result: 'processed' }, fed.transactions.stats.transactions],
+          [{ result: 'repeated' }, fed.transactions.stats.repeated],
+        ]),
+      );
+    }
     r.add(new Observed('process_resident_memory_bytes', 'Resident memory size in bytes.', 'gauge', () => process.memoryUsage.rss()));
     r.add(new Observed('nodejs_heap_used_bytes', 'V8 heap in use, in bytes.', 'gauge', () => process.memoryUsage().heapUsed));
     r.add(new Observed('process_cpu_seconds_total', 'User and system CPU time spent, in seconds.', 'counter', () => {

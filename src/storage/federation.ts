@@ -104,20 +104,40 @@ export class SqlFederationStore implements FederationStore {
     return out;
   }
 
-  async pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void> {
-    await this.db.transaction(async (tx) => {
-      for (const part of chunks(streamIds)) {
-        await tx.run(`DELETE FROM device_list_outbound_pokes WHERE destination = ? AND stream_id IN (${placeholders(part.length)})`, [destination, ...part]);
-      }
-      for (const part of chunks([...lastSent])) {
-        await tx.run(
-          `INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES ${valuesList(part.length, 3)}
-           ON CONFLICT (destination, user_id) DO UPDATE SET stream_id = excluded.stream_id
-           WHERE excluded.stream_id > device_list_outbound_last_sent.stream_id`,
-          part.flatMap(([userId, streamId]) => [destination, userId, streamId]),
-        );
-      }
+  /** Acknowledgements waiting for the next group commit. */
+  private readonly deliveredQueue: { destination: string; streamIds: readonly number[]; lastSent: ReadonlyMap<string, number>; done: (e?: unknown) => void }[] = [];
+
+  pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void> {
+    // Many destinations acknowledge at about the same time; one transaction (one fsync on
+    // SQLite) records them all, instead of one each.
+    return new Promise((resolve, reject) => {
+      this.deliveredQueue.push({ destination, streamIds, lastSent, done: (e) => (e === undefined ? resolve() : reject(e as Error)) });
+      if (this.deliveredQueue.length === 1) setImmediate(() => void this.flushDelivered());
     });
+  }
+
+  private async flushDelivered(): Promise<void> {
+    const batch = this.deliveredQueue.splice(0);
+    try {
+      await this.db.transaction(async (tx) => {
+        for (const { destination, streamIds, lastSent } of batch) {
+          for (const part of chunks(streamIds)) {
+            await tx.run(`DELETE FROM device_list_outbound_pokes WHERE destination = ? AND stream_id IN (${placeholders(part.length)})`, [destination, ...part]);
+          }
+          for (const part of chunks([...lastSent])) {
+            await tx.run(
+              `INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES ${valuesList(part.length, 3)}
+               ON CONFLICT (destination, user_id) DO UPDATE SET stream_id = excluded.stream_id
+               WHERE excluded.stream_id > device_list_outbound_last_sent.stream_id`,
+              part.flatMap(([userId, streamId]) => [destination, userId, streamId]),
+            );
+          }
+        }
+      });
+      for (const b of batch) b.done();
+    } catch (e) {
+      for (const b of batch) b.done(e ?? new Error('recording delivered updates failed'));
+    }
   }
 
   async destinationsWithPokes(now: number): Promise<string[]> {

@@ -131,6 +131,11 @@ class SqlKeysTransaction implements KeysTransaction {
     return rows.map(toCrossSigning);
   }
 
+  async getRemoteCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]> {
+    const rows = await this.tx.all<CrossSigningRow>('SELECT user_id, key_type, public_key, key_json FROM remote_cross_signing_keys WHERE user_id = ?', [userId]);
+    return rows.map(toCrossSigning);
+  }
+
   async putCrossSigningKey(key: StoredCrossSigningKey): Promise<void> {
     await this.tx.run(
       `INSERT INTO e2e_cross_signing_keys (user_id, key_type, public_key, key_json, ts) VALUES (?, ?, ?, ?, ?)

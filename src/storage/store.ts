@@ -210,6 +210,8 @@ export interface KeysTransaction {
   /** Unclaimed one-time keys per algorithm. */
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>>;
   getCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]>;
+  /** The cached cross-signing keys of a remote user (from their server; see RemoteDeviceListsStore). */
+  getRemoteCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]>;
   putCrossSigningKey(key: StoredCrossSigningKey): Promise<void>;
   /** Drops signatures made by, or made on, one of the user's keys (`publicKey` of a replaced key). */
   deleteSignaturesOfKey(userId: string, publicKey: string): Promise<void>;

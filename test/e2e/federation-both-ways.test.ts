@@ -82,6 +82,20 @@ describeEachBackend('two mxkeys servers federating', (backend) => {
     assert.ok(decrypted, `bob decrypted alice's message (got ${processed.map((e) => e.type).join(', ')})`);
     assert.equal((JSON.parse(decrypted.rawEvent) as { content: { text: string } }).content.text, 'hello bob, from alice on another server');
 
+    // Alice cross-signs bob: her user-signing key's signature on his master key stays on hs1, for her eyes.
+    await alice.bootstrapCrossSigning();
+    const bobIdentity = await alice.machine.getIdentity(new sdk.UserId(bob.session.userId));
+    assert.ok(bobIdentity instanceof sdk.OtherUserIdentity);
+    const signed = JSON.parse(await alice.sendOutgoing({ type: sdk.RequestType.SignatureUpload, body: (await bobIdentity.verify()).body })) as Json;
+    assert.deepEqual(signed['failures'] ?? {}, {}, 'hs1 accepted the signature on a remote master key');
+    const seen = async (who: OlmClient, server: TestServer) => {
+      const r = await http(server.url, 'POST', `${C}/keys/query`, { token: who.session.accessToken, body: { device_keys: { [bob.session.userId]: [] } } });
+      const master = (r.body['master_keys'] as Record<string, Json>)[bob.session.userId]!;
+      return Object.keys((master['signatures'] as Record<string, Json>)[alice.session.userId] ?? {});
+    };
+    assert.equal((await seen(alice, hs1)).length, 1, "alice sees her signature on bob's master key");
+    assert.deepEqual(await seen(bob, hs2), [], 'hs2 never heard of it');
+
     // The key alice claimed is gone on hs2: bob's server handed it out once.
     const again = await http(hs2.url, 'POST', `${C}/keys/claim`, {
       token: bob.session.accessToken,

@@ -219,7 +219,7 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
     assert.equal(failures[a]![otherDevice.deviceId]!['errcode'], 'M_NOT_FOUND', 'a device without keys cannot be signed');
     assert.equal(failures[bob.session.userId]!['notbobsmasterkey']!['errcode'], 'M_NOT_FOUND');
     assert.equal(failures[bob.session.userId]![bob.cs.master.publicKey], undefined);
-    assert.equal(failures['@dave:elsewhere.example']!['somekey']!['errcode'], 'M_UNKNOWN');
+    assert.equal(failures['@dave:elsewhere.example']!['somekey']!['errcode'], 'M_NOT_FOUND', 'a remote user whose master key this server has not fetched');
 
     const q = await query(server, alice.session, { [a]: [], [bob.session.userId]: [] });
     const device = ((q.body['device_keys'] as Json)[a] as Json)[alice.session.deviceId] as Json;
