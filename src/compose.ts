@@ -12,6 +12,7 @@ import { buildApp, type App } from './http/app.js';
 import { Accounts } from './accounts/service.js';
 import { Keys } from './keys/service.js';
 import { CrossSigning } from './keys/cross-signing.js';
+import { KeyBackup } from './backup/service.js';
 import { readFileSync, writeSync } from 'node:fs';
 import { FederationClient } from './federation/client.js';
 import { KeyRing } from './federation/key-ring.js';
@@ -109,6 +110,11 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     serverName: config.server_name,
     requireUserInteractiveAuth: (requester, request) => accounts.requirePassword(requester, request),
   });
+  const backup = new KeyBackup({
+    store: store.backup,
+    maxSessionsPerRequest: config.key_backup.max_sessions_per_request,
+    maxSessionsPerUser: config.key_backup.max_sessions_per_user,
+  });
   const federationClient = new FederationClient({
     resolve: config.federation.resolve,
     extraCa: readCaFile(config.federation.tls_ca_file),
@@ -136,6 +142,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     accounts,
     keys,
     crossSigning,
+    backup,
     federation: {
       authenticator,
       notary: new Notary(ownKeys, keyRing),

@@ -86,6 +86,14 @@ export const ConfigSchema = Type.Object(
     ),
     max_request_body_bytes: Type.Integer({ minimum: 1024, default: 10 * 1024 * 1024 }),
     max_one_time_keys_per_device: Type.Integer({ minimum: 1, default: 10_000 }),
+    accept_invalid_device_self_signatures: Type.Boolean({ default: false, description: 'store device keys whose self-signature is missing or does not verify (for test suites)' }),
+    key_backup: Type.Object(
+      {
+        max_sessions_per_request: Type.Integer({ minimum: 1, default: 10_000 }),
+        max_sessions_per_user: Type.Integer({ minimum: 1, default: 1_000_000 }),
+      },
+      { ...strict, default: {} },
+    ),
     metrics: Type.Object(
       {
         enabled: Type.Boolean({ default: false }),

@@ -25,6 +25,8 @@ import type { Notary } from '../federation/notary.js';
 import type { RequestAuthenticator } from '../federation/request-auth.js';
 import { federationDirectRoutes, federationRoutes } from './routes/federation.js';
 import { notaryRoutes } from './routes/notary.js';
+import { backupRoutes } from './routes/backup.js';
+import type { KeyBackup } from '../backup/service.js';
 
 export type App = FastifyInstance<
   import('node:http').Server,
@@ -43,6 +45,7 @@ export interface AppDeps {
   readonly accounts: Accounts;
   readonly keys: Keys;
   readonly crossSigning: CrossSigning;
+  readonly backup: KeyBackup;
   readonly federation: {
     readonly authenticator: RequestAuthenticator;
     readonly notary: Notary;
@@ -190,6 +193,7 @@ export function buildApp(deps: AppDeps): App {
     accounts: deps.accounts,
     allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery,
   });
+  app.register(backupRoutes, { backup: deps.backup, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(federationRoutes, {
     keys: deps.keys,
     authenticator: deps.federation.authenticator,

@@ -12,6 +12,7 @@ import { SqlServerKeysStore } from './server-keys.js';
 import { SqlAccountsStore } from './accounts.js';
 import { SqlDeviceListsStore } from './device-lists.js';
 import { SqlKeysStore } from './keys.js';
+import { SqlBackupStore } from './backup.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
@@ -45,6 +46,7 @@ class SqlStore implements Store {
   readonly accounts;
   readonly deviceLists;
   readonly keys;
+  readonly backup;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
@@ -52,6 +54,7 @@ class SqlStore implements Store {
     this.accounts = new SqlAccountsStore(db);
     this.deviceLists = new SqlDeviceListsStore(db);
     this.keys = new SqlKeysStore(db);
+    this.backup = new SqlBackupStore(db);
   }
 
   statementCount(): number {
