@@ -58,6 +58,7 @@ function keysFor(config: Readonly<Config>, store: Store): Keys {
     deviceLists: store.deviceLists,
     serverName: config.server_name,
     maxOneTimeKeysPerDevice: config.max_one_time_keys_per_device,
+    acceptInvalidDeviceSelfSignatures: config.accept_invalid_device_self_signatures,
   });
 }
 
