@@ -8,7 +8,7 @@ import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
 import { createServer } from 'node:http';
-import { DirectRoutes } from './direct.js';
+import { DirectRoutes, JSON_CONTENT_TYPE } from './direct.js';
 import { MatrixError } from '../matrix/errors.js';
 import { parseJsonBody } from './json-body.js';
 import { sendMatrixError } from './errors.js';
@@ -135,6 +135,13 @@ export function buildApp(deps: AppDeps): App {
   app.addHook('onRequest', (_request, reply, done) => {
     reply.headers(CORS_HEADERS);
     done();
+  });
+
+  // JSON answers say exactly "application/json", as Synapse sends it: some clients and test tools
+  // compare the header literally, and Fastify would add "; charset=utf-8" (JSON is UTF-8 anyway).
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (reply.getHeader('content-type') === 'application/json; charset=utf-8') reply.header('content-type', JSON_CONTENT_TYPE);
+    done(null, payload);
   });
 
   const observe = deps.observeRequest;
