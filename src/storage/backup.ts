@@ -103,11 +103,23 @@ class SqlBackupTransaction implements BackupTransaction {
     const out: RoomKeyMetadata[] = [];
     for (let i = 0; i < ids.length; i += CHUNK) {
       const part = ids.slice(i, i + CHUNK);
-      const rows = await this.tx.all<Omit<KeyRow, 'session_data'>>(
-        `SELECT room_id, session_id, first_message_index, forwarded_count, is_verified FROM e2e_room_keys
-         WHERE user_id = ? AND version = ? AND (room_id, session_id) IN (VALUES ${valuesList(part.length, 2)})`,
-        [this.userId, version, ...part.flatMap((k) => [k.roomId, k.sessionId])],
-      );
+      const pairs = part.flatMap((k) => [k.roomId, k.sessionId]);
+      // PostgreSQL: one primary-key probe per session (LATERAL). With IN (VALUES …) it may scan the
+      // whole version once per session when its statistics predate a bulk upload (seconds for 10⁴ keys).
+      const rows =
+        this.tx.dialect === 'postgres'
+          ? await this.tx.all<Omit<KeyRow, 'session_data'>>(
+              `SELECT k.room_id, k.session_id, k.first_message_index, k.forwarded_count, k.is_verified
+               FROM (VALUES ${valuesList(part.length, 2).replace('(?, ?)', '(?::text, ?::text)')}) AS v (room_id, session_id)
+               CROSS JOIN LATERAL (SELECT * FROM e2e_room_keys r
+                 WHERE r.user_id = ? AND r.version = ? AND r.room_id = v.room_id AND r.session_id = v.session_id) k`,
+              [...pairs, this.userId, version],
+            )
+          : await this.tx.all<Omit<KeyRow, 'session_data'>>(
+              `SELECT room_id, session_id, first_message_index, forwarded_count, is_verified FROM e2e_room_keys
+               WHERE user_id = ? AND version = ? AND (room_id, session_id) IN (VALUES ${valuesList(part.length, 2)})`,
+              [this.userId, version, ...pairs],
+            );
       for (const r of rows) out.push(toMetadata(r));
     }
     return out;
