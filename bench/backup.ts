@@ -15,8 +15,8 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import Database from 'better-sqlite3';
-import pg from 'pg';
-import { buildSnapshot, freePort, killChildren, machineBusy, ok, registerUser, startMxkeys, type Session } from './support.js';
+import { buildSnapshot, freePort, machineBusy, ok, registerUser, startMxkeys, type Session } from './support.js';
+import { median, postgresSchema, runHarness, type PostgresSchema } from './harness.js';
 
 const { values: argv } = parseArgs({
   options: {
@@ -73,12 +73,6 @@ interface Round {
   readonly deleteVersion: number;
 }
 
-const median = (xs: readonly number[]) => {
-  const v = [...xs].sort((a, b) => a - b);
-  const mid = v.length >> 1;
-  return v.length % 2 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
-};
-
 async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
   const t = performance.now();
   const value = await fn();
@@ -107,10 +101,10 @@ async function oneRound(url: string, session: Session, bodies: string[]): Promis
   return { uploads, uploadTotal: uploads.reduce((a, b) => a + b, 0), download, downloadBytes: Buffer.byteLength(all.text), resend, deleteVersion };
 }
 
-/** Bytes the e2e_room_keys table (with its index) takes for `sessions` sessions. */
-async function tableBytes(backend: string, database: Record<string, unknown>, admin: pg.Client | undefined, schema: string | undefined): Promise<number | undefined> {
-  if (backend === 'postgres') {
-    const r = await admin!.query<{ n: string }>(`SELECT pg_total_relation_size('${schema}.e2e_room_keys') AS n`);
+/** Bytes the e2e_room_keys table takes, with its index. */
+async function tableBytes(database: Record<string, unknown>, pgSchema: PostgresSchema | undefined): Promise<number | undefined> {
+  if (pgSchema) {
+    const r = await pgSchema.admin.query<{ n: string }>(`SELECT pg_total_relation_size('${pgSchema.schema}.e2e_room_keys') AS n`);
     return Number(r.rows[0]!.n);
   }
   const db = new Database(database['sqlite'] as string, { readonly: true });
@@ -124,18 +118,8 @@ async function tableBytes(backend: string, database: Record<string, unknown>, ad
 }
 
 async function runBackend(backend: string, dir: string, build: ReturnType<typeof buildSnapshot>): Promise<{ rounds: Round[]; bytesPerSession: number | undefined }> {
-  let admin: pg.Client | undefined;
-  let schema: string | undefined;
-  let database: Record<string, unknown> = { sqlite: join(dir, `${backend}.db`) };
-  if (backend === 'postgres') {
-    admin = new pg.Client({ connectionString: argv.postgres });
-    await admin.connect();
-    schema = `benchbackup_${randomBytes(5).toString('hex')}`;
-    await admin.query(`CREATE SCHEMA ${schema}`);
-    const url = new URL(argv.postgres!);
-    url.searchParams.set('options', `-c search_path=${schema}`);
-    database = { postgres: url.toString() };
-  }
+  const pgSchema = backend === 'postgres' ? await postgresSchema(argv.postgres!, 'benchbackup') : undefined;
+  const database: Record<string, unknown> = pgSchema?.database ?? { sqlite: join(dir, `${backend}.db`) };
   const port = await freePort();
   const configFile = join(dir, `${backend}.yaml`);
   writeFileSync(
@@ -151,7 +135,7 @@ async function runBackend(backend: string, dir: string, build: ReturnType<typeof
     const token = session.accessToken;
     const sized = await ok<{ version: string }>(mx.url, 'POST', `${C}/room_keys/version`, { token, body: { algorithm: 'm.megolm_backup.v1.curve25519-aes-sha2', auth_data: {} } });
     for (const body of bodies) await ok(mx.url, 'PUT', `${C}/room_keys/keys?version=${sized.body.version}`, { token, rawBody: body, headers: { 'content-type': 'application/json' } });
-    const bytes = await tableBytes(backend, database, admin, schema);
+    const bytes = await tableBytes(database, pgSchema);
     const bytesPerSession = bytes === undefined ? undefined : bytes / opts.sessions;
     await ok(mx.url, 'DELETE', `${C}/room_keys/version/${sized.body.version}`, { token });
     // Warm-up: one round not counted (JIT, prepared statements, the tables' first pages).
@@ -167,10 +151,7 @@ async function runBackend(backend: string, dir: string, build: ReturnType<typeof
     return { rounds, bytesPerSession };
   } finally {
     await mx.stop();
-    if (admin) {
-      await admin.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`);
-      await admin.end();
-    }
+    await pgSchema?.drop();
   }
 }
 
@@ -205,12 +186,4 @@ async function main(): Promise<void> {
   }
 }
 
-process.on('SIGINT', () => {
-  killChildren();
-  process.exit(130);
-});
-main().catch((e: unknown) => {
-  killChildren();
-  process.stderr.write(`${(e as Error).stack ?? String(e)}\n`);
-  process.exit(1);
-});
+runHarness(main);
