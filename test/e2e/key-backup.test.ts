@@ -4,6 +4,7 @@ import { describeEachBackend, type Backend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import type { SqlDatabase } from '../../src/storage/sql.js';
+import { responseValidator } from '../support/spec-schema.js';
 
 const C = '/_matrix/client/v3';
 const ALGORITHM = 'm.megolm_backup.v1.curve25519-aes-sha2';
@@ -52,6 +53,17 @@ async function versionInfo(s: TestServer, who: Session, version?: string): Promi
 }
 
 const enc = encodeURIComponent;
+
+/** The 200 answers of key_backup.yaml, checked against the spec's own schemas. */
+const spec = {
+  version: responseValidator('client-server/key_backup.yaml', '/room_keys/version/{version}', 'get'),
+  current: responseValidator('client-server/key_backup.yaml', '/room_keys/version', 'get'),
+  created: responseValidator('client-server/key_backup.yaml', '/room_keys/version', 'post'),
+  allKeys: responseValidator('client-server/key_backup.yaml', '/room_keys/keys', 'get'),
+  roomKeys: responseValidator('client-server/key_backup.yaml', '/room_keys/keys/{roomId}', 'get'),
+  sessionKey: responseValidator('client-server/key_backup.yaml', '/room_keys/keys/{roomId}/{sessionId}', 'get'),
+  update: responseValidator('client-server/key_backup.yaml', '/room_keys/keys', 'put'),
+};
 
 describeEachBackend('server-side key backup: versions', (backend) => {
   test('a new backup version is current, keeps auth_data exactly as sent, and versions are numbered per user', async () => {
@@ -169,6 +181,16 @@ describeEachBackend('server-side key backup: keys', (backend) => {
     const info = await versionInfo(server, alice, v);
     assert.equal(info['count'], 5);
     assert.equal(info['etag'], c.body['etag']);
+
+    // Every answer has the shape key_backup.yaml gives it.
+    assert.deepEqual(spec.update(a.body), []);
+    assert.deepEqual(spec.allKeys(all.body), []);
+    assert.deepEqual(spec.roomKeys(room.body), []);
+    assert.deepEqual(spec.sessionKey(one.body), []);
+    assert.deepEqual(spec.version(info), []);
+    assert.deepEqual(spec.current(await versionInfo(server, alice)), []);
+    assert.deepEqual(spec.created((await call(server, alice, 'POST', '/room_keys/version', { algorithm: ALGORITHM, auth_data: {} })).body), []);
+    assert.notDeepEqual(spec.allKeys({ rooms: { '!r:x': { sessions: { s: { ...keyData(0, 0, false), is_verified: 1 } } } } }), [], 'the schema check bites');
   });
 
   test('a stored key is replaced only by a better one: verified first, then a lower first_message_index, then a lower forwarded_count', async () => {
