@@ -18,12 +18,12 @@ import { createServer } from 'node:http';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir, cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
-import { randomBytes, verify, generateKeyPairSync, sign } from 'node:crypto';
+import { verify, generateKeyPairSync, sign } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
-import pg from 'pg';
 import { runLoad, type LoadResult, type PreparedRequest } from './load.js';
 import { formatSummary, summarizeProfile } from './profile.js';
-import { BenchCrossSigning, BenchDevice, buildSnapshot, Ed25519Key, freePort, killChildren, ok, registerUser, startBaseline, startMxkeys } from './support.js';
+import { BenchCrossSigning, BenchDevice, buildSnapshot, Ed25519Key, freePort, ok, registerUser, startBaseline, startMxkeys } from './support.js';
+import { median, postgresSchema, runHarness } from './harness.js';
 import { canonical } from '../test/support/keys.js';
 
 const { values: argv } = parseArgs({
@@ -97,26 +97,10 @@ function verifyRate(seconds: number, sampleUri: string): number {
   return n / ((performance.now() - start) / 1000);
 }
 
-function median(xs: number[]): number {
-  const v = [...xs].sort((a, b) => a - b);
-  const mid = v.length >> 1;
-  return v.length % 2 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
-}
-
 async function main(): Promise<void> {
   const dir = mkdtempSync(join(tmpdir(), 'mxkeys-bench-fed-'));
-  let admin: pg.Client | undefined;
-  let schema: string | undefined;
-  let database: Record<string, unknown> = { sqlite: join(dir, 'mxkeys.db') };
-  if (opts.backend === 'postgres') {
-    admin = new pg.Client({ connectionString: argv.postgres });
-    await admin.connect();
-    schema = `benchfed_${randomBytes(5).toString('hex')}`;
-    await admin.query(`CREATE SCHEMA ${schema}`);
-    const url = new URL(argv.postgres!);
-    url.searchParams.set('options', `-c search_path=${schema}`);
-    database = { postgres: url.toString() };
-  }
+  const pgSchema = opts.backend === 'postgres' ? await postgresSchema(argv.postgres!, 'benchfed') : undefined;
+  const database: Record<string, unknown> = pgSchema?.database ?? { sqlite: join(dir, 'mxkeys.db') };
   const build = buildSnapshot(join(dir, 'build'));
   log(`measuring ${build.code}`);
   const origin = await startOrigin();
@@ -213,20 +197,9 @@ async function main(): Promise<void> {
     }
   } finally {
     origin.stop();
-    if (admin) {
-      await admin.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`);
-      await admin.end();
-    }
+    await pgSchema?.drop();
     rmSync(dir, { recursive: true, force: true });
   }
 }
 
-process.on('SIGINT', () => {
-  killChildren();
-  process.exit(130);
-});
-main().catch((e: unknown) => {
-  killChildren();
-  process.stderr.write(`${(e as Error).stack ?? String(e)}\n`);
-  process.exit(1);
-});
+runHarness(main);

@@ -23,6 +23,7 @@ import { randomBytes } from 'node:crypto';
 import Database from 'better-sqlite3';
 import pg from 'pg';
 import { runLoad, type LoadResult } from './load.js';
+import { median } from './harness.js';
 import { formatSummary, summarizeProfile } from './profile.js';
 import {
   BenchCrossSigning,
@@ -486,12 +487,6 @@ async function measureMxkeys(ctx: Context, sc: Scenario, connections: number, la
 /** The same measurement repeated; reported as medians. */
 type Series = Measurement[];
 
-function median(xs: readonly number[]): number {
-  const v = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
-  if (v.length === 0) return NaN;
-  const mid = v.length >> 1;
-  return v.length % 2 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
-}
 
 interface Summary {
   readonly rps: number;

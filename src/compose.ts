@@ -12,6 +12,7 @@ import { buildApp, type App } from './http/app.js';
 import { Accounts } from './accounts/service.js';
 import { Keys } from './keys/service.js';
 import { CrossSigning } from './keys/cross-signing.js';
+import { KeyBackup } from './backup/service.js';
 import { readFileSync, writeSync } from 'node:fs';
 import { FederationClient } from './federation/client.js';
 import { KeyRing } from './federation/key-ring.js';
@@ -85,6 +86,7 @@ function keysFor(config: Readonly<Config>, store: Store, remote?: RemoteKeyLooku
     maxOneTimeKeysPerDevice: config.max_one_time_keys_per_device,
     limits: { queryUsers: config.max_key_query_users, queryDeviceIds: config.max_key_query_device_ids, claimDevices: config.max_key_claim_devices },
     remote,
+    acceptInvalidDeviceSelfSignatures: config.accept_invalid_device_self_signatures,
   });
 }
 
@@ -184,6 +186,11 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     serverName: config.server_name,
     requireUserInteractiveAuth: (requester, request) => accounts.requirePassword(requester, request),
   });
+  const backup = new KeyBackup({
+    store: store.backup,
+    maxSessionsPerRequest: config.key_backup.max_sessions_per_request,
+    maxSessionsPerUser: config.key_backup.max_sessions_per_user,
+  });
   const keyRing = new KeyRing({
     serverName: config.server_name,
     store: store.serverKeys,
@@ -245,6 +252,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     accounts,
     keys,
     crossSigning,
+    backup,
     federation: {
       authenticator,
       notary: new Notary(ownKeys, keyRing),

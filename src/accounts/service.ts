@@ -90,7 +90,9 @@ export class Accounts {
     this.failedLogins = new RateLimiter(options.failedLoginLimit, this.now);
     const password: StageChecker = async (auth, userId) => {
       const claimed = this.identifiedUser(auth);
-      if (claimed !== userId) return { errcode: 'M_FORBIDDEN', message: 'The password must be that of the logged-in user' };
+      // Another user's password is 403, not a failed stage (Synapse checks that password first and
+      // then refuses; we refuse without checking it, so the answer says nothing about it).
+      if (claimed !== userId) throw new MatrixError('M_FORBIDDEN', `The password must be that of the logged-in user (${userId ?? 'nobody'}); authenticate as yourself`, 403);
       return (await this.checkPassword(claimed, auth['password'], undefined)) ? undefined : { errcode: 'M_FORBIDDEN', message: 'Invalid password' };
     };
     const dummy: StageChecker = async () => undefined;

@@ -106,6 +106,14 @@ export const ConfigSchema = Type.Object(
     max_key_claim_devices: Type.Integer({ minimum: 1, default: 10_000, description: 'devices one key claim may name' }),
     tls_certificate_path: Type.Optional(Type.String({ description: 'PEM certificate chain; with tls_private_key_path the listener speaks HTTPS' })),
     tls_private_key_path: Type.Optional(Type.String({ description: 'PEM private key of tls_certificate_path' })),
+    accept_invalid_device_self_signatures: Type.Boolean({ default: false, description: 'store device keys whose self-signature is missing or does not verify (for test suites)' }),
+    key_backup: Type.Object(
+      {
+        max_sessions_per_request: Type.Integer({ minimum: 1, default: 10_000 }),
+        max_sessions_per_user: Type.Integer({ minimum: 1, default: 1_000_000 }),
+      },
+      { ...strict, default: {} },
+    ),
     metrics: Type.Object(
       {
         enabled: Type.Boolean({ default: false }),

@@ -9,7 +9,7 @@ import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
 import { createServer, type Server } from 'node:http';
 import { createServer as createTlsServer } from 'node:https';
-import { DirectRoutes } from './direct.js';
+import { DirectRoutes, JSON_CONTENT_TYPE } from './direct.js';
 import { MatrixError } from '../matrix/errors.js';
 import { parseJsonBody } from './json-body.js';
 import { sendMatrixError } from './errors.js';
@@ -28,6 +28,8 @@ import type { DeviceListSubscriptions } from '../federation/subscriptions.js';
 import type { InboundTransactions } from '../federation/transactions.js';
 import { federationDirectRoutes, federationRoutes } from './routes/federation.js';
 import { notaryRoutes } from './routes/notary.js';
+import { backupRoutes } from './routes/backup.js';
+import type { KeyBackup } from '../backup/service.js';
 
 export type App = FastifyInstance<
   import('node:http').Server,
@@ -46,6 +48,7 @@ export interface AppDeps {
   readonly accounts: Accounts;
   readonly keys: Keys;
   readonly crossSigning: CrossSigning;
+  readonly backup: KeyBackup;
   readonly federation: {
     readonly authenticator: RequestAuthenticator;
     readonly notary: Notary;
@@ -143,6 +146,13 @@ export function buildApp(deps: AppDeps): App {
     done();
   });
 
+  // JSON answers say exactly "application/json", as Synapse sends it: some clients and test tools
+  // compare the header literally, and Fastify would add "; charset=utf-8" (JSON is UTF-8 anyway).
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (reply.getHeader('content-type') === 'application/json; charset=utf-8') reply.header('content-type', JSON_CONTENT_TYPE);
+    done(null, payload);
+  });
+
   const observe = deps.observeRequest;
   if (observe) {
     app.addHook('onResponse', (request, reply, done) => {
@@ -199,6 +209,7 @@ export function buildApp(deps: AppDeps): App {
     accounts: deps.accounts,
     allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery,
   });
+  app.register(backupRoutes, { backup: deps.backup, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(federationRoutes, {
     keys: deps.keys,
     authenticator: deps.federation.authenticator,

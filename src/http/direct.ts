@@ -12,6 +12,9 @@ import { MatrixError } from '../matrix/errors.js';
 import { parseJsonBody } from './json-body.js';
 import { errorResponse, type ErrorContext } from './errors.js';
 
+/** The Content-Type of every JSON answer, exactly: no charset parameter, as Synapse sends it. */
+export const JSON_CONTENT_TYPE = 'application/json';
+
 export interface DirectRoute {
   readonly method: 'GET' | 'POST';
   /** The exact path; the query string is not part of the match. */
@@ -61,7 +64,7 @@ export class DirectRoutes {
   closing = false;
 
   constructor(private readonly options: DirectRoutesOptions) {
-    this.jsonHeaders = { ...options.headers, 'content-type': 'application/json; charset=utf-8' };
+    this.jsonHeaders = { ...options.headers, 'content-type': JSON_CONTENT_TYPE };
     this.okHeaders = { ...this.jsonHeaders, 'content-length': '0' };
   }
 

@@ -41,6 +41,8 @@ export interface KeysOptions {
   /** Keys of users on other servers; without it they are listed in `failures`. */
   readonly remote?: RemoteKeyLookup | undefined;
   readonly now?: () => number;
+  /** Store device keys whose self-signature is missing or does not verify (for test suites). */
+  readonly acceptInvalidDeviceSelfSignatures?: boolean;
 }
 
 export type { ServerFailure } from './remote.js';
@@ -178,7 +180,9 @@ export class Keys {
   /** POST /keys/upload */
   async upload(requester: Requester, body: JsonObject): Promise<{ one_time_key_counts: Record<string, number> }> {
     const { userId, deviceId } = requester;
-    const deviceKeys = body['device_keys'] === undefined || body['device_keys'] === null ? undefined : validateDeviceKeys(body['device_keys'], userId, deviceId);
+    const acceptInvalidSelfSignature = this.options.acceptInvalidDeviceSelfSignatures ?? false;
+    const deviceKeys =
+      body['device_keys'] === undefined || body['device_keys'] === null ? undefined : validateDeviceKeys(body['device_keys'], userId, deviceId, { acceptInvalidSelfSignature });
     const oneTimeKeys = parseKeyMap(body['one_time_keys'], 'one_time_keys');
     const fallbackKeys = parseKeyMap(body['fallback_keys'], 'fallback_keys');
     const fallbackAlgorithms = new Set<string>();

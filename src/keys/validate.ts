@@ -52,8 +52,8 @@ export function checkTimeout(body: JsonObject): number {
   return Math.min(t as number, MAX_REMOTE_TIMEOUT_MS);
 }
 
-function requireField(obj: JsonObject, key: string, path: string): unknown {
-  if (obj[key] === undefined) throw new MatrixError('M_MISSING_PARAM', `${path}.${key} is required`);
+function requireField(obj: JsonObject, key: string, path: string, errcode: 'M_MISSING_PARAM' | 'M_BAD_JSON' = 'M_MISSING_PARAM'): unknown {
+  if (obj[key] === undefined) throw new MatrixError(errcode, `${path}.${key} is required`);
   return obj[key];
 }
 
@@ -84,20 +84,29 @@ export interface ValidDeviceKeys {
   readonly object: JsonObject;
 }
 
+export interface DeviceKeysOptions {
+  /**
+   * Accept a self-signature that is missing or does not verify (accept_invalid_device_self_signatures):
+   * test suites upload placeholder keys; clients drop such devices anyway.
+   */
+  readonly acceptInvalidSelfSignature?: boolean;
+}
+
 /**
  * `device_keys` of /keys/upload: the caller's own user and device, the required fields with the
  * right types, key names `<algorithm>:<device_id>`, and a valid self-signature by the device's
- * ed25519 key.
+ * ed25519 key (unless `acceptInvalidSelfSignature`).
  */
-export function validateDeviceKeys(value: unknown, userId: string, deviceId: string): ValidDeviceKeys {
+export function validateDeviceKeys(value: unknown, userId: string, deviceId: string, options: DeviceKeysOptions = {}): ValidDeviceKeys {
   const path = 'device_keys';
   const obj = requireObject(value, path);
   const { unsigned: _unsigned, ...object } = obj;
-  const uid = requireField(object, 'user_id', path);
-  const did = requireField(object, 'device_id', path);
-  const algorithms = requireField(object, 'algorithms', path);
-  const keys = requireField(object, 'keys', path);
-  requireField(object, 'signatures', path);
+  // A DeviceKeys object without one of its required fields is malformed JSON to Synapse: M_BAD_JSON.
+  const uid = requireField(object, 'user_id', path, 'M_BAD_JSON');
+  const did = requireField(object, 'device_id', path, 'M_BAD_JSON');
+  const algorithms = requireField(object, 'algorithms', path, 'M_BAD_JSON');
+  const keys = requireField(object, 'keys', path, 'M_BAD_JSON');
+  requireField(object, 'signatures', path, 'M_BAD_JSON');
   if (typeof uid !== 'string') throw badJson(`${path}.user_id`, 'a string');
   if (typeof did !== 'string') throw badJson(`${path}.device_id`, 'a string');
   if (uid !== userId) throw new MatrixError('M_INVALID_PARAM', `${path}.user_id is ${uid}, but you are logged in as ${userId}`);
@@ -113,10 +122,14 @@ export function validateDeviceKeys(value: unknown, userId: string, deviceId: str
   requireSignatures(object['signatures'], `${path}.signatures`);
   const ed25519 = keyMap[`ed25519:${deviceId}`];
   if (ed25519 === undefined) throw new MatrixError('M_MISSING_PARAM', `${path}.keys must include the device's "ed25519:${deviceId}" key`);
+  if (JSON.stringify(object).length > MAX_SIGNED_OBJECT_BYTES) throw new MatrixError('M_INVALID_PARAM', `${path} is larger than ${MAX_SIGNED_OBJECT_BYTES} bytes`);
+  if (options.acceptInvalidSelfSignature) {
+    requireCanonical(object, path);
+    return { object };
+  }
   if (getSignature(object, userId, `ed25519:${deviceId}`) === undefined) {
     throw new MatrixError('M_INVALID_SIGNATURE', `${path} must be signed by the device's own key: ${path}.signatures["${userId}"]["ed25519:${deviceId}"] is missing`);
   }
-  if (JSON.stringify(object).length > MAX_SIGNED_OBJECT_BYTES) throw new MatrixError('M_INVALID_PARAM', `${path} is larger than ${MAX_SIGNED_OBJECT_BYTES} bytes`);
   if (!verifies(object, userId, `ed25519:${deviceId}`, ed25519, path)) {
     throw new MatrixError('M_INVALID_SIGNATURE', `${path}: the signature by ed25519:${deviceId} does not verify; sign the object without "signatures" and "unsigned" as canonical JSON`);
   }

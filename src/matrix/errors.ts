@@ -18,6 +18,8 @@ export const ERRCODES = {
   M_MISSING_TOKEN: 401,
   M_UNKNOWN_TOKEN: 401,
   M_FORBIDDEN: 403,
+  /** Key backup: keys may only be written to the current backup version (with `current_version`). */
+  M_WRONG_ROOM_KEYS_VERSION: 403,
   M_NOT_FOUND: 404,
   M_UNRECOGNIZED: 404,
   M_TOO_LARGE: 413,

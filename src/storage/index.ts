@@ -14,6 +14,7 @@ import { DeviceListWriter, SqlDeviceListsStore } from './device-lists.js';
 import { SqlKeysStore } from './keys.js';
 import { SqlFederationStore } from './federation.js';
 import { SqlRemoteDeviceListsStore } from './remote-device-lists.js';
+import { SqlBackupStore } from './backup.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
@@ -49,6 +50,7 @@ class SqlStore implements Store {
   readonly keys;
   readonly federation;
   readonly remoteDeviceLists;
+  readonly backup;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
@@ -59,6 +61,7 @@ class SqlStore implements Store {
     this.keys = new SqlKeysStore(db, deviceListWriter);
     this.federation = new SqlFederationStore(db);
     this.remoteDeviceLists = new SqlRemoteDeviceListsStore(db, deviceListWriter);
+    this.backup = new SqlBackupStore(db);
   }
 
   statementCount(): number {

@@ -265,6 +265,83 @@ export interface KeysStore {
   isCrossSigningPublicKey(userId: string, key: string): Promise<boolean>;
 }
 
+/** A backup version as stored (`e2e_room_keys_versions`). */
+export interface StoredBackupVersion {
+  /** Versions are numbered per user, 1, 2, 3, …; never reused, even after a deletion. */
+  readonly version: number;
+  readonly algorithm: string;
+  /** The uploaded `auth_data` as JSON text, verbatim. */
+  readonly authData: string;
+  /** A counter moved on by every change to the version's stored keys. */
+  readonly etag: number;
+  /** How many keys the version holds. */
+  readonly count: number;
+}
+
+/** The key of one Megolm session in a backup (`e2e_room_keys`): the spec's KeyBackupData. */
+export interface StoredRoomKey {
+  readonly roomId: string;
+  readonly sessionId: string;
+  readonly firstMessageIndex: number;
+  readonly forwardedCount: number;
+  readonly isVerified: boolean;
+  /** The uploaded `session_data` as JSON text, verbatim. */
+  readonly sessionData: string;
+}
+
+/** The metadata of a stored room key, which decides whether an upload replaces it. */
+export type RoomKeyMetadata = Omit<StoredRoomKey, 'sessionData'>;
+
+/** Which keys of a version a read or a deletion covers: all, one room's, or one session's. */
+export interface RoomKeyScope {
+  readonly roomId?: string | undefined;
+  /** Only together with `roomId`. */
+  readonly sessionId?: string | undefined;
+}
+
+/** What one backup-changing request may do, inside one transaction. */
+export interface BackupTransaction {
+  /** The newest version that is not deleted, if any. */
+  currentVersion(): Promise<StoredBackupVersion | undefined>;
+  /** A version that is not deleted. */
+  getVersion(version: number): Promise<StoredBackupVersion | undefined>;
+  /** Whether the version was ever created (deleted or not). */
+  versionExists(version: number): Promise<boolean>;
+  /** Creates the next version (one more than any version the user ever had) and returns its number. */
+  createVersion(algorithm: string, authData: string): Promise<number>;
+  setAuthData(version: number, authData: string): Promise<void>;
+  /** Deletes the version's keys and marks it deleted (kept, so its number is not reused). */
+  deleteVersion(version: number): Promise<void>;
+  /** The stored metadata of those of the given sessions the version holds. */
+  getRoomKeyMetadata(version: number, ids: readonly { roomId: string; sessionId: string }[]): Promise<RoomKeyMetadata[]>;
+  /**
+   * Inserts the keys, replacing stored keys of the same sessions; `added` of them are new. Moves
+   * the version's etag on and keeps its count.
+   */
+  putRoomKeys(version: number, keys: readonly StoredRoomKey[], added: number): Promise<void>;
+  /** Deletes the keys in `scope`; when any existed, moves the etag on and keeps the count. Returns how many. */
+  deleteRoomKeys(version: number, scope: RoomKeyScope): Promise<number>;
+  /** Keys held by all of the user's versions together. */
+  countAllRoomKeys(): Promise<number>;
+}
+
+/** Server-side key backups: the `e2e_room_keys*` tables. Every user's data is apart from every other's. */
+export interface BackupStore {
+  /**
+   * Runs `fn` in one transaction in which nobody else changes `userId`'s backups: on PostgreSQL
+   * a per-user lock, on SQLite the database's write lock.
+   */
+  transaction<T>(userId: string, fn: (tx: BackupTransaction) => Promise<T>): Promise<T>;
+  /** The newest version that is not deleted, or the given version if it is not deleted. */
+  getVersion(userId: string, version: number | 'current'): Promise<StoredBackupVersion | undefined>;
+  /**
+   * The keys in `scope`, ordered by room and session, `limit` at a time: pass the last key of
+   * one page as `after` to get the next. Pages are read one by one, so memory stays bounded
+   * whatever the size of the backup.
+   */
+  getRoomKeys(userId: string, version: number, scope: RoomKeyScope, limit: number, after?: { roomId: string; sessionId: string }): Promise<StoredRoomKey[]>;
+}
+
 export interface Store {
   readonly backend: 'sqlite' | 'postgres';
   readonly keys: KeysStore;
@@ -273,6 +350,7 @@ export interface Store {
   readonly deviceLists: DeviceListsStore;
   readonly federation: FederationStore;
   readonly remoteDeviceLists: RemoteDeviceListsStore;
+  readonly backup: BackupStore;
   /** Database statements this process has run (a metric; tests use it to count round trips). */
   statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */

@@ -206,7 +206,9 @@ describeEachBackend('accounts and devices', (backend) => {
     const judy = await registerUser(s, 'judy');
     const d3 = await login(s, 'ivan', ivan.password);
     const wrongUser = await http(s.url, 'DELETE', `${C}/devices/${d3.deviceId}`, { token: ivan.accessToken, body: { auth: passwordAuth(judy) } });
-    expectMatrixError(wrongUser, 401, 'M_FORBIDDEN');
+    expectMatrixError(wrongUser, 403, 'M_FORBIDDEN', /logged-in user/);
+    assert.equal(wrongUser.body['flows'], undefined, "another user's password is refused outright, not as a failed stage");
+    assert.equal((await http(s.url, 'GET', `${C}/account/whoami`, { token: d3.accessToken })).status, 200, 'the device is still there');
 
     assert.equal((await http(s.url, 'POST', `${C}/logout/all`, { token: d3.accessToken })).status, 200);
     for (const t of [ivan.accessToken, d3.accessToken]) expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: t }), 401, 'M_UNKNOWN_TOKEN');

@@ -54,9 +54,11 @@ describeEachBackend('POST /keys/upload', (backend) => {
     const cases: [Json, number, string][] = [
       [aliceDevice.ed25519.sign({ ...aliceDevice.unsignedDeviceKeys(), user_id: bob.userId }, bob.userId, `ed25519:${alice.deviceId}`), 400, 'M_INVALID_PARAM'],
       [aliceDevice.ed25519.sign({ ...aliceDevice.unsignedDeviceKeys(), device_id: 'OTHERDEV' }, alice.userId, `ed25519:${alice.deviceId}`), 400, 'M_INVALID_PARAM'],
-      [{ ...good, algorithms: undefined }, 400, 'M_MISSING_PARAM'],
-      [{ ...good, keys: undefined }, 400, 'M_MISSING_PARAM'],
-      [{ ...good, signatures: undefined }, 400, 'M_MISSING_PARAM'],
+      // A DeviceKeys object missing a required field is malformed JSON, as Synapse answers.
+      [{ ...good, algorithms: undefined }, 400, 'M_BAD_JSON'],
+      [{ ...good, keys: undefined }, 400, 'M_BAD_JSON'],
+      [{ ...good, signatures: undefined }, 400, 'M_BAD_JSON'],
+      [{ ...good, user_id: undefined }, 400, 'M_BAD_JSON'],
       [{ ...good, algorithms: 'm.olm.v1.curve25519-aes-sha2' }, 400, 'M_BAD_JSON'],
       [{ ...good, keys: { [`ed25519:${alice.deviceId}`]: 5 } }, 400, 'M_BAD_JSON'],
       [{ ...good, keys: { ...(good['keys'] as Json), 'curve25519:OTHER': 'x' } }, 400, 'M_INVALID_PARAM'],
@@ -73,6 +75,28 @@ describeEachBackend('POST /keys/upload', (backend) => {
     assert.deepEqual((q.body['device_keys'] as Json)[alice.userId], {}, 'no device keys stored');
     assert.equal((await counts(server, alice)).device_one_time_keys_count['signed_curve25519'], 0, 'no one-time keys stored');
     assert.equal((await upload(server, alice, { device_keys: good })).status, 200);
+  });
+
+  test('with accept_invalid_device_self_signatures, device keys whose self-signature is missing or wrong are stored as uploaded; the other checks stay', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend, { accept_invalid_device_self_signatures: true });
+    const placeholder = { ...aliceDevice.unsignedDeviceKeys(), signatures: { [alice.userId]: { [`ed25519:${alice.deviceId}`]: 'not-a-signature' } } };
+    const r = await upload(server, alice, { device_keys: placeholder });
+    assert.equal(r.status, 200, r.text);
+    const q = await query(server, bob, { [alice.userId]: [] });
+    const { unsigned: _unsigned, ...stored } = ((q.body['device_keys'] as Json)[alice.userId] as Json)[alice.deviceId] as Json;
+    assert.deepEqual(stored, placeholder);
+
+    const carol = await registerUser(server, 'carol');
+    const unsignedKeys = { ...new TestDevice(carol.userId, carol.deviceId).unsignedDeviceKeys(), signatures: {} };
+    assert.equal((await upload(server, carol, { device_keys: unsignedKeys })).status, 200, 'a missing self-signature is accepted too');
+    expectMatrixError(await upload(server, carol, { device_keys: { ...unsignedKeys, keys: undefined } }), 400, 'M_BAD_JSON');
+    expectMatrixError(await upload(server, carol, { device_keys: { ...unsignedKeys, user_id: bob.userId } }), 400, 'M_INVALID_PARAM');
+    expectMatrixError(await upload(server, carol, { device_keys: { ...unsignedKeys, ratio: 0.5 } }), 400, 'M_BAD_JSON', /canonical/);
+
+    // Off by default: the same placeholder is refused.
+    const strict = await setup(backend);
+    const refused = await upload(strict.server, strict.alice, { device_keys: { ...strict.aliceDevice.unsignedDeviceKeys(), signatures: { [strict.alice.userId]: { [`ed25519:${strict.alice.deviceId}`]: 'not-a-signature' } } } });
+    expectMatrixError(refused, 400, 'M_INVALID_SIGNATURE');
   });
 
   test('re-uploads: identical changes nothing, added signatures are kept, new identity keys are refused', async () => {

@@ -47,7 +47,7 @@ describe('the key query and claim routes behave like every other route', () => {
       await asAlice(CLIENT[1]!, { one_time_keys: {} }),
     ]) {
       assert.equal(r.status, 200, r.text);
-      assert.equal(r.headers.get('content-type'), 'application/json; charset=utf-8');
+      assert.equal(r.headers.get('content-type'), 'application/json');
       assert.equal(r.headers.get('access-control-allow-origin'), '*');
       assert.match(r.headers.get('access-control-allow-headers') ?? '', /Authorization/);
     }

@@ -1,5 +1,5 @@
 /** The notary endpoints (keys_query.yaml): no authentication. */
-import type { FastifyPluginAsync } from 'fastify';
+import type { FastifyPluginAsync, FastifyRequest } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import type { Notary } from '../../federation/notary.js';
 import { MatrixError } from '../../matrix/errors.js';
@@ -12,16 +12,21 @@ const Criteria = Type.Object({ minimum_valid_until_ts: Type.Optional(Type.Intege
 const QueryBody = Type.Object({ server_keys: Type.Record(Type.String(), Type.Record(Type.String(), Criteria)) }, { additionalProperties: true });
 
 export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app, { notary }) => {
+  const queryOne = {
+    schema: { querystring: Type.Object({ minimum_valid_until_ts: Type.Optional(Type.String({ pattern: '^[0-9]{1,16}$' })) }, { additionalProperties: true }) },
+  };
+  const answerOne = async (request: FastifyRequest) => {
+    const q = request.query as { minimum_valid_until_ts?: string };
+    const min = q.minimum_valid_until_ts === undefined ? Date.now() : Number(q.minimum_valid_until_ts);
+    return { server_keys: await notary.query([{ serverName: (request.params as { serverName: string }).serverName, minimumValidUntilTs: min }]) };
+  };
   /** GET /_matrix/key/v2/query/{serverName} — spec: keys_query.yaml */
-  app.get(
-    '/_matrix/key/v2/query/:serverName',
-    { schema: { querystring: Type.Object({ minimum_valid_until_ts: Type.Optional(Type.String({ pattern: '^[0-9]{1,16}$' })) }, { additionalProperties: true }) } },
-    async (request) => {
-      const q = request.query as { minimum_valid_until_ts?: string };
-      const min = q.minimum_valid_until_ts === undefined ? Date.now() : Number(q.minimum_valid_until_ts);
-      return { server_keys: await notary.query([{ serverName: (request.params as { serverName: string }).serverName, minimumValidUntilTs: min }]) };
-    },
-  );
+  app.get('/_matrix/key/v2/query/:serverName', queryOne, answerOne);
+  /**
+   * GET /_matrix/key/v2/query/{serverName}/{keyId} — the older form, still sent by some servers:
+   * answered like the one above (the spec lets a notary return every key whatever IDs are asked for).
+   */
+  app.get('/_matrix/key/v2/query/:serverName/:keyId', queryOne, answerOne);
 
   /** POST /_matrix/key/v2/query — spec: keys_query.yaml */
   app.post('/_matrix/key/v2/query', { schema: { body: QueryBody } }, async (request) => {

@@ -196,4 +196,33 @@ export const migrations: readonly Migration[] = [
       );
     `,
   },
+  {
+    version: 5,
+    name: 'server-side key backup: backup versions and the room keys stored in them',
+    sql: `
+      CREATE TABLE e2e_room_keys_versions (
+        user_id TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        algorithm TEXT NOT NULL,
+        auth_data TEXT NOT NULL,
+        etag BIGINT NOT NULL DEFAULT 0,
+        key_count BIGINT NOT NULL DEFAULT 0,
+        deleted BOOLEAN NOT NULL DEFAULT 0,
+        created_ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, version)
+      );
+      CREATE TABLE e2e_room_keys (
+        user_id TEXT NOT NULL,
+        version BIGINT NOT NULL,
+        room_id TEXT NOT NULL,
+        session_id TEXT NOT NULL,
+        first_message_index BIGINT NOT NULL,
+        forwarded_count BIGINT NOT NULL,
+        is_verified BOOLEAN NOT NULL,
+        session_data TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, version, room_id, session_id)
+      );
+    `,
+  },
 ];

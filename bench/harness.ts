@@ -1,0 +1,57 @@
+/**
+ * What the benchmark scripts share besides processes and accounts (support.ts): their entry point
+ * (children killed on an interrupt or a failure), a PostgreSQL schema of their own, and medians.
+ */
+import { randomBytes } from 'node:crypto';
+import pg from 'pg';
+import { killChildren } from './support.js';
+
+/** The median of the finite values (NaN when there is none). */
+export function median(xs: readonly number[]): number {
+  const v = xs.filter((x) => Number.isFinite(x)).sort((a, b) => a - b);
+  if (v.length === 0) return NaN;
+  const mid = v.length >> 1;
+  return v.length % 2 ? v[mid]! : (v[mid - 1]! + v[mid]!) / 2;
+}
+
+export interface PostgresSchema {
+  /** A connection to the server, outside the schema, for measurements of its own. */
+  readonly admin: pg.Client;
+  readonly schema: string;
+  /** The `database` config of an mxkeys using only this schema. */
+  readonly database: { postgres: string };
+  /** Drops the schema and closes the connection. */
+  drop(): Promise<void>;
+}
+
+/** A new schema `<prefix>_<random>` on the PostgreSQL server at `url`. */
+export async function postgresSchema(url: string, prefix: string): Promise<PostgresSchema> {
+  const admin = new pg.Client({ connectionString: url });
+  await admin.connect();
+  const schema = `${prefix}_${randomBytes(5).toString('hex')}`;
+  await admin.query(`CREATE SCHEMA ${schema}`);
+  const withSchema = new URL(url);
+  withSchema.searchParams.set('options', `-c search_path=${schema}`);
+  return {
+    admin,
+    schema,
+    database: { postgres: withSchema.toString() },
+    async drop() {
+      await admin.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`);
+      await admin.end();
+    },
+  };
+}
+
+/** Runs a harness's main function: exit code 1 on failure, 130 on Ctrl-C, children killed either way. */
+export function runHarness(main: () => Promise<void>): void {
+  process.on('SIGINT', () => {
+    killChildren();
+    process.exit(130);
+  });
+  main().catch((e: unknown) => {
+    killChildren();
+    process.stderr.write(`${(e as Error).stack ?? String(e)}\n`);
+    process.exit(1);
+  });
+}
