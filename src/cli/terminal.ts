@@ -13,8 +13,9 @@ export class PromptCancelled extends Error {
 /** Reads one line from a terminal on standard input, echoing nothing; the prompt goes to standard error. */
 export function readSecretFromTerminal(prompt: string): Promise<string> {
   const stdin = process.stdin;
-  process.stderr.write(prompt);
+  // Echo goes off before the prompt shows, so nothing typed after it can appear.
   stdin.setRawMode(true);
+  process.stderr.write(prompt);
   stdin.setEncoding('utf8');
   stdin.resume();
   return new Promise((resolve, reject) => {
