@@ -6,7 +6,7 @@
  * The crypto is matrix-sdk-crypto-wasm, the Rust stack inside Element. Run against a server with
  * open registration (README.md, "A five-minute tour"):
  *
- *   MXKEYS_ENABLE_REGISTRATION=true npm start &
+ *   MXKEYS_ENABLE_REGISTRATION=true node dist/main.js serve &
  *   npx tsx examples/tour.ts http://127.0.0.1:8008
  */
 import * as sdk from '@matrix-org/matrix-sdk-crypto-wasm';

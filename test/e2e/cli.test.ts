@@ -1,6 +1,6 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, readdirSync, writeFileSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, writeFileSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer } from 'node:net';
 import { childEnv, MAIN, runCli } from '../support/process.js';
@@ -267,4 +267,21 @@ describe('the mxkeys command line', () => {
     assert.match(seen, /@tty-user:cli\.example/);
     assert.doesNotMatch(seen, /s3cret-pass/, 'the password was not echoed');
   });
+
+  test("the docs' complete example: check-config reports the CA file serve would fail on, and passes once it exists", async () => {
+    const { rootCertificates } = await import('node:tls');
+    const doc = readFileSync(new URL('../../docs/configuration.md', import.meta.url), 'utf8');
+    const example = /## A complete example\n\n```yaml\n([\s\S]*?)```/.exec(doc)![1]!;
+    const dir = tempDir();
+    mkdirSync(join(dir, 'data'));
+    writeFileSync(join(dir, 'mxkeys.yaml'), example);
+    const missing = runCli(['check-config', '--config', 'mxkeys.yaml'], { cwd: dir });
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /federation\.tls_ca_file.*\/etc\/mxkeys\/extra-ca\.pem/);
+    writeFileSync(join(dir, 'ca.pem'), rootCertificates[0]!);
+    writeFileSync(join(dir, 'mxkeys.yaml'), example.replace('/etc/mxkeys/extra-ca.pem', join(dir, 'ca.pem')));
+    const ok = runCli(['check-config', '--config', 'mxkeys.yaml'], { cwd: dir });
+    assert.equal(ok.code, 0, ok.stderr);
+  });
 });
+
