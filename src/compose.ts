@@ -5,15 +5,17 @@
 import pino, { type Logger } from 'pino';
 import type { Config } from './config/schema.js';
 import { durationMs } from './config/load.js';
-import { openStore, type Store } from './storage/index.js';
-import { loadOrCreateSigningKeys } from './federation/signing-key-file.js';
+import { openStore, type OpenStoreOptions, type Store } from './storage/index.js';
+import { loadOrCreateSigningKeys, readSigningKeys, SigningKeyFileError } from './federation/signing-key-file.js';
 import { OwnServerKeys } from './federation/own-keys.js';
 import { buildApp, type App } from './http/app.js';
 import { Accounts } from './accounts/service.js';
 import { Keys } from './keys/service.js';
 import { CrossSigning } from './keys/cross-signing.js';
 import { KeyBackup } from './backup/service.js';
-import { readFileSync, writeSync } from 'node:fs';
+import { accessSync, constants as fsConstants, existsSync, readFileSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+import { Admin, type AdminActor } from './accounts/admin.js';
 import { FederationClient } from './federation/client.js';
 import { KeyRing } from './federation/key-ring.js';
 import { federationKeyFetcher, Notary } from './federation/notary.js';
@@ -38,6 +40,7 @@ export interface Mxkeys {
   readonly store: Store;
   readonly ownKeys: OwnServerKeys;
   readonly accounts: Accounts;
+  readonly admin: Admin;
   readonly keys: Keys;
   readonly keyRing: KeyRing;
   readonly logger: Logger;
@@ -78,6 +81,31 @@ function readCaFile(path: string | undefined): string | undefined {
   }
 }
 
+/** A listener (the main one or the metrics one) could not be opened: says which, and what to set. */
+export class ListenError extends Error {
+  constructor(
+    readonly setting: 'listen' | 'metrics',
+    host: string,
+    port: number,
+    cause: unknown,
+  ) {
+    const code = (cause as NodeJS.ErrnoException).code ?? (cause as Error).message;
+    const what = setting === 'listen' ? 'the main listener' : 'the metrics listener';
+    const why: Record<string, string> = {
+      EADDRINUSE: 'the port is in use; stop whatever uses it, or ',
+      EACCES: 'ports below 1024 need privileges; ',
+      EADDRNOTAVAIL: 'no network interface has that address; ',
+      ENOTFOUND: 'the host name does not resolve; ',
+    };
+    super(`cannot open ${what} on ${host}:${port} (${code}): ${why[code] ?? ''}set ${setting}.host/${setting}.port to a free address`);
+    this.name = 'ListenError';
+  }
+}
+
+function storeOptions(config: Readonly<Config>): OpenStoreOptions {
+  return { serverName: config.server_name, connectTimeoutMs: durationMs(config.database.connect_timeout) };
+}
+
 function keysFor(config: Readonly<Config>, store: Store, remote?: RemoteKeyLookup): Keys {
   return new Keys({
     store: store.keys,
@@ -109,7 +137,7 @@ const SENDER_POLL_MS = 1000;
 /** How often federation housekeeping runs (in one process of those sharing the database). */
 const MAINTENANCE_INTERVAL_MS = 60_000;
 
-function accountsFor(config: Readonly<Config>, store: Store, keys: Keys): Accounts {
+function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?: Logger): Accounts {
   return new Accounts({
     store: store.accounts,
     serverName: config.server_name,
@@ -117,6 +145,17 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys): Accoun
     enableRegistration: config.enable_registration,
     failedLoginLimit: config.rc_login.failed_attempts,
     isReservedDeviceId: (userId, deviceId) => keys.isReservedDeviceId(userId, deviceId),
+    // At info, one line per failure with user and address, for fail2ban-style tools (operations.md).
+    ...(logger ? { onFailedLogin: (user: string, address: string | undefined) => logger.info({ user, address: address ?? null }, 'failed login') } : {}),
+  });
+}
+
+function adminFor(config: Readonly<Config>, store: Store, logger?: Logger): Admin {
+  return new Admin({
+    accounts: store.accounts,
+    keys: store.keys,
+    serverName: config.server_name,
+    ...(logger ? { log: (message: string, details: Record<string, unknown>) => logger.info(details, message) } : {}),
   });
 }
 
@@ -143,8 +182,14 @@ export function createLogger(config: Readonly<Config>): Logger {
 export async function createMxkeys(config: Readonly<Config>, options: CreateOptions = {}): Promise<Mxkeys> {
   const logger = options.logger ?? createLogger(config);
   const signingKeys = loadOrCreateSigningKeys(config.signing_key_path);
-  if (signingKeys.created) logger.info({ path: config.signing_key_path, keyId: signingKeys.keys[0]!.keyId }, 'generated a new server signing key');
-  const store = await openStore(config.database);
+  if (signingKeys.created) {
+    const key = signingKeys.keys[0]!;
+    logger.warn(
+      { path: config.signing_key_path, key_id: key.keyId, public_key: key.publicKey },
+      "created a new server signing key: it is this server's identity towards other servers; back it up, and restore it (rather than letting a new one be made) when moving the server",
+    );
+  }
+  const store = await openStore(config.database, storeOptions(config));
   const ownKeys = new OwnServerKeys({
     serverName: config.server_name,
     keys: signingKeys.keys,
@@ -180,7 +225,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   });
   const remoteKeys = new RemoteKeys({ client: federationClient, destinations, cache: remoteDeviceLists, store: store.remoteDeviceLists, log });
   const keys = keysFor(config, store, remoteKeys);
-  const accounts = accountsFor(config, store, keys);
+  const accounts = accountsFor(config, store, keys, logger);
+  const admin = adminFor(config, store, logger);
   const crossSigning = new CrossSigning({
     store: store.keys,
     serverName: config.server_name,
@@ -250,9 +296,12 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     observeRequest: metrics && ((method, route, status, seconds) => metrics.observeRequest(method, route, status, seconds)),
     ownKeys,
     accounts,
+    admin,
     keys,
     crossSigning,
     backup,
+    databaseAnswers: () => store.ping(),
+    logRequests: config.log_requests,
     federation: {
       authenticator,
       notary: new Notary(ownKeys, keyRing),
@@ -277,6 +326,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     store,
     ownKeys,
     accounts,
+    admin,
     keys,
     keyRing,
     logger,
@@ -287,12 +337,22 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       if (tls) (app.server as unknown as TlsServer).setSecureContext({ key: tls.key, cert: tls.cert });
     },
     async listen() {
-      const listening = await app.listen({ host: config.listen.host, port: config.listen.port });
+      let listening: string;
+      try {
+        listening = await app.listen({ host: config.listen.host, port: config.listen.port });
+      } catch (e) {
+        throw new ListenError('listen', config.listen.host, config.listen.port, e);
+      }
       const address = config.tls_certificate_path === undefined ? listening : listening.replace(/^http:/, 'https:');
       await sender.start();
       maintenance.start();
       if (metrics) {
-        const m = await metrics.listen(config.metrics.host, config.metrics.port);
+        let m: Awaited<ReturnType<typeof metrics.listen>>;
+        try {
+          m = await metrics.listen(config.metrics.host, config.metrics.port);
+        } catch (e) {
+          throw new ListenError('metrics', config.metrics.host, config.metrics.port, e);
+        }
         metricsServer = m.server;
         metricsUrl = m.url;
         logger.info({ url: m.url }, 'serving metrics');
@@ -322,12 +382,66 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   };
 }
 
-/** Creates a user straight in the configured database (`mxkeys register-user`). */
-export async function registerUser(config: Readonly<Config>, localpart: string, password: string, admin: boolean): Promise<string> {
-  const store = await openStore(config.database);
+/** Runs `fn` with the services of the configured database, then closes it (command-line tools). */
+async function withServices<T>(config: Readonly<Config>, fn: (services: { accounts: Accounts; admin: Admin }) => Promise<T>): Promise<T> {
+  const store = await openStore(config.database, storeOptions(config));
   try {
-    return await accountsFor(config, store, keysFor(config, store)).createUser(localpart, password, admin);
+    return await fn({ accounts: accountsFor(config, store, keysFor(config, store)), admin: adminFor(config, store) });
   } finally {
     await store.close();
   }
+}
+
+/** Creates a user straight in the configured database (`mxkeys register-user`). */
+export function registerUser(config: Readonly<Config>, localpart: string, password: string, admin: boolean): Promise<string> {
+  return withServices(config, ({ accounts }) => accounts.createUser(localpart, password, admin));
+}
+
+/** Runs an administration task on the configured database (`mxkeys users …`), as the operator. */
+export function administer<T>(config: Readonly<Config>, fn: (admin: Admin, actor: AdminActor) => Promise<T>): Promise<T> {
+  return withServices(config, ({ admin }) => fn(admin, 'command line'));
+}
+
+/**
+ * What `serve` would trip over in the files the configuration names, found without starting:
+ * `problems` stop a start, `notes` say what a start will do.
+ */
+export function checkConfigFiles(config: Readonly<Config>): { problems: string[]; notes: string[] } {
+  const problems: string[] = [];
+  const notes: string[] = [];
+  const keyPath = config.signing_key_path;
+  if (existsSync(keyPath)) {
+    try {
+      const keys = readSigningKeys(keyPath);
+      notes.push(`signing_key_path: ${keyPath} holds ${keys.map((k) => k.keyId).join(', ')}`);
+    } catch (e) {
+      problems.push(e instanceof SigningKeyFileError && !e.message.startsWith('signing_key_path') ? `signing_key_path: ${e.message}` : (e as Error).message);
+    }
+  } else if (existsSync(dirname(keyPath))) {
+    notes.push(`signing_key_path: ${keyPath} does not exist yet; the first start creates a new signing key there`);
+  } else {
+    problems.push(`signing_key_path: neither ${keyPath} nor its directory ${dirname(keyPath)} exists; fix the path, or create the key with "mxkeys generate-key --out ${keyPath}"`);
+  }
+  if (config.federation.tls_ca_file !== undefined) {
+    try {
+      if (!readCaFile(config.federation.tls_ca_file)!.includes('-----BEGIN CERTIFICATE-----')) {
+        problems.push(`config key "federation.tls_ca_file": ${config.federation.tls_ca_file} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`);
+      }
+    } catch (e) {
+      problems.push((e as Error).message);
+    }
+  }
+  const sqlite = config.database.sqlite;
+  if (sqlite !== undefined && sqlite !== ':memory:') {
+    const target = existsSync(sqlite) ? sqlite : dirname(sqlite);
+    if (!existsSync(target)) notes.push(`database.sqlite: the directory ${target} does not exist yet; the first start creates it`);
+    else {
+      try {
+        accessSync(target, fsConstants.R_OK | fsConstants.W_OK);
+      } catch {
+        problems.push(`database.sqlite: ${target} is not readable and writable by this user`);
+      }
+    }
+  }
+  return { problems, notes };
 }

@@ -36,6 +36,8 @@ export interface AccountsOptions {
    * cross-signing keys has that public key (e2e spec: device IDs must not collide with them).
    */
   readonly isReservedDeviceId?: (userId: string, deviceId: string) => Promise<boolean>;
+  /** Told of every failed password login: the user as given, and the client's address. */
+  readonly onFailedLogin?: (user: string, address: string | undefined) => void;
 }
 
 /** Synapse's limit for device display names. */
@@ -132,6 +134,13 @@ export class Accounts {
     return userIdFor(parts.localpart.toLowerCase(), parts.serverName);
   }
 
+  /** The user name a login named, as sent (for the log when it names no user of ours). */
+  private givenUser(body: Body): string {
+    const id = body['identifier'];
+    const user = typeof id === 'object' && id !== null ? (id as Body)['user'] : body['user'];
+    return typeof user === 'string' ? user.slice(0, 300) : '';
+  }
+
   /**
    * Checks a password, rate limiting failures per user and per address. An unknown user costs the
    * same time and gets the same answer as a wrong password.
@@ -179,6 +188,7 @@ export class Accounts {
     checkDisplayName(displayName);
     const requestedDevice = optionalString(body, 'device_id');
     if (!(await this.checkPassword(userId, body['password'], ip))) {
+      this.options.onFailedLogin?.(userId ?? this.givenUser(body), ip);
       throw new MatrixError('M_FORBIDDEN', 'Invalid username or password');
     }
     const deviceId = await this.deviceIdFor(userId!, requestedDevice);

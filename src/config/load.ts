@@ -66,14 +66,40 @@ function parseEnvValue(v: EnvVariable, raw: string): unknown {
   }
 }
 
-function describeError(e: ValueError): string {
+/**
+ * Names a configuration key for a message: `config key "a.b"`, or, when its value came from an
+ * environment variable, `environment variable MXKEYS_A_B (config key "a.b")`.
+ */
+export type KeyNamer = (key: string) => string;
+
+function keyNamer(fromEnv: ReadonlyMap<string, string>): KeyNamer {
+  return (key) => {
+    // The variable may set a parent of the key (a map or list given as a whole).
+    for (let k = key.replace(/\[\d+\]/g, ''); k !== ''; k = k.includes('.') ? k.slice(0, k.lastIndexOf('.')) : '') {
+      const name = fromEnv.get(k);
+      if (name !== undefined) return `environment variable ${name} (config key "${key}")`;
+    }
+    return `config key "${key}"`;
+  };
+}
+
+/** The allowed values of an enum-like schema (a union of literals), if it is one. */
+function allowedValues(schema: TSchema): unknown[] | undefined {
+  const anyOf = schema['anyOf'] as TSchema[] | undefined;
+  if (!Array.isArray(anyOf) || anyOf.length === 0 || !anyOf.every((s) => 'const' in s)) return undefined;
+  return anyOf.map((s) => s['const'] as unknown);
+}
+
+function describeError(e: ValueError, name: KeyNamer): string {
   const key = e.path.replace(/^\//, '').split('/').filter(Boolean).map((s) => s.replace(/~1/g, '/').replace(/~0/g, '~')).join('.');
-  const where = key ? `config key "${key}"` : 'the configuration';
+  const where = key ? name(key) : 'the configuration';
   if (e.message.includes('Unexpected property') || e.message.includes('additional properties')) {
     return `${where} is not a known setting; see docs/configuration.md for the keys mxkeys understands`;
   }
   if (e.message.startsWith('Expected required property')) return `${where} is required but missing`;
   const found = e.value === undefined ? 'nothing' : JSON.stringify(e.value);
+  const allowed = allowedValues(e.schema);
+  if (allowed) return `${where}: found ${found}, expected one of ${allowed.map((v) => JSON.stringify(v)).join(', ')}`;
   const expected = e.schema['description'] ? `${e.message} (${String(e.schema['description'])})` : e.message;
   return `${where}: found ${found}, expected: ${expected.replace(/^Expected /, '').toLowerCase()}`;
 }
@@ -89,13 +115,13 @@ export function durationMs(value: number | string): number {
   return Number(m[1]) * UNIT_MS[m[2] ?? 'ms']!;
 }
 
-function semanticChecks(c: Config): void {
+function semanticChecks(c: Config, key: KeyNamer): void {
   if (!isValidServerName(c.server_name)) {
-    throw new ConfigError(`config key "server_name": "${c.server_name}" is not a valid Matrix server name (expected a hostname or IP literal with an optional :port, e.g. "example.org")`);
+    throw new ConfigError(`${key('server_name')}: "${c.server_name}" is not a valid Matrix server name (expected a hostname or IP literal with an optional :port, e.g. "example.org")`);
   }
   const { sqlite, postgres } = c.database;
   if (sqlite !== undefined && postgres !== undefined) {
-    throw new ConfigError('config key "database": set exactly one of "database.sqlite" (a file path) or "database.postgres" (a postgres:// URL), not both');
+    throw new ConfigError(`${key('database')}: set exactly one of "database.sqlite" (a file path) or "database.postgres" (a postgres:// URL), not both`);
   }
   if (postgres !== undefined) {
     let ok = false;
@@ -104,7 +130,7 @@ function semanticChecks(c: Config): void {
     } catch {
       ok = false;
     }
-    if (!ok) throw new ConfigError('config key "database.postgres": expected a URL like postgres://user:password@host:5432/dbname');
+    if (!ok) throw new ConfigError(`${key('database.postgres')}: expected a URL like postgres://user:password@host:5432/dbname`);
   }
   const durations: [string, number | string][] = [
     ['key_refresh_interval', c.key_refresh_interval],
@@ -114,17 +140,18 @@ function semanticChecks(c: Config): void {
     ['federation.destination_min_retry_interval', c.federation.destination_min_retry_interval],
     ['federation.destination_max_retry_interval', c.federation.destination_max_retry_interval],
     ['federation.max_undelivered_age', c.federation.max_undelivered_age],
+    ['database.connect_timeout', c.database.connect_timeout],
   ];
-  for (const [key, value] of durations) {
+  for (const [name, value] of durations) {
     try {
       durationMs(value);
     } catch (e) {
-      throw new ConfigError(`config key "${key}": ${(e as Error).message}`);
+      throw new ConfigError(`${key(name)}: ${(e as Error).message}`);
     }
   }
   if (durationMs(c.federation.device_list_subscription_lifetime) < durationMs(c.federation.device_list_refresh_interval)) {
     throw new ConfigError(
-      'config key "federation.device_list_subscription_lifetime" must be at least "federation.device_list_refresh_interval": servers refetch cached lists at that interval, which is what keeps their subscriptions alive',
+      `${key('federation.device_list_subscription_lifetime')} must be at least federation.device_list_refresh_interval: servers refetch cached lists at that interval, which is what keeps their subscriptions alive`,
     );
   }
   if ((c.tls_certificate_path === undefined) !== (c.tls_private_key_path === undefined)) {
@@ -133,42 +160,42 @@ function semanticChecks(c: Config): void {
   for (const [keyId, old] of Object.entries(c.old_signing_keys)) {
     const [alg, version] = keyId.split(':', 2);
     if (alg !== 'ed25519' || version === undefined || !KEY_VERSION.test(version)) {
-      throw new ConfigError(`config key "old_signing_keys.${keyId}": the key ID must look like "ed25519:<version>" with [a-zA-Z0-9_] in the version`);
+      throw new ConfigError(`${key(`old_signing_keys.${keyId}`)}: the key ID must look like "ed25519:<version>" with [a-zA-Z0-9_] in the version`);
     }
     if (decodeBase64(old.key)?.length !== 32) {
-      throw new ConfigError(`config key "old_signing_keys.${keyId}.key": expected the unpadded base64 of a 32-byte ed25519 public key`);
+      throw new ConfigError(`${key(`old_signing_keys.${keyId}.key`)}: expected the unpadded base64 of a 32-byte ed25519 public key`);
     }
   }
   for (const [name, url] of Object.entries(c.federation.resolve)) {
-    if (!isValidServerName(name)) throw new ConfigError(`config key "federation.resolve": "${name}" is not a valid server name`);
+    if (!isValidServerName(name)) throw new ConfigError(`${key('federation.resolve')}: "${name}" is not a valid server name`);
     let ok = false;
     try {
       ok = ['http:', 'https:'].includes(new URL(url).protocol);
     } catch {
       ok = false;
     }
-    if (!ok) throw new ConfigError(`config key "federation.resolve.${name}": expected a base URL like "https://host:8448" or "http://127.0.0.1:8009", found ${JSON.stringify(url)}`);
+    if (!ok) throw new ConfigError(`${key(`federation.resolve.${name}`)}: expected a base URL like "https://host:8448" or "http://127.0.0.1:8009", found ${JSON.stringify(url)}`);
   }
-  for (const key of ['ip_range_blacklist', 'ip_range_whitelist'] as const) {
-    (c.federation[key] ?? []).forEach((cidr, i) => {
+  for (const list of ['ip_range_blacklist', 'ip_range_whitelist'] as const) {
+    (c.federation[list] ?? []).forEach((cidr, i) => {
       const [address, bits, extra] = cidr.split('/');
       const family = isIP(address ?? '');
       const max = family === 6 ? 128 : 32;
       if (family === 0 || extra !== undefined || (bits !== undefined && !(/^\d{1,3}$/.test(bits) && Number(bits) <= max))) {
-        throw new ConfigError(`config key "federation.${key}[${i}]": "${cidr}" is not an IP address or CIDR range like "10.0.0.0/8" or "fc00::/7"`);
+        throw new ConfigError(`${key(`federation.${list}[${i}]`)}: "${cidr}" is not an IP address or CIDR range like "10.0.0.0/8" or "fc00::/7"`);
       }
     });
   }
   c.federation.trusted_key_servers.forEach((s, i) => {
     if (!isValidServerName(s.server_name)) {
-      throw new ConfigError(`config key "federation.trusted_key_servers[${i}].server_name": "${s.server_name}" is not a valid server name`);
+      throw new ConfigError(`${key(`federation.trusted_key_servers[${i}].server_name`)}: "${s.server_name}" is not a valid server name`);
     }
   });
   if (c.public_baseurl !== undefined) {
     try {
       new URL(c.public_baseurl);
     } catch {
-      throw new ConfigError(`config key "public_baseurl": expected an absolute URL like "https://matrix.example.org/", found ${JSON.stringify(c.public_baseurl)}`);
+      throw new ConfigError(`${key('public_baseurl')}: expected an absolute URL like "https://matrix.example.org/", found ${JSON.stringify(c.public_baseurl)}`);
     }
   }
 }
@@ -213,6 +240,7 @@ export function loadConfig(options: LoadConfigOptions = {}): Readonly<Config> {
 
   const env = options.env ?? {};
   const known = new Map(envVariables().map((v) => [v.name, v]));
+  const fromEnv = new Map<string, string>();
   for (const [name, value] of Object.entries(env)) {
     if (!name.startsWith(ENV_PREFIX) || value === undefined || NON_CONFIG_ENV.test(name)) continue;
     const v = known.get(name);
@@ -225,8 +253,12 @@ export function loadConfig(options: LoadConfigOptions = {}): Readonly<Config> {
       if (typeof db === 'object' && db !== null) delete (db as Record<string, unknown>)[v.path[1] === 'sqlite' ? 'postgres' : 'sqlite'];
     }
     setPath(raw, v.path, parseEnvValue(v, value));
+    fromEnv.set(v.path.join('.'), name);
   }
-  for (const [key, value] of Object.entries(options.overrides ?? {})) raw[key] = value;
+  for (const [key, value] of Object.entries(options.overrides ?? {})) {
+    raw[key] = value;
+    for (const k of fromEnv.keys()) if (k === key || k.startsWith(`${key}.`)) fromEnv.delete(k);
+  }
 
   if (options.file !== undefined && raw['server_name'] === undefined) {
     throw new ConfigError(`config key "server_name" is required in ${options.file} (for example "server_name: example.org")`);
@@ -236,12 +268,12 @@ export function loadConfig(options: LoadConfigOptions = {}): Readonly<Config> {
   const errors = [...Value.Errors(ConfigSchema, withDefaults)];
   if (errors.length > 0) {
     // Union members produce one error per alternative; one line per key is enough.
-    const lines = [...new Set(errors.map(describeError))].slice(0, 5);
+    const lines = [...new Set(errors.map((e) => describeError(e, keyNamer(fromEnv))))].slice(0, 5);
     throw new ConfigError(lines.join('\n'));
   }
   const config = withDefaults as Config;
   if (config.database.sqlite === undefined && config.database.postgres === undefined) config.database.sqlite = DEFAULT_SQLITE_PATH;
-  semanticChecks(config);
+  semanticChecks(config, keyNamer(fromEnv));
   return deepFreeze(config);
 }
 

@@ -30,6 +30,7 @@ export const ConfigSchema = Type.Object(
         postgres: Type.Optional(Type.String({ description: 'a postgres:// connection URL' })),
         // At least 2: migrations hold one connection for their lock while working on another.
         pool_size: Type.Integer({ minimum: 2, maximum: 1000, default: 10, description: 'PostgreSQL connections per process, at least 2' }),
+        connect_timeout: Type.Union([Duration], { default: '10s' }),
       },
       { ...strict, default: {} },
     ),
@@ -122,6 +123,7 @@ export const ConfigSchema = Type.Object(
       },
       { ...strict, default: {} },
     ),
+    log_requests: Type.Boolean({ default: false }),
     log_level: Type.Union(
       ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'].map((l) => Type.Literal(l)),
       { default: 'info' },

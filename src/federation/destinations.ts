@@ -29,6 +29,9 @@ export interface DestinationsOptions {
 
 export class Destinations {
   private readonly states = new Map<string, DestinationState>();
+  /** When each destination's state was last changed by this process (a counter), so a refresh that read the database before that change does not undo it. */
+  private readonly changedAt = new Map<string, number>();
+  private changes = 0;
   private readonly recoveredListeners = new Set<(destination: string) => void>();
   private readonly now: () => number;
   private readonly random: () => number;
@@ -75,6 +78,7 @@ export class Destinations {
     const retryAfterTs = now + this.delayAfter(failureCount);
     const state: DestinationState = { destination, failureCount, retryAfterTs, firstFailureTs: stored?.firstFailureTs ?? current?.firstFailureTs ?? now };
     this.states.set(destination, state);
+    this.changedAt.set(destination, ++this.changes);
     await this.options.store.putDestination(state);
     this.options.log?.('a destination did not answer; waiting before asking it again', {
       destination,
@@ -90,6 +94,7 @@ export class Destinations {
     const current = this.states.get(destination);
     if (current === undefined) return;
     this.states.delete(destination);
+    this.changedAt.set(destination, ++this.changes);
     await this.options.store.putDestination({ destination, failureCount: 0, retryAfterTs: 0, firstFailureTs: null });
     for (const l of this.recoveredListeners) l(destination);
   }
@@ -101,12 +106,16 @@ export class Destinations {
 
   /** Reads the state all processes recorded (at start, and on each poll of the sender). */
   async refresh(): Promise<void> {
+    const readAt = this.changes;
     const rows = await this.options.store.failingDestinations();
+    // A change made here while the rows were being read is newer than they are.
+    const stale = (d: string) => (this.changedAt.get(d) ?? 0) > readAt;
     const seen = new Set<string>();
     for (const r of rows) {
       seen.add(r.destination);
-      this.states.set(r.destination, r);
+      if (!stale(r.destination)) this.states.set(r.destination, r);
     }
-    for (const d of [...this.states.keys()]) if (!seen.has(d)) this.states.delete(d);
+    for (const d of [...this.states.keys()]) if (!seen.has(d) && !stale(d)) this.states.delete(d);
+    if (this.changedAt.size > 10_000) this.changedAt.clear();
   }
 }

@@ -61,9 +61,19 @@ export function writeNewSigningKeyFile(path: string, key: SigningKey = generateS
   return key;
 }
 
-/** Reads the key file, creating it with a fresh key on first start. */
+/**
+ * Reads the key file, creating it with a fresh key on first start — but only in a directory that
+ * exists: a typo in the path must not quietly give the server a new identity in a new directory.
+ */
 export function loadOrCreateSigningKeys(path: string): { keys: SigningKey[]; created: boolean } {
   if (!existsSync(path)) {
+    const dir = dirname(path);
+    if (!existsSync(dir)) {
+      throw new SigningKeyFileError(
+        `signing_key_path: ${path} does not exist, and neither does its directory ${dir}. ` +
+          `Check the path for a typo (the key is the server's identity); to start with a new key, create it with "mxkeys generate-key --out ${path}", or create the directory ${dir}`,
+      );
+    }
     try {
       return { keys: [writeNewSigningKeyFile(path)], created: true };
     } catch (e) {
@@ -72,4 +82,9 @@ export function loadOrCreateSigningKeys(path: string): { keys: SigningKey[]; cre
     }
   }
   return { keys: readSigningKeys(path), created: false };
+}
+
+/** `ed25519:<version> <public key>` per key: what other servers see, and what old_signing_keys needs. */
+export function formatPublicKeys(keys: readonly SigningKey[]): string {
+  return keys.map((k) => `${k.keyId} ${k.publicKey}\n`).join('');
 }

@@ -7,8 +7,9 @@ import Fastify, { LogController, type FastifyInstance } from 'fastify';
 import type { TypeBoxTypeProvider } from '@fastify/type-provider-typebox';
 import type { Logger } from 'pino';
 import { randomBytes } from 'node:crypto';
-import { createServer, type Server } from 'node:http';
+import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createTlsServer } from 'node:https';
+import { performance } from 'node:perf_hooks';
 import { DirectRoutes, JSON_CONTENT_TYPE } from './direct.js';
 import { MatrixError } from '../matrix/errors.js';
 import { parseJsonBody } from './json-body.js';
@@ -30,6 +31,9 @@ import { federationDirectRoutes, federationRoutes } from './routes/federation.js
 import { notaryRoutes } from './routes/notary.js';
 import { backupRoutes } from './routes/backup.js';
 import type { KeyBackup } from '../backup/service.js';
+import { adminRoutes } from './routes/admin.js';
+import type { Admin } from '../accounts/admin.js';
+import { redactUrl } from './redact.js';
 
 export type App = FastifyInstance<
   import('node:http').Server,
@@ -46,9 +50,14 @@ export interface AppDeps {
   readonly trustProxy: boolean;
   readonly ownKeys: OwnServerKeys;
   readonly accounts: Accounts;
+  readonly admin: Admin;
   readonly keys: Keys;
   readonly crossSigning: CrossSigning;
   readonly backup: KeyBackup;
+  /** Resolves when the database answers (GET /health). */
+  readonly databaseAnswers: () => Promise<void>;
+  /** Log one line per answered request (`log_requests`). */
+  readonly logRequests?: boolean;
   readonly federation: {
     readonly authenticator: RequestAuthenticator;
     readonly notary: Notary;
@@ -73,6 +82,16 @@ const CORS_HEADERS = {
   'access-control-allow-headers': 'X-Requested-With, Content-Type, Authorization',
 };
 
+/** The client's address: the first X-Forwarded-For entry when we trust the proxy, else the peer's. */
+function clientAddress(req: IncomingMessage, trustProxy: boolean): string | undefined {
+  const forwarded = req.headers['x-forwarded-for'];
+  if (trustProxy && typeof forwarded === 'string' && forwarded !== '') return forwarded.split(',', 1)[0]!.trim();
+  return req.socket.remoteAddress;
+}
+
+/** How long GET /health waits for the database before it answers 503. */
+const HEALTH_TIMEOUT_MS = 5_000;
+
 /** Turns a route URL (`/a/:b/*`) into a matcher for concrete paths, to tell 405 from 404. */
 function routeMatcher(url: string): RegExp {
   const escaped = url
@@ -96,10 +115,40 @@ export function buildApp(deps: AppDeps): App {
   for (const route of keyDirectRoutes({ keys: deps.keys, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery })) direct.add(route);
   for (const route of federationDirectRoutes({ keys: deps.keys, ...deps.federation })) direct.add(route);
 
+  // Without x_forwarded every client seems to come from the proxy: one client's failed logins
+  // would then lock everyone out. Said once, when the first forwarded request shows it.
+  let warnedForwarded = deps.trustProxy;
+  const beforeRouting = (req: IncomingMessage, res: ServerResponse): void => {
+    if (!warnedForwarded && req.headers['x-forwarded-for'] !== undefined) {
+      warnedForwarded = true;
+      deps.logger.warn(
+        { address: req.socket.remoteAddress },
+        'requests arrive with an X-Forwarded-For header, but listen.x_forwarded is false: every client behind this proxy shares its address, so login rate limits and last_seen_ip apply to all of them together. Set listen.x_forwarded: true if a reverse proxy you control sets the header',
+      );
+    }
+    if (deps.logRequests) {
+      const start = performance.now();
+      res.once('close', () => {
+        deps.logger.info(
+          {
+            method: req.method,
+            url: redactUrl(req.url ?? ''),
+            status: res.statusCode,
+            ms: Math.round((performance.now() - start) * 10) / 10,
+            address: clientAddress(req, deps.trustProxy),
+            ...(res.writableFinished ? {} : { aborted: true }),
+          },
+          'request',
+        );
+      });
+    }
+  };
+
   const app = Fastify({
     // The hot key routes are answered before Fastify sees the request (direct.ts).
     serverFactory: (handler) => {
-      const listener = (req: Parameters<typeof handler>[0], res: Parameters<typeof handler>[1]) => {
+      const listener = (req: IncomingMessage, res: ServerResponse) => {
+        beforeRouting(req, res);
         if (!direct.serve(req, res)) handler(req, res);
       };
       // An HTTPS server is an http.Server for everything Fastify does with it.
@@ -161,8 +210,11 @@ export function buildApp(deps: AppDeps): App {
     });
   }
 
+  // Shutdown: new direct-route requests get 503, and open /sync long-polls end at once.
+  const stopping = new AbortController();
   app.addHook('preClose', (done) => {
     direct.closing = true;
+    stopping.abort();
     done();
   });
 
@@ -197,6 +249,26 @@ export function buildApp(deps: AppDeps): App {
     });
   }
 
+  /**
+   * GET /health — for load balancers and container health checks (as Synapse's /health): 200 "OK"
+   * while the database answers, 503 otherwise (and while shutting down).
+   */
+  app.get('/health', async (_request, reply) => {
+    let timer: NodeJS.Timeout | undefined;
+    try {
+      await Promise.race([
+        deps.databaseAnswers(),
+        new Promise((_resolve, reject) => (timer = setTimeout(() => reject(new Error(`no answer within ${HEALTH_TIMEOUT_MS / 1000} s`)), HEALTH_TIMEOUT_MS))),
+      ]);
+    } catch (e) {
+      deps.logger.warn({ err: (e as Error).message }, 'GET /health: the database does not answer');
+      throw new MatrixError('M_UNKNOWN', 'The database does not answer; see the server log', 503);
+    } finally {
+      clearTimeout(timer);
+    }
+    return reply.type('text/plain; charset=utf-8').send('OK');
+  });
+
   app.decorateRequest('requester', undefined);
   app.decorateRequest('origin', undefined);
   app.register(serverKeyRoutes, { ownKeys: deps.ownKeys });
@@ -208,8 +280,10 @@ export function buildApp(deps: AppDeps): App {
     crossSigning: deps.crossSigning,
     accounts: deps.accounts,
     allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery,
+    stopping: stopping.signal,
   });
   app.register(backupRoutes, { backup: deps.backup, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
+  app.register(adminRoutes, { accounts: deps.accounts, admin: deps.admin, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(federationRoutes, {
     keys: deps.keys,
     authenticator: deps.federation.authenticator,

@@ -5,7 +5,7 @@
  */
 import { MatrixError } from '../matrix/errors.js';
 import { canonicalJson } from '../matrix/canonical-json.js';
-import { isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
+import { isLocalUser, isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
 import type { ClaimedKey, ClaimRequest, DeviceListsStore, KeysOfUsers, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
 import type { RemoteKeyLookup, RemoteQueryResult, ServerFailure } from './remote.js';
 import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
@@ -64,6 +64,20 @@ export function objectText(entries: Iterable<readonly [string, string]>): string
 /** Longest a /sync waits for news, whatever the client asks for. */
 const MAX_SYNC_WAIT_MS = 30_000;
 const SYNC_POLL_MS = 500;
+
+/** Waits `ms`, or less when `stop` is aborted. */
+function pause(ms: number, stop: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (stop.aborted) return resolve();
+    const done = () => {
+      clearTimeout(timer);
+      stop.removeEventListener('abort', done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    stop.addEventListener('abort', done, { once: true });
+  });
+}
 
 /** Sync and /keys/changes tokens: opaque to clients, `s<stream position>` to us. */
 export function streamToken(position: number): string {
@@ -473,10 +487,15 @@ export class Keys {
     return this.changesBetween(viewer, fromPos, toPos);
   }
 
-  /** `changed` and `left` between two stream positions, as `viewer` may see them. */
+  /**
+   * `changed` and `left` between two stream positions, as `viewer` may see them. With no rooms,
+   * a user leaves the viewer's view only by being deactivated: from then on they are in `left`.
+   */
   private async changesBetween(viewer: string, fromPos: number, toPos: number): Promise<{ changed: string[]; left: string[] }> {
-    const changed = toPos > fromPos ? await this.store.changedUsers(viewer, fromPos, toPos) : [];
-    return { changed, left: [] };
+    const users = toPos > fromPos ? await this.store.changedUsers(viewer, fromPos, toPos) : [];
+    const local = users.filter((u) => isLocalUser(u, this.options.serverName));
+    const gone = new Set(local.length > 0 ? await this.store.deactivatedUsers(local) : []);
+    return { changed: users.filter((u) => !gone.has(u)), left: users.filter((u) => gone.has(u)) };
   }
 
   /**
@@ -485,7 +504,7 @@ export class Keys {
    * An incremental sync waits up to `timeoutMs` (at most 30 s) for a device-list change the
    * caller can see, checking every half second (changes may come from other processes).
    */
-  async sync(requester: Requester, since: string | undefined, timeoutMs: number, cancelled: () => boolean): Promise<Record<string, unknown>> {
+  async sync(requester: Requester, since: string | undefined, timeoutMs: number, stop: AbortSignal): Promise<Record<string, unknown>> {
     let position = await this.options.deviceLists.currentStreamId();
     let deviceLists: { changed: string[]; left: string[] } | undefined;
     if (since !== undefined) {
@@ -493,8 +512,10 @@ export class Keys {
       const deadline = Date.now() + Math.min(timeoutMs, MAX_SYNC_WAIT_MS);
       for (;;) {
         deviceLists = await this.changesBetween(requester.userId, from, position);
-        if (deviceLists.changed.length > 0 || Date.now() >= deadline || cancelled()) break;
-        await new Promise((r) => setTimeout(r, Math.min(SYNC_POLL_MS, deadline - Date.now())));
+        if (deviceLists.changed.length > 0 || deviceLists.left.length > 0 || Date.now() >= deadline || stop.aborted) break;
+        await pause(Math.min(SYNC_POLL_MS, deadline - Date.now()), stop);
+        // Stopped while pausing: answer with what was read last (nothing new), at once.
+        if (stop.aborted) break;
         position = await this.options.deviceLists.currentStreamId();
       }
     }

@@ -1,14 +1,43 @@
 /** AccountsStore on the driver-neutral SQL surface (same SQL on both backends). */
 import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
-import type { AccountsStore, NewSession, StoredDevice, StoredUser, UiaSession } from './store.js';
+import type { AccountsStore, NewSession, StoredDevice, StoredUser, UiaSession, UserAccount, UserListQuery } from './store.js';
 import type { DeviceListWriter } from './device-lists.js';
 
 interface UserRow {
   user_id: string;
   password_hash: string | null;
   admin: number | boolean;
+  deactivated: number | boolean;
 }
+
+interface AccountRow {
+  user_id: string;
+  admin: number | boolean;
+  deactivated: number | boolean;
+  created_ts: number;
+  last_seen_ts: number | null;
+}
+
+const toAccount = (r: AccountRow): UserAccount => ({
+  userId: r.user_id,
+  admin: Boolean(r.admin),
+  deactivated: Boolean(r.deactivated),
+  createdTs: r.created_ts,
+  lastSeenTs: r.last_seen_ts,
+});
+
+/** Users with the last time one of their devices was seen. */
+const ACCOUNTS = `SELECT u.user_id, u.admin, u.deactivated, u.created_ts, d.last_seen_ts
+  FROM users u LEFT JOIN (SELECT user_id, MAX(last_seen_ts) AS last_seen_ts FROM devices GROUP BY user_id) d ON d.user_id = u.user_id`;
+
+const ORDER_COLUMNS: Record<UserListQuery['orderBy'], string> = {
+  name: 'u.user_id',
+  admin: 'u.admin',
+  deactivated: 'u.deactivated',
+  creation_ts: 'u.created_ts',
+  last_seen_ts: 'd.last_seen_ts',
+};
 
 interface DeviceRow {
   user_id: string;
@@ -40,6 +69,34 @@ const toDevice = (r: DeviceRow): StoredDevice => ({
  * in any table).
  */
 const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices'] as const;
+
+/**
+ * Deletes devices and everything keyed to them inside a transaction, recording a device-list
+ * change for each device that existed (AccountsStore.deleteDevices). Returns the IDs deleted.
+ */
+async function deleteDevicesIn(tx: Queryable, deviceLists: DeviceListWriter, userId: string, deviceIds: readonly string[] | 'all'): Promise<string[]> {
+  const rows =
+    deviceIds === 'all'
+      ? await tx.all<{ device_id: string }>('SELECT device_id FROM devices WHERE user_id = ?', [userId])
+      : await tx.all<{ device_id: string }>(`SELECT device_id FROM devices WHERE user_id = ? AND device_id IN (${placeholders(deviceIds.length)})`, [userId, ...deviceIds]);
+  const existing = rows.map((r) => r.device_id);
+  // Rows keyed to a device may outlive a device row that is already gone (e.g. after a crash
+  // of an older version); the requested IDs are cleaned up either way.
+  const targets = deviceIds === 'all' ? existing : [...deviceIds];
+  if (targets.length === 0) return [];
+  const inList = placeholders(targets.length);
+  for (const table of PER_DEVICE_TABLES) {
+    await tx.run(`DELETE FROM ${table} WHERE user_id = ? AND device_id IN (${inList})`, [userId, ...targets]);
+  }
+  // Signatures made on the device (by the self-signing key) and by it (on the master key).
+  await tx.run(
+    `DELETE FROM e2e_cross_signing_signatures
+     WHERE (target_user_id = ? AND target_key_id IN (${inList})) OR (signer_user_id = ? AND signer_key_id IN (${inList}))`,
+    [userId, ...targets, userId, ...targets.map((d) => `ed25519:${d}`)],
+  );
+  await deviceLists.record(tx, userId, existing, Date.now());
+  return existing;
+}
 
 export class SqlAccountsStore implements AccountsStore {
   /** Access tokens by hash: every authenticated request looks one up. */
@@ -85,9 +142,65 @@ export class SqlAccountsStore implements AccountsStore {
     });
   }
 
-  async getUser(userId: string): Promise<StoredUser | undefined> {
-    const r = await this.db.get<UserRow>('SELECT user_id, password_hash, admin FROM users WHERE user_id = ?', [userId]);
-    return r && { userId: r.user_id, passwordHash: r.password_hash, admin: Boolean(r.admin) };
+  async getUser(userId: string): Promise<(StoredUser & { deactivated: boolean }) | undefined> {
+    const r = await this.db.get<UserRow>('SELECT user_id, password_hash, admin, deactivated FROM users WHERE user_id = ?', [userId]);
+    return r && { userId: r.user_id, passwordHash: r.password_hash, admin: Boolean(r.admin), deactivated: Boolean(r.deactivated) };
+  }
+
+  async getUserAccount(userId: string): Promise<UserAccount | undefined> {
+    const r = await this.db.get<AccountRow>(`${ACCOUNTS} WHERE u.user_id = ?`, [userId]);
+    return r && toAccount(r);
+  }
+
+  async listUsers(q: UserListQuery): Promise<{ users: UserAccount[]; total: number }> {
+    const where: string[] = [];
+    const params: (string | boolean)[] = [];
+    if (!q.includeDeactivated) {
+      where.push('u.deactivated = ?');
+      params.push(false);
+    }
+    if (q.admins !== undefined) {
+      where.push('u.admin = ?');
+      params.push(q.admins);
+    }
+    if (q.userIdContains !== undefined && q.userIdContains !== '') {
+      // instr/strpos rather than LIKE: no wildcard escaping to get wrong.
+      where.push(this.db.dialect === 'sqlite' ? 'instr(u.user_id, ?) > 0' : 'strpos(u.user_id, ?) > 0');
+      params.push(q.userIdContains);
+    }
+    const filter = where.length > 0 ? ` WHERE ${where.join(' AND ')}` : '';
+    const dir = q.direction === 'b' ? 'DESC' : 'ASC';
+    // NULLs (never seen) sort first going forwards on both databases, as on SQLite by default.
+    const nulls = q.orderBy === 'last_seen_ts' ? (dir === 'ASC' ? ' NULLS FIRST' : ' NULLS LAST') : '';
+    const rows = await this.db.all<AccountRow>(`${ACCOUNTS}${filter} ORDER BY ${ORDER_COLUMNS[q.orderBy]} ${dir}${nulls}, u.user_id ASC LIMIT ? OFFSET ?`, [
+      ...params,
+      q.limit,
+      q.from,
+    ]);
+    const total = await this.db.get<{ n: number }>(`SELECT COUNT(*) AS n FROM users u${filter}`, params);
+    return { users: rows.map(toAccount), total: Number(total?.n ?? 0) };
+  }
+
+  async setPasswordHash(userId: string, passwordHash: string, logout: boolean): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      if ((await tx.run('UPDATE users SET password_hash = ? WHERE user_id = ?', [passwordHash, userId])) === 0) return false;
+      if (logout) await tx.run('DELETE FROM access_tokens WHERE user_id = ?', [userId]);
+      return true;
+    });
+  }
+
+  async deactivateUser(userId: string): Promise<boolean> {
+    return this.db.transaction(async (tx) => {
+      if ((await tx.run('UPDATE users SET password_hash = NULL, deactivated = ? WHERE user_id = ?', [true, userId])) === 0) return false;
+      await deleteDevicesIn(tx, this.deviceLists, userId, 'all');
+      // Synapse deletes the cross-signing keys with the account; signatures by or on them go too.
+      await tx.run('DELETE FROM e2e_cross_signing_signatures WHERE target_user_id = ? OR signer_user_id = ?', [userId, userId]);
+      await tx.run('DELETE FROM e2e_cross_signing_keys WHERE user_id = ?', [userId]);
+      await tx.run('DELETE FROM access_tokens WHERE user_id = ?', [userId]);
+      // One change for the user as a whole, so those tracking a user without devices see it too.
+      await this.deviceLists.record(tx, userId, [null], Date.now());
+      return true;
+    });
   }
 
   async loginDevice(userId: string, session: NewSession): Promise<{ created: boolean }> {
@@ -140,32 +253,7 @@ export class SqlAccountsStore implements AccountsStore {
 
   async deleteDevices(userId: string, deviceIds: readonly string[] | 'all'): Promise<string[]> {
     if (deviceIds !== 'all' && deviceIds.length === 0) return [];
-    return this.db.transaction(async (tx) => {
-      const rows =
-        deviceIds === 'all'
-          ? await tx.all<{ device_id: string }>('SELECT device_id FROM devices WHERE user_id = ?', [userId])
-          : await tx.all<{ device_id: string }>(`SELECT device_id FROM devices WHERE user_id = ? AND device_id IN (${placeholders(deviceIds.length)})`, [
-              userId,
-              ...deviceIds,
-            ]);
-      const existing = rows.map((r) => r.device_id);
-      // Rows keyed to a device may outlive a device row that is already gone (e.g. after a crash
-      // of an older version); the requested IDs are cleaned up either way.
-      const targets = deviceIds === 'all' ? existing : [...deviceIds];
-      if (targets.length === 0) return [];
-      const inList = placeholders(targets.length);
-      for (const table of PER_DEVICE_TABLES) {
-        await tx.run(`DELETE FROM ${table} WHERE user_id = ? AND device_id IN (${inList})`, [userId, ...targets]);
-      }
-      // Signatures made on the device (by the self-signing key) and by it (on the master key).
-      await tx.run(
-        `DELETE FROM e2e_cross_signing_signatures
-         WHERE (target_user_id = ? AND target_key_id IN (${inList})) OR (signer_user_id = ? AND signer_key_id IN (${inList}))`,
-        [userId, ...targets, userId, ...targets.map((d) => `ed25519:${d}`)],
-      );
-      await this.deviceLists.record(tx, userId, existing, Date.now());
-      return existing;
-    });
+    return this.db.transaction((tx) => deleteDevicesIn(tx, this.deviceLists, userId, deviceIds));
   }
 
   async addRegistrationNonce(nonce: string, createdTs: number): Promise<void> {

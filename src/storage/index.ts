@@ -15,10 +15,14 @@ import { SqlKeysStore } from './keys.js';
 import { SqlFederationStore } from './federation.js';
 import { SqlRemoteDeviceListsStore } from './remote-device-lists.js';
 import { SqlBackupStore } from './backup.js';
+import { claimServerName } from './server-name.js';
+import { DatabaseUnavailableError, describePostgresError, describeSqliteError } from './startup-errors.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
 export { SchemaTooNewError } from './migrations.js';
+export { ServerNameMismatchError } from './server-name.js';
+export { DatabaseUnavailableError } from './startup-errors.js';
 
 export interface DatabaseConfig {
   readonly sqlite?: string | undefined;
@@ -29,17 +33,38 @@ export interface DatabaseConfig {
 export interface OpenStoreOptions {
   /** Apply pending migrations (default). When false, the schema must already be current. */
   readonly migrate?: boolean;
+  /**
+   * The configured server name: recorded in a new database, and checked against the recorded one
+   * (ServerNameMismatchError) otherwise. Left out, the database's name is neither set nor checked.
+   */
+  readonly serverName?: string;
+  /** How long to wait for a PostgreSQL connection (database.connect_timeout); default 10 s. */
+  readonly connectTimeoutMs?: number;
 }
 
-function openDatabase(config: DatabaseConfig): { db: SqlDatabase; migrations: readonly Migration[] } {
+const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+
+function openDatabase(config: DatabaseConfig, connectTimeoutMs: number): { db: SqlDatabase; migrations: readonly Migration[] } {
   if (config.postgres !== undefined) {
     return {
-      db: new PostgresDatabase({ connectionString: config.postgres, poolSize: config.pool_size ?? 10 }),
+      db: new PostgresDatabase({ connectionString: config.postgres, poolSize: config.pool_size ?? 10, connectTimeoutMs }),
       migrations: postgresMigrations,
     };
   }
   if (config.sqlite === undefined) throw new Error('database: set either "sqlite" or "postgres"');
-  return { db: new SqliteDatabase({ path: config.sqlite }), migrations: sqliteMigrations };
+  const path = config.sqlite;
+  try {
+    return { db: new SqliteDatabase({ path }), migrations: sqliteMigrations };
+  } catch (e) {
+    throw describeSqliteError(e, path);
+  }
+}
+
+/** Our own refusals pass as they are; a driver's error becomes one that names the setting. */
+function startupError(e: unknown, config: DatabaseConfig, connectTimeoutMs: number): unknown {
+  if (!(e instanceof Error) || e.name === 'SchemaTooNewError' || e.name === 'ServerNameMismatchError' || e instanceof DatabaseUnavailableError) return e;
+  if (config.postgres !== undefined) return describePostgresError(e, config.postgres, connectTimeoutMs);
+  return describeSqliteError(e, config.sqlite ?? '');
 }
 
 class SqlStore implements Store {
@@ -76,30 +101,40 @@ class SqlStore implements Store {
     return rows.map((r) => r.name);
   }
 
+  async ping(): Promise<void> {
+    // A real table, so that SQLite reads the file too.
+    await this.db.get('SELECT version FROM mxkeys_schema LIMIT 1');
+  }
+
   close(): Promise<void> {
     return this.db.close();
   }
 }
 
 export async function openStore(config: DatabaseConfig, options: OpenStoreOptions = {}): Promise<Store> {
-  const { db, migrations } = openDatabase(config);
+  const connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+  const { db, migrations } = openDatabase(config, connectTimeoutMs);
   try {
     if (options.migrate === false) await assertSchemaNotNewer(db, migrations);
     else await migrate(db, migrations);
+    if (options.serverName !== undefined) await claimServerName(db, options.serverName);
   } catch (e) {
     await db.close().catch(() => undefined);
-    throw e;
+    throw startupError(e, config, connectTimeoutMs);
   }
   return new SqlStore(db);
 }
 
 /** Applies pending migrations and closes the database (`mxkeys migrate`). */
-export async function migrateDatabase(config: DatabaseConfig): Promise<MigrationResult> {
-  const { db, migrations } = openDatabase(config);
+export async function migrateDatabase(config: DatabaseConfig, options: Pick<OpenStoreOptions, 'connectTimeoutMs'> = {}): Promise<MigrationResult> {
+  const connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
+  const { db, migrations } = openDatabase(config, connectTimeoutMs);
   try {
     return await migrate(db, migrations);
+  } catch (e) {
+    throw startupError(e, config, connectTimeoutMs);
   } finally {
-    await db.close();
+    await db.close().catch(() => undefined);
   }
 }
 

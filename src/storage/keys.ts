@@ -139,7 +139,8 @@ class SqlKeysTransaction implements KeysTransaction {
   async putCrossSigningKey(key: StoredCrossSigningKey): Promise<void> {
     await this.tx.run(
       `INSERT INTO e2e_cross_signing_keys (user_id, key_type, public_key, key_json, ts) VALUES (?, ?, ?, ?, ?)
-       ON CONFLICT (user_id, key_type) DO UPDATE SET public_key = excluded.public_key, key_json = excluded.key_json, ts = excluded.ts`,
+       ON CONFLICT (user_id, key_type) DO UPDATE SET public_key = excluded.public_key, key_json = excluded.key_json, ts = excluded.ts,
+         updatable_without_uia_before_ms = NULL`,
       [key.userId, key.keyType, key.publicKey, key.json, this.now],
     );
   }
@@ -192,9 +193,9 @@ export class SqlKeysStore implements KeysStore {
   }
 
   /** Rows of `sql` (whose `IN (…)` list is filled in) for every user, in chunks of CHUNK users. */
-  private async forUsers<R extends object>(userIds: readonly string[], sql: (inList: string) => string): Promise<R[]> {
+  private async forUsers<R extends object>(userIds: readonly string[], sql: (inList: string) => string, before: readonly SqlValue[] = []): Promise<R[]> {
     const out: R[] = [];
-    for (const part of chunks(userIds)) out.push(...(await this.db.all<R>(sql(placeholders(part.length)), part)));
+    for (const part of chunks(userIds)) out.push(...(await this.db.all<R>(sql(placeholders(part.length)), [...before, ...part])));
     return out;
   }
 
@@ -374,5 +375,23 @@ export class SqlKeysStore implements KeysStore {
 
   async isCrossSigningPublicKey(userId: string, key: string): Promise<boolean> {
     return (await this.db.get('SELECT 1 AS x FROM e2e_cross_signing_keys WHERE user_id = ? AND public_key = ?', [userId, key])) !== undefined;
+  }
+
+  async deactivatedUsers(userIds: readonly string[]): Promise<string[]> {
+    const rows = await this.forUsers<{ user_id: string }>(userIds, (inList) => `SELECT user_id FROM users WHERE deactivated = ? AND user_id IN (${inList})`, [true]);
+    return rows.map((r) => r.user_id);
+  }
+
+  async allowMasterKeyReplacementWithoutUia(userId: string, untilTs: number): Promise<boolean> {
+    const n = await this.db.run("UPDATE e2e_cross_signing_keys SET updatable_without_uia_before_ms = ? WHERE user_id = ? AND key_type = 'master'", [untilTs, userId]);
+    return n > 0;
+  }
+
+  async masterKeyReplaceableWithoutUiaUntil(userId: string): Promise<number> {
+    const r = await this.db.get<{ until: number | null }>(
+      "SELECT updatable_without_uia_before_ms AS until FROM e2e_cross_signing_keys WHERE user_id = ? AND key_type = 'master'",
+      [userId],
+    );
+    return r?.until ?? 0;
   }
 }

@@ -48,6 +48,30 @@ export interface StoredUser {
   readonly admin: boolean;
 }
 
+/** A user as the admin API shows it. */
+export interface UserAccount {
+  readonly userId: string;
+  readonly admin: boolean;
+  readonly deactivated: boolean;
+  /** Milliseconds since the epoch. */
+  readonly createdTs: number;
+  /** When one of the user's devices was last seen, if any. */
+  readonly lastSeenTs: number | null;
+}
+
+export interface UserListQuery {
+  /** Offset into the ordered list. */
+  readonly from: number;
+  readonly limit: number;
+  /** Only users whose ID contains this text. */
+  readonly userIdContains?: string | undefined;
+  /** true: only admins; false: no admins; undefined: both. */
+  readonly admins?: boolean | undefined;
+  readonly includeDeactivated: boolean;
+  readonly orderBy: 'name' | 'admin' | 'deactivated' | 'creation_ts' | 'last_seen_ts';
+  readonly direction: 'f' | 'b';
+}
+
 export interface StoredDevice {
   readonly userId: string;
   readonly deviceId: string;
@@ -83,7 +107,23 @@ export interface AccountsStore {
    * transaction. Returns false (and changes nothing) when the user ID is taken.
    */
   createUser(user: StoredUser & { readonly createdTs: number }, session?: NewSession): Promise<boolean>;
-  getUser(userId: string): Promise<StoredUser | undefined>;
+  getUser(userId: string): Promise<(StoredUser & { readonly deactivated: boolean }) | undefined>;
+  getUserAccount(userId: string): Promise<UserAccount | undefined>;
+  /** A page of users in the order asked for (ties by user ID), and how many match in all. */
+  listUsers(query: UserListQuery): Promise<{ users: UserAccount[]; total: number }>;
+  /**
+   * Replaces the user's password hash; with `logout`, also revokes all the user's access tokens
+   * (devices and their keys stay, as Synapse does). False when the user does not exist.
+   */
+  setPasswordHash(userId: string, passwordHash: string, logout: boolean): Promise<boolean>;
+  /**
+   * Deactivates a user in one transaction: every device goes the way deleteDevices takes it
+   * (access tokens, device keys, one-time and fallback keys, signatures; device-list changes
+   * recorded), the cross-signing keys and signatures by or on them go too, the password is
+   * removed and the user is marked deactivated. The user ID stays taken. False when the user does
+   * not exist.
+   */
+  deactivateUser(userId: string): Promise<boolean>;
   /**
    * Logs a device in: creates the device if the user does not have it (recording a device-list
    * change), otherwise keeps it and its keys but revokes its earlier access tokens; then stores the
@@ -263,6 +303,15 @@ export interface KeysStore {
   changedUsers(viewer: string, fromExclusive: number, toInclusive: number): Promise<string[]>;
   /** Whether `key` is the public key of one of the user's cross-signing keys. */
   isCrossSigningPublicKey(userId: string, key: string): Promise<boolean>;
+  /** Which of these users are deactivated accounts of this server. */
+  deactivatedUsers(userIds: readonly string[]): Promise<string[]>;
+  /**
+   * Lets the user replace their master key without user-interactive auth until `untilTs` (Synapse's
+   * admin API); false when the user has no master key. Replacing the key ends the permission.
+   */
+  allowMasterKeyReplacementWithoutUia(userId: string, untilTs: number): Promise<boolean>;
+  /** Until when the user's master key may be replaced without user-interactive auth (0: not). */
+  masterKeyReplaceableWithoutUiaUntil(userId: string): Promise<number>;
 }
 
 /** A backup version as stored (`e2e_room_keys_versions`). */
@@ -355,6 +404,8 @@ export interface Store {
   statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */
   tableNames(): Promise<string[]>;
+  /** Resolves when the database answers a read (GET /health). */
+  ping(): Promise<void>;
   close(): Promise<void>;
 }
 

@@ -331,10 +331,13 @@ describeEachBackend('mxkeys register-user', (backend) => {
     assert.equal(session.userId, '@olga:test.local');
 
     const taken = runCli(['register-user', '--config', config, '--user', 'olga', '--password', 'x']);
-    assert.equal(taken.code, 2);
+    assert.equal(taken.code, 1, 'a taken name is a failure, not a usage mistake');
     assert.match(taken.stderr, /already taken/);
+    assert.doesNotMatch(taken.stderr, /Usage:/, 'no usage text for a taken name');
+    // No password given and no terminal to ask on (standard input is not a TTY here).
     const noPassword = runCli(['register-user', '--config', config, '--user', 'pia']);
     assert.equal(noPassword.code, 2);
+    assert.match(noPassword.stderr, /not a terminal.*--password-file/);
     const foreign = runCli(['register-user', '--config', config, '--user', '@pia:elsewhere.example', '--password', 'x']);
     assert.equal(foreign.code, 2);
     assert.match(foreign.stderr, /not a user of this server/);

@@ -1,9 +1,10 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
-import { writeFileSync, readFileSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, writeFileSync, readFileSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { createServer } from 'node:net';
-import { runCli } from '../support/process.js';
+import { childEnv, MAIN, runCli } from '../support/process.js';
+import { spawn } from 'node:child_process';
 import { tempDir } from '../support/backends.js';
 import { parseSigningKeys } from '../../src/federation/signing-key-file.js';
 import { SqliteDatabase } from '../../src/storage/sqlite/driver.js';
@@ -133,4 +134,154 @@ describe('the mxkeys command line', () => {
     assert.equal(r.code, 2);
     assert.match(r.stderr, /signing.key line 1/);
   });
+
+  test('a busy metrics port is reported as the metrics listener, naming metrics.port', async () => {
+    const blocker = createServer();
+    await new Promise<void>((resolve) => blocker.listen(0, '127.0.0.1', resolve));
+    const port = (blocker.address() as { port: number }).port;
+    try {
+      const r = runCli(['serve', '--config', configIn(tempDir(), `metrics: { enabled: true, port: ${port} }\n`)], { env: { MXKEYS_LISTEN_PORT: '0' } });
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, new RegExp(`cannot open the metrics listener on 127\\.0\\.0\\.1:${port} \\(EADDRINUSE\\)`));
+      assert.match(r.stderr, /metrics\.host\/metrics\.port/);
+      assert.doesNotMatch(r.stderr, /listen\.port/);
+    } finally {
+      blocker.close();
+    }
+  });
+
+  test('PostgreSQL refusing connections is reported with the setting, the address and what to check', async () => {
+    const probe = createServer();
+    await new Promise<void>((resolve) => probe.listen(0, '127.0.0.1', resolve));
+    const port = (probe.address() as { port: number }).port;
+    await new Promise((resolve) => probe.close(resolve)); // nothing listens there now
+    const r = runCli(['serve', '--config', configIn(tempDir())], { env: { MXKEYS_DATABASE_POSTGRES: `postgres://mx:hunter2@127.0.0.1:${port}/mxkeys` } });
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, new RegExp(`database\\.postgres: cannot connect to 127\\.0\\.0\\.1:${port}: connection refused`));
+    assert.doesNotMatch(r.stderr, /hunter2/, 'the password is not shown');
+  });
+
+  test('a server that accepts connections but never answers fails after database.connect_timeout, saying so', async () => {
+    const silent = createServer(() => undefined); // accepts, then says nothing
+    await new Promise<void>((resolve) => silent.listen(0, '127.0.0.1', resolve));
+    const port = (silent.address() as { port: number }).port;
+    try {
+      const config = configIn(tempDir());
+      const r = await new Promise<{ code: number | null; stderr: string }>((resolve) => {
+        const child = spawn(process.execPath, [MAIN, 'serve', '--config', config], {
+          env: childEnv({ MXKEYS_DATABASE_POSTGRES: `postgres://mx@127.0.0.1:${port}/mxkeys`, MXKEYS_DATABASE_CONNECT_TIMEOUT: '1s' }),
+        });
+        let stderr = '';
+        child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+        child.on('exit', (code) => resolve({ code, stderr }));
+      });
+      assert.equal(r.code, 1);
+      assert.match(r.stderr, new RegExp(`database\\.postgres: no answer from 127\\.0\\.0\\.1:${port} within 1 s \\(database\\.connect_timeout\\)`));
+    } finally {
+      silent.close();
+    }
+  });
+
+  test('a SQLite path that cannot be a database file names database.sqlite and what is wrong', () => {
+    const dir = tempDir();
+    writeFileSync(join(dir, 'plain-file'), 'x');
+    const r = runCli(['serve', '--config', configIn(dir)], { env: { MXKEYS_DATABASE_SQLITE: join(dir, 'plain-file', 'mxkeys.db') } });
+    assert.equal(r.code, 1);
+    assert.match(r.stderr, /database\.sqlite: cannot use .*plain-file\/mxkeys\.db: a part of the path is a file, not a directory/);
+  });
+
+  test('a database that belongs to another server name stops serve with a configuration error (2)', () => {
+    const dir = tempDir();
+    assert.equal(runCli(['users', 'list', '--config', configIn(dir)]).code, 0, 'first use records cli.example');
+    const r = runCli(['serve', '--config', configIn(dir)], { env: { MXKEYS_SERVER_NAME: 'other.example' } });
+    assert.equal(r.code, 2);
+    assert.match(r.stderr, /configuration error: config key "server_name" is "other\.example", but this database belongs to "cli\.example"/);
+  });
+
+  test('check-config also checks the files the configuration names, as serve would', () => {
+    const dir = tempDir();
+    const missingCa = runCli(['check-config', '--config', configIn(dir, `federation: { tls_ca_file: ${join(dir, 'no-such-ca.pem')} }\n`)]);
+    assert.equal(missingCa.code, 2);
+    assert.match(missingCa.stderr, /federation\.tls_ca_file.*no-such-ca\.pem: ENOENT/);
+    writeFileSync(join(dir, 'not-a-ca.pem'), 'hello\n');
+    const notPem = runCli(['check-config', '--config', configIn(dir, `federation: { tls_ca_file: ${join(dir, 'not-a-ca.pem')} }\n`)]);
+    assert.equal(notPem.code, 2);
+    assert.match(notPem.stderr, /holds no PEM certificate/);
+
+    const typo = runCli(['check-config', '--config', configIn(dir)], { env: { MXKEYS_SIGNING_KEY_PATH: join(dir, 'typo', 'signing.key') } });
+    assert.equal(typo.code, 2);
+    assert.match(typo.stderr, /signing_key_path: neither .*typo\/signing\.key nor its directory .*typo exists/);
+
+    writeFileSync(join(dir, 'signing.key'), 'ed25519 a_x notbase64!\n');
+    const corrupt = runCli(['check-config', '--config', configIn(dir)]);
+    assert.equal(corrupt.code, 2);
+    assert.match(corrupt.stderr, /signing\.key line 1/);
+
+    const fresh = tempDir();
+    const ok = runCli(['check-config', '--config', configIn(fresh)]);
+    assert.equal(ok.code, 0, ok.stderr);
+    assert.match(ok.stderr, /note: signing_key_path: .* does not exist yet; the first start creates a new signing key there/);
+    assert.deepEqual(readdirSync(fresh), ['mxkeys.yaml'], 'check-config creates nothing');
+  });
+
+  test('generate-key --print-public and show-key print the key ID and public key, never the secret', () => {
+    const dir = tempDir();
+    const out = join(dir, 'signing.key');
+    const made = runCli(['generate-key', '--out', out, '--print-public']);
+    assert.equal(made.code, 0, made.stderr);
+    const [key] = parseSigningKeys(readFileSync(out, 'utf8'), out);
+    assert.equal(made.stdout, `${key!.keyId} ${key!.publicKey}\n`);
+    assert.ok(!made.stdout.includes(readFileSync(out, 'utf8').split(' ')[2]!.trim()), 'the seed is not printed');
+    assert.equal(runCli(['show-key', '--key', out]).stdout, made.stdout);
+    assert.equal(runCli(['show-key', '--config', configIn(dir)]).stdout, made.stdout, 'from the configuration\'s signing_key_path');
+    const noOut = runCli(['generate-key', '--print-public']);
+    assert.equal(noOut.code, 2);
+    assert.match(noOut.stderr, /--print-public needs --out FILE/);
+  });
+
+  test('register-user asks for the password on a terminal without echoing it', { skip: !existsSync('/usr/bin/script') && 'util-linux script(1) is not installed' }, async () => {
+    const dir = tempDir();
+    const config = configIn(dir);
+    // script(1) gives the command a pseudo-terminal, as an operator's shell would.
+    const command = [process.execPath, MAIN, 'register-user', '--config', config, '--user', 'tty-user'].map((a) => `'${a}'`).join(' ');
+    const child = spawn('script', ['-qec', command, '/dev/null'], { env: childEnv(), stdio: ['pipe', 'pipe', 'pipe'] });
+    let seen = '';
+    const waiters: (() => void)[] = [];
+    child.stdout.on('data', (d: Buffer) => {
+      seen += d.toString();
+      for (const w of waiters.splice(0)) w();
+    });
+    child.on('exit', () => waiters.splice(0).forEach((w) => w()));
+    const waitFor = async (re: RegExp) => {
+      while (!re.test(seen)) {
+        if (child.exitCode !== null) throw new Error(`exited before ${re}: ${seen}`);
+        await new Promise<void>((resolve) => waiters.push(resolve));
+      }
+    };
+    await waitFor(/Password for @tty-user:cli\.example: /);
+    child.stdin.write('s3cret-pass\r');
+    await waitFor(/Again, to confirm: /);
+    child.stdin.write('s3cret-pass\r');
+    const code = await new Promise<number | null>((resolve) => child.on('exit', resolve));
+    assert.equal(code, 0, seen);
+    assert.match(seen, /@tty-user:cli\.example/);
+    assert.doesNotMatch(seen, /s3cret-pass/, 'the password was not echoed');
+  });
+
+  test("the docs' complete example: check-config reports the CA file serve would fail on, and passes once it exists", async () => {
+    const { rootCertificates } = await import('node:tls');
+    const doc = readFileSync(new URL('../../docs/configuration.md', import.meta.url), 'utf8');
+    const example = /## A complete example\n\n```yaml\n([\s\S]*?)```/.exec(doc)![1]!;
+    const dir = tempDir();
+    mkdirSync(join(dir, 'data'));
+    writeFileSync(join(dir, 'mxkeys.yaml'), example);
+    const missing = runCli(['check-config', '--config', 'mxkeys.yaml'], { cwd: dir });
+    assert.equal(missing.code, 2);
+    assert.match(missing.stderr, /federation\.tls_ca_file.*\/etc\/mxkeys\/extra-ca\.pem/);
+    writeFileSync(join(dir, 'ca.pem'), rootCertificates[0]!);
+    writeFileSync(join(dir, 'mxkeys.yaml'), example.replace('/etc/mxkeys/extra-ca.pem', join(dir, 'ca.pem')));
+    const ok = runCli(['check-config', '--config', 'mxkeys.yaml'], { cwd: dir });
+    assert.equal(ok.code, 0, ok.stderr);
+  });
 });
+

@@ -1,10 +1,11 @@
 import { test, describe } from 'node:test';
 import assert from 'node:assert/strict';
 import { join } from 'node:path';
+import { mkdirSync, readdirSync } from 'node:fs';
 import nacl from 'tweetnacl';
 import { backends, tempDir } from '../support/backends.js';
 import { http, startServer } from '../support/server.js';
-import { startServerProcess } from '../support/process.js';
+import { runCli, startServerProcess } from '../support/process.js';
 
 /** An independent canonicaliser for the simple, ASCII-keyed key objects: sorted keys, no spaces. */
 function independentCanonical(v: unknown): string {
@@ -94,9 +95,16 @@ describe('GET /_matrix/key/v2/server', () => {
   });
 });
 
-describe('npm start on a fresh directory', () => {
+/** A directory like a fresh clone: an empty ./data (the repository carries it), nothing else. */
+function freshClone(): string {
+  const cwd = tempDir();
+  mkdirSync(join(cwd, 'data'));
+  return cwd;
+}
+
+describe('npm start in a fresh clone', () => {
   test('serves a signed key from ./data, and a restart keeps the same key', async () => {
-    const cwd = tempDir();
+    const cwd = freshClone();
     const first = await startServerProcess([], { cwd });
     const r1 = await http(first.url, 'GET', '/_matrix/key/v2/server');
     assert.equal(r1.body['server_name'], 'localhost');
@@ -114,8 +122,29 @@ describe('npm start on a fresh directory', () => {
     assert.equal(await second.exited, 0);
   });
 
-  test('SIGTERM lets an in-flight request finish before the process exits', async () => {
+  test('the first start creates the signing key and logs its ID and public key at warning level', async () => {
+    const server = await startServerProcess([], { cwd: freshClone() });
+    const r = await http(server.url, 'GET', '/_matrix/key/v2/server');
+    server.child.kill('SIGTERM');
+    assert.equal(await server.exited, 0);
+    const line = server.output().split('\n').find((l) => l.includes('created a new server signing key'));
+    assert.ok(line, server.output());
+    const logged = JSON.parse(line) as { level: number; key_id: string; public_key: string };
+    assert.equal(logged.level, 40, 'logged at warn');
+    assert.deepEqual({ [logged.key_id]: { key: logged.public_key } }, r.body['verify_keys'], 'the logged key is the published one');
+  });
+
+  test('without ./data, serve refuses to invent a signing key, says how to make one, and creates nothing', () => {
     const cwd = tempDir();
+    const r = runCli(['serve'], { cwd, env: { MXKEYS_LISTEN_PORT: '0' } });
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr, /signing_key_path: \.\/data\/signing\.key does not exist, and neither does its directory/);
+    assert.match(r.stderr, /mxkeys generate-key --out \.\/data\/signing\.key/);
+    assert.deepEqual(readdirSync(cwd), [], 'no directory, key or database was created');
+  });
+
+  test('SIGTERM lets an in-flight request finish before the process exits', async () => {
+    const cwd = freshClone();
     const server = await startServerProcess([], { cwd });
     const { request } = await import('node:http');
     // A request whose body is still arriving when the signal comes.
@@ -140,7 +169,7 @@ describe('npm start on a fresh directory', () => {
   });
 
   test('SIGTERM still stops the server after whoever read its log output has gone away', async () => {
-    const server = await startServerProcess([], { cwd: tempDir() });
+    const server = await startServerProcess([], { cwd: freshClone() });
     server.child.stdout!.destroy(); // like `mxkeys serve | head -2` after head exits
     server.child.stderr!.destroy();
     await new Promise((r) => setTimeout(r, 100));

@@ -170,4 +170,30 @@ describe('docs/configuration.md', () => {
     });
     assert.deepEqual(missing, []);
   });
+
+  test('a value outside a fixed set lists the allowed values', () => {
+    const message = configError(() => loadConfig({ env: {}, file: configFile('server_name: example.org\nlog_level: verbose\n') }));
+    assert.equal(message, 'config key "log_level": found "verbose", expected one of "fatal", "error", "warn", "info", "debug", "trace", "silent"');
+  });
+
+  test('a bad value that came from an environment variable names the variable', () => {
+    assert.match(
+      configError(() => loadConfig({ env: { MXKEYS_LOG_LEVEL: 'verbose' } })),
+      /^environment variable MXKEYS_LOG_LEVEL \(config key "log_level"\): found "verbose", expected one of "fatal"/,
+    );
+    assert.match(configError(() => loadConfig({ env: { MXKEYS_LISTEN_PORT: 'eighty' } })), /^environment variable MXKEYS_LISTEN_PORT \(config key "listen.port"\)/);
+    assert.match(configError(() => loadConfig({ env: { MXKEYS_DATABASE_CONNECT_TIMEOUT: 'soon' } })), /^environment variable MXKEYS_DATABASE_CONNECT_TIMEOUT \(config key "database.connect_timeout"\): "soon" is not a duration/);
+    assert.match(
+      configError(() => loadConfig({ env: { MXKEYS_FEDERATION_TRUSTED_KEY_SERVERS: '[{server_name: "no way"}]' } })),
+      /^environment variable MXKEYS_FEDERATION_TRUSTED_KEY_SERVERS \(config key "federation.trusted_key_servers\[0\].server_name"\)/,
+    );
+    // The same mistake in the file names the key only.
+    assert.match(configError(() => loadConfig({ env: {}, file: configFile('server_name: example.org\nlisten: { port: eighty }\n') })), /^config key "listen.port"/);
+  });
+
+  test('database.connect_timeout defaults to 10 s and log_requests to off', () => {
+    const c = loadConfig({ env: {} });
+    assert.equal(durationMs(c.database.connect_timeout), 10_000);
+    assert.equal(c.log_requests, false);
+  });
 });

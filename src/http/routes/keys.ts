@@ -16,6 +16,8 @@ export interface KeyRoutesOptions {
   readonly crossSigning: CrossSigning;
   readonly accounts: Accounts;
   readonly allowAccessTokenInQuery: boolean;
+  /** Aborted when the server starts shutting down: open /sync long-polls answer at once. */
+  readonly stopping?: AbortSignal;
 }
 
 type Body = Record<string, unknown>;
@@ -55,8 +57,16 @@ export function keyDirectRoutes({ keys, accounts, allowAccessTokenInQuery }: Omi
   ];
 }
 
-export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { keys, crossSigning, accounts, allowAccessTokenInQuery }) => {
+export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { keys, crossSigning, accounts, allowAccessTokenInQuery, stopping }) => {
   app.addHook('onRequest', requireAccessToken(accounts, allowAccessTokenInQuery));
+
+  // Long-polls waiting right now: ended with an empty answer when the server shuts down, so a
+  // shutdown does not wait out their timeouts (up to 30 s, longer than many stop timeouts).
+  const waiting = new Set<AbortController>();
+  stopping?.addEventListener('abort', () => {
+    if (waiting.size > 0) app.log.info({ count: waiting.size }, 'shutting down: ending open /sync long-polls with an empty answer');
+    for (const w of waiting) w.abort();
+  });
 
   /** POST /_matrix/client/v3/keys/upload — spec: keys.yaml */
   app.post(`${C}/keys/upload`, { schema: { body: UploadBody } }, async (request) => keys.upload(requesterOf(request), request.body as Body));
@@ -92,9 +102,19 @@ export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { key
   app.get(
     `${C}/sync`,
     { schema: { querystring: Type.Object({ since: Type.Optional(Type.String()), timeout: Type.Optional(Type.String({ pattern: '^[0-9]{1,9}$' })) }, { additionalProperties: true }) } },
-    async (request) => {
+    async (request, reply) => {
       const q = request.query as { since?: string; timeout?: string };
-      return keys.sync(requesterOf(request), q.since, Number(q.timeout ?? 0), () => request.raw.destroyed);
+      const stop = new AbortController();
+      if (stopping?.aborted) stop.abort();
+      const onClose = () => stop.abort(); // the client went away
+      reply.raw.once('close', onClose);
+      waiting.add(stop);
+      try {
+        return await keys.sync(requesterOf(request), q.since, Number(q.timeout ?? 0), stop.signal);
+      } finally {
+        waiting.delete(stop);
+        reply.raw.off('close', onClose);
+      }
     },
   );
 };

@@ -69,6 +69,8 @@ function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: n
 export interface PostgresOptions {
   readonly connectionString: string;
   readonly poolSize?: number;
+  /** How long to wait for a connection: to open a new one, or for a free one in the pool. */
+  readonly connectTimeoutMs?: number;
 }
 
 export class PostgresDatabase implements SqlDatabase {
@@ -78,8 +80,14 @@ export class PostgresDatabase implements SqlDatabase {
   statementCount = 0;
 
   constructor(options: PostgresOptions) {
-    // A wait for a free connection that never ends would hang requests silently; fail after 30 s.
-    this.pool = new pg.Pool({ connectionString: options.connectionString, max: Math.max(2, options.poolSize ?? 10), types, connectionTimeoutMillis: 30_000 });
+    // A server that accepts connections but never answers, or a wait for a free connection that
+    // never ends, would hang start-up and requests silently: both fail after connect_timeout.
+    this.pool = new pg.Pool({
+      connectionString: options.connectionString,
+      max: Math.max(2, options.poolSize ?? 10),
+      types,
+      connectionTimeoutMillis: options.connectTimeoutMs ?? 10_000,
+    });
     // An idle connection that dies (server restart) must not take the process down.
     this.pool.on('error', () => undefined);
     this.direct = queryable(this.pool, this);

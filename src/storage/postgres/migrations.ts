@@ -225,4 +225,17 @@ export const migrations: readonly Migration[] = [
       );
     `,
   },
+  {
+    version: 6,
+    name: 'the server name the database belongs to, deactivated users, cross-signing replacement without UIA',
+    sql: `
+      CREATE TABLE mxkeys_server (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        server_name TEXT NOT NULL,
+        recorded_ts BIGINT NOT NULL
+      );
+      ALTER TABLE users ADD COLUMN deactivated BOOLEAN NOT NULL DEFAULT false;
+      ALTER TABLE e2e_cross_signing_keys ADD COLUMN updatable_without_uia_before_ms BIGINT;
+    `,
+  },
 ];
