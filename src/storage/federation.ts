@@ -3,7 +3,8 @@
  * subscriptions and the outbound pokes built from them, destination retry state, leases and
  * received transactions. See store.ts for what each method promises.
  */
-import { placeholders, valuesList, type SqlDatabase } from './sql.js';
+import { placeholders, valuesList, type Queryable, type SqlDatabase } from './sql.js';
+import { GroupCommit } from './group-commit.js';
 import type { DestinationState, DeviceListPoke, FederationStore, LocalDeviceState } from './store.js';
 
 const CHUNK = 500;
@@ -28,8 +29,16 @@ const toDestination = (r: DestinationRow): DestinationState => ({
   firstFailureTs: r.first_failure_ts,
 });
 
+interface Delivered {
+  readonly destination: string;
+  readonly streamIds: readonly number[];
+  readonly lastSent: ReadonlyMap<string, number>;
+}
+
 export class SqlFederationStore implements FederationStore {
-  constructor(private readonly db: SqlDatabase) {}
+  constructor(private readonly db: SqlDatabase) {
+    this.delivered = new GroupCommit(db, (tx, d) => this.recordDelivered(tx, d));
+  }
 
   async subscribe(serverName: string, userIds: readonly string[], expiresTs: number | null, now: number): Promise<void> {
     for (const part of chunks(userIds)) {
@@ -104,40 +113,25 @@ export class SqlFederationStore implements FederationStore {
     return out;
   }
 
-  /** Acknowledgements waiting for the next group commit. */
-  private readonly deliveredQueue: { destination: string; streamIds: readonly number[]; lastSent: ReadonlyMap<string, number>; done: (e?: unknown) => void }[] = [];
+  /** Many destinations acknowledge at about the same time: their records share one commit. */
+  private readonly delivered: GroupCommit<Delivered, void>;
 
-  pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void> {
-    // Many destinations acknowledge at about the same time; one transaction (one fsync on
-    // SQLite) records them all, instead of one each.
-    return new Promise((resolve, reject) => {
-      this.deliveredQueue.push({ destination, streamIds, lastSent, done: (e) => (e === undefined ? resolve() : reject(e as Error)) });
-      if (this.deliveredQueue.length === 1) setImmediate(() => void this.flushDelivered());
-    });
+  private async recordDelivered(tx: Queryable, d: Delivered): Promise<void> {
+    for (const part of chunks(d.streamIds)) {
+      await tx.run(`DELETE FROM device_list_outbound_pokes WHERE destination = ? AND stream_id IN (${placeholders(part.length)})`, [d.destination, ...part]);
+    }
+    for (const part of chunks([...d.lastSent])) {
+      await tx.run(
+        `INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES ${valuesList(part.length, 3)}
+         ON CONFLICT (destination, user_id) DO UPDATE SET stream_id = excluded.stream_id
+         WHERE excluded.stream_id > device_list_outbound_last_sent.stream_id`,
+        part.flatMap(([userId, streamId]) => [d.destination, userId, streamId]),
+      );
+    }
   }
 
-  private async flushDelivered(): Promise<void> {
-    const batch = this.deliveredQueue.splice(0);
-    try {
-      await this.db.transaction(async (tx) => {
-        for (const { destination, streamIds, lastSent } of batch) {
-          for (const part of chunks(streamIds)) {
-            await tx.run(`DELETE FROM device_list_outbound_pokes WHERE destination = ? AND stream_id IN (${placeholders(part.length)})`, [destination, ...part]);
-          }
-          for (const part of chunks([...lastSent])) {
-            await tx.run(
-              `INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES ${valuesList(part.length, 3)}
-               ON CONFLICT (destination, user_id) DO UPDATE SET stream_id = excluded.stream_id
-               WHERE excluded.stream_id > device_list_outbound_last_sent.stream_id`,
-              part.flatMap(([userId, streamId]) => [destination, userId, streamId]),
-            );
-          }
-        }
-      });
-      for (const b of batch) b.done();
-    } catch (e) {
-      for (const b of batch) b.done(e ?? new Error('recording delivered updates failed'));
-    }
+  pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void> {
+    return this.delivered.submit({ destination, streamIds, lastSent });
   }
 
   async destinationsWithPokes(now: number): Promise<string[]> {

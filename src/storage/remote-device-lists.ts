@@ -5,6 +5,7 @@
  * local users tracking that remote user see it in /sync and /keys/changes.
  */
 import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
+import { GroupCommit } from './group-commit.js';
 import type { DeviceListWriter } from './device-lists.js';
 import type {
   ChainDecision,
@@ -42,7 +43,9 @@ export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
   constructor(
     private readonly db: SqlDatabase,
     private readonly deviceLists: DeviceListWriter,
-  ) {}
+  ) {
+    this.replacements = new GroupCommit(db, (tx, r) => this.replaceIn(tx, r.snapshot, r.now));
+  }
 
   async getLists(userIds: readonly string[]): Promise<RemoteDeviceList[]> {
     const out: RemoteDeviceList[] = [];
@@ -100,44 +103,49 @@ export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
     );
   }
 
-  async replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean> {
+  /** Lists fetched at about the same time (one query naming many users) share one commit. */
+  private readonly replacements: GroupCommit<{ snapshot: RemoteDeviceListSnapshot; now: number }, boolean>;
+
+  replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean> {
+    return this.replacements.submit({ snapshot, now });
+  }
+
+  private async replaceIn(tx: Queryable, snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean> {
     const { userId } = snapshot;
-    return this.db.transaction(async (tx) => {
-      const current = await lockedList(tx, userId);
-      // An update applied since this snapshot was taken is newer than the snapshot.
-      if (current && !current.stale && current.stream_id > snapshot.streamId) {
-        await tx.run('UPDATE remote_device_lists SET synced_ts = ? WHERE user_id = ?', [now, userId]);
-        return false;
-      }
-      const old = new Map(
-        (await tx.all<{ device_id: string; display_name: string | null; key_json: string | null }>('SELECT device_id, display_name, key_json FROM remote_devices WHERE user_id = ?', [userId])).map(
-          (r) => [r.device_id, r],
-        ),
-      );
-      const changed: (string | null)[] = [];
-      for (const d of snapshot.devices) {
-        const o = old.get(d.deviceId);
-        old.delete(d.deviceId);
-        if (o && o.display_name === d.displayName && o.key_json === d.keyJson) continue;
-        await this.putDevice(tx, userId, d);
-        changed.push(d.deviceId);
-      }
-      for (const gone of old.keys()) {
-        await tx.run('DELETE FROM remote_devices WHERE user_id = ? AND device_id = ?', [userId, gone]);
-        changed.push(gone);
-      }
-      const masterChanged = await this.putCrossSigningKey(tx, userId, 'master', snapshot.masterKey);
-      const selfSigningChanged = await this.putCrossSigningKey(tx, userId, 'self_signing', snapshot.selfSigningKey);
-      if (masterChanged || selfSigningChanged) changed.push(null);
-      await tx.run(
-        `INSERT INTO remote_device_lists (user_id, server_name, stream_id, stale, synced_ts) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (user_id) DO UPDATE SET server_name = excluded.server_name, stream_id = excluded.stream_id, stale = excluded.stale, synced_ts = excluded.synced_ts`,
-        [userId, snapshot.serverName, snapshot.streamId, false, now],
-      );
-      // The first fetch is no news to anyone: nobody here could have been tracking the user yet.
-      if (current && changed.length > 0) await this.deviceLists.record(tx, userId, changed, now, { pokes: false });
-      return current === undefined || changed.length > 0;
-    });
+    const current = await lockedList(tx, userId);
+    // An update applied since this snapshot was taken is newer than the snapshot.
+    if (current && !current.stale && current.stream_id > snapshot.streamId) {
+      await tx.run('UPDATE remote_device_lists SET synced_ts = ? WHERE user_id = ?', [now, userId]);
+      return false;
+    }
+    const old = new Map(
+      (await tx.all<{ device_id: string; display_name: string | null; key_json: string | null }>('SELECT device_id, display_name, key_json FROM remote_devices WHERE user_id = ?', [userId])).map(
+        (r) => [r.device_id, r],
+      ),
+    );
+    const changed: (string | null)[] = [];
+    for (const d of snapshot.devices) {
+      const o = old.get(d.deviceId);
+      old.delete(d.deviceId);
+      if (o && o.display_name === d.displayName && o.key_json === d.keyJson) continue;
+      await this.putDevice(tx, userId, d);
+      changed.push(d.deviceId);
+    }
+    for (const gone of old.keys()) {
+      await tx.run('DELETE FROM remote_devices WHERE user_id = ? AND device_id = ?', [userId, gone]);
+      changed.push(gone);
+    }
+    const masterChanged = await this.putCrossSigningKey(tx, userId, 'master', snapshot.masterKey);
+    const selfSigningChanged = await this.putCrossSigningKey(tx, userId, 'self_signing', snapshot.selfSigningKey);
+    if (masterChanged || selfSigningChanged) changed.push(null);
+    await tx.run(
+      `INSERT INTO remote_device_lists (user_id, server_name, stream_id, stale, synced_ts) VALUES (?, ?, ?, ?, ?)
+       ON CONFLICT (user_id) DO UPDATE SET server_name = excluded.server_name, stream_id = excluded.stream_id, stale = excluded.stale, synced_ts = excluded.synced_ts`,
+      [userId, snapshot.serverName, snapshot.streamId, false, now],
+    );
+    // The first fetch is no news to anyone: nobody here could have been tracking the user yet.
+    if (current && changed.length > 0) await this.deviceLists.record(tx, userId, changed, now, { pokes: false });
+    return current === undefined || changed.length > 0;
   }
 
   async applyDeviceUpdate(update: RemoteDeviceUpdate, decide: (current: RemoteDeviceList) => ChainDecision, now: number): Promise<ChainDecision | 'untracked'> {
