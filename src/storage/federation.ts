@@ -3,17 +3,9 @@
  * subscriptions and the outbound pokes built from them, destination retry state, leases and
  * received transactions. See store.ts for what each method promises.
  */
-import { placeholders, valuesList, type Queryable, type SqlDatabase } from './sql.js';
+import { chunks, placeholders, valuesList, type Queryable, type SqlDatabase } from './sql.js';
 import { GroupCommit } from './group-commit.js';
 import type { DestinationState, DeviceListPoke, FederationStore, LocalDeviceState } from './store.js';
-
-const CHUNK = 500;
-
-function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-}
 
 interface DestinationRow {
   destination: string;

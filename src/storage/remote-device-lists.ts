@@ -4,7 +4,7 @@
  * received (JSON text). Every change to a cached list is also a row in the device-list stream, so
  * local users tracking that remote user see it in /sync and /keys/changes.
  */
-import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
+import { CHUNK, placeholders, type Queryable, type SqlDatabase } from './sql.js';
 import { GroupCommit } from './group-commit.js';
 import type { DeviceListWriter } from './device-lists.js';
 import type {
@@ -18,8 +18,6 @@ import type {
   RemoteDeviceListsStore,
   RemoteDeviceUpdate,
 } from './store.js';
-
-const CHUNK = 500;
 
 interface ListRow {
   user_id: string;

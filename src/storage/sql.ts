@@ -58,3 +58,13 @@ export function valuesList(rows: number, width: number): string {
 export function placeholders(n: number): string {
   return new Array<string>(n).fill('?').join(', ');
 }
+
+/** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
+export const CHUNK = 500;
+
+/** `items` in consecutive slices of at most `size`. */
+export function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
