@@ -22,9 +22,24 @@ export interface FederationResponse {
 }
 
 export class FederationRequestError extends Error {
-  constructor(message: string) {
+  constructor(
+    message: string,
+    /** The request ran out of time (rather than failing outright). */
+    readonly timedOut = false,
+  ) {
     super(message);
     this.name = 'FederationRequestError';
+  }
+}
+
+/**
+ * A request cut short by the caller's own deadline (a client's `timeout`), not by the
+ * destination: it says nothing about whether the destination is up.
+ */
+export class DeadlineExceeded extends FederationRequestError {
+  constructor(message: string) {
+    super(message, true);
+    this.name = 'DeadlineExceeded';
   }
 }
 
@@ -157,10 +172,10 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
         res.on('error', reject);
       },
     );
-    req.on('timeout', () => req.destroy(new FederationRequestError(`no answer from ${u.host} within ${options.timeoutMs} ms`)));
+    req.on('timeout', () => req.destroy(new FederationRequestError(`no answer from ${u.host} within ${options.timeoutMs} ms`, true)));
     req.on('error', (e) => {
       if (e instanceof FederationRequestError) reject(e);
-      else if ((e as Error).name === 'AbortError') reject(new FederationRequestError(`${u.host} did not answer completely within ${options.timeoutMs} ms`));
+      else if ((e as Error).name === 'AbortError') reject(new FederationRequestError(`${u.host} did not answer completely within ${options.timeoutMs} ms`, true));
       else reject(new FederationRequestError(`cannot reach ${u.host}: ${(e as Error).message}`));
     });
     req.end(payload);
@@ -183,6 +198,23 @@ export interface FederationClientOptions {
 }
 
 const MAX_RESPONSE_BYTES = 1024 * 1024;
+
+/** `work`, or `timeout()` as a rejection if it has not settled within `ms`. */
+function withTimeout<T>(work: Promise<T>, ms: number, timeout: () => Error): Promise<T> {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(timeout()), ms);
+    work.then(
+      (v) => {
+        clearTimeout(timer);
+        resolve(v);
+      },
+      (e: unknown) => {
+        clearTimeout(timer);
+        reject(e as Error);
+      },
+    );
+  });
+}
 
 export interface SignedRequestOptions {
   readonly method: 'GET' | 'POST' | 'PUT';
@@ -248,9 +280,20 @@ export class FederationClient {
    */
   async signedRequest(destination: string, path: string, options: SignedRequestOptions): Promise<FederationResponse> {
     if (!this.signer) throw new Error('this federation client has no signing key');
-    const timeoutMs = Math.min(this.timeoutMs, options.deadline === undefined ? Infinity : options.deadline - Date.now());
-    if (timeoutMs <= 0) throw new FederationRequestError(`no time left to ask ${destination}`);
-    const target = await this.discovery.resolve(destination);
+    const started = Date.now();
+    const left = options.deadline === undefined ? Infinity : options.deadline - started;
+    const timeoutMs = Math.min(this.timeoutMs, left);
+    if (timeoutMs <= 0) throw new DeadlineExceeded(`no time left to ask ${destination}`);
+    const cutShort = (e: unknown) => {
+      if (left < this.timeoutMs && e instanceof FederationRequestError && e.timedOut) return new DeadlineExceeded(`${destination} did not answer within the ${Math.round(left)} ms the request allowed`);
+      return e;
+    };
+    // Discovery (.well-known, SRV) shares the same time budget as the request itself.
+    const target = await withTimeout(this.discovery.resolve(destination), timeoutMs, () => new FederationRequestError(`finding ${destination} (server discovery) took longer than ${Math.round(timeoutMs)} ms`, true)).catch(
+      (e: unknown) => Promise.reject(cutShort(e)),
+    );
+    const remaining = timeoutMs - (Date.now() - started);
+    if (remaining <= 0) throw cutShort(new FederationRequestError(`no time left to ask ${destination}`, true));
     const authorization = signRequest(
       { method: options.method, uri: path, origin: this.signer.serverName, destination, ...(options.body !== undefined ? { content: options.body } : {}) },
       this.signer.key,
@@ -260,13 +303,13 @@ export class FederationClient {
       ...(options.body !== undefined ? { body: options.body } : {}),
       host: target.host,
       tlsName: target.tlsName,
-      timeoutMs: Math.max(1, Math.floor(timeoutMs)),
+      timeoutMs: Math.max(1, Math.floor(remaining)),
       maxBytes: options.maxBytes ?? MAX_RESPONSE_BYTES,
       ca: this.ca,
       addresses: this.overrides[destination] === undefined ? this.addresses : undefined,
       authorization,
       agents: this.agents,
-    });
+    }).catch((e: unknown) => Promise.reject(cutShort(e)));
   }
 
   /** Closes kept-alive connections (at shutdown). */

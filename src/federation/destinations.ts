@@ -61,6 +61,11 @@ export class Destinations {
     return [...this.states.values()].filter((s) => s.retryAfterTs > now).map((s) => s.destination);
   }
 
+  /** Destinations whose last exchange failed (waiting or not), with when their failures began. */
+  failing(): { destination: string; since: number }[] {
+    return [...this.states.values()].map((s) => ({ destination: s.destination, since: s.firstFailureTs ?? this.now() }));
+  }
+
   /** The wait after `failures` consecutive failures, with ±20 % jitter so retries do not march in step. */
   delayAfter(failures: number): number {
     const { minIntervalMs, multiplier, maxIntervalMs } = this.options.policy;
@@ -97,11 +102,6 @@ export class Destinations {
     this.changedAt.set(destination, ++this.changes);
     await this.options.store.putDestination({ destination, failureCount: 0, retryAfterTs: 0, firstFailureTs: null });
     for (const l of this.recoveredListeners) l(destination);
-  }
-
-  /** Since when the destination has been failing without a success (undefined: it is not). */
-  failingSince(destination: string): number | undefined {
-    return this.states.get(destination)?.firstFailureTs ?? undefined;
   }
 
   /** Reads the state all processes recorded (at start, and on each poll of the sender). */

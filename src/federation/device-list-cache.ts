@@ -11,7 +11,7 @@
  * changes on servers that never send us updates are seen at all.
  */
 import type { RemoteDeviceList, RemoteDeviceListsStore, RemoteDeviceUpdate } from '../storage/store.js';
-import type { FederationResponse, SignedRequestOptions } from './client.js';
+import { DeadlineExceeded, type FederationResponse, type SignedRequestOptions } from './client.js';
 import type { Destinations } from './destinations.js';
 import { checkDeviceListUpdate, checkSigningKeyUpdate, checkUserDevicesAnswer, isSelfSigningKeySignedBy, Problems, serverOf } from './remote-answers.js';
 
@@ -38,12 +38,17 @@ export interface DeviceListCacheOptions {
 /** The outcome of asking a server for something, as a `failures` entry would describe it. */
 export type Asked<T> = { readonly ok: true; readonly value: T } | { readonly ok: false; readonly status: number; readonly message: string };
 
+export interface AskOptions extends SignedRequestOptions {
+  /** Any answer but 200 counts as a failure of the destination (a refused transaction), not only 5xx. */
+  readonly onlyOkIsSuccess?: boolean;
+}
+
 /**
- * One signed request and the bookkeeping every caller needs: the destination's retry state
- * (a network failure or a 5xx counts as a failure, any other answer as a success) and a short
- * description of what went wrong.
+ * One signed request and the bookkeeping every caller needs: the destination's retry state (a
+ * network failure or a 5xx counts as a failure, any other answer as a success; a request cut
+ * short by the caller's own deadline counts as neither) and a short description of what went wrong.
  */
-export async function ask(client: SignedRequester, destinations: Destinations, destination: string, path: string, options: SignedRequestOptions): Promise<Asked<unknown>> {
+export async function ask(client: SignedRequester, destinations: Destinations, destination: string, path: string, options: AskOptions): Promise<Asked<unknown>> {
   if (destinations.isWaiting(destination)) {
     const at = new Date(destinations.retryAfter(destination)).toISOString();
     return { ok: false, status: 503, message: `${destination} failed recently; not asking it again before ${at}` };
@@ -53,12 +58,14 @@ export async function ask(client: SignedRequester, destinations: Destinations, d
     res = await client.signedRequest(destination, path, options);
   } catch (e) {
     const message = (e as Error).message;
+    if (e instanceof DeadlineExceeded) return { ok: false, status: 504, message };
     await destinations.failed(destination, message);
     return { ok: false, status: 503, message };
   }
-  if (res.status >= 500) {
-    await destinations.failed(destination, `answered ${res.status}`);
-    return { ok: false, status: res.status, message: `${destination} answered ${res.status}` };
+  if (res.status >= 500 || (options.onlyOkIsSuccess === true && res.status !== 200)) {
+    const error = typeof (res.body as { error?: unknown } | undefined)?.error === 'string' ? `: ${(res.body as { error: string }).error}` : '';
+    await destinations.failed(destination, `answered ${res.status}${error}`);
+    return { ok: false, status: res.status, message: `${destination} answered ${res.status}${error}` };
   }
   await destinations.succeeded(destination);
   if (res.status !== 200) {
@@ -72,7 +79,8 @@ export class RemoteDeviceListCache {
   private readonly now: () => number;
   private readonly resyncs = new Map<string, Promise<Asked<undefined>>>();
   private readonly userQueues = new Map<string, Promise<unknown>>();
-  private readonly timers = new Set<NodeJS.Timeout>();
+  /** Background resyncs waiting to be tried again, per user. */
+  private readonly retries = new Map<string, NodeJS.Timeout>();
   private stopped = false;
   /** Counts for metrics. */
   readonly stats = { hits: 0, misses: 0, resyncs: 0, resyncFailures: 0, updatesApplied: 0, updatesIgnored: 0, gaps: 0, updatesDropped: 0 };
@@ -128,13 +136,17 @@ export class RemoteDeviceListCache {
       this.log('warn', 'refused a remote device list', { user: userId, server, reason: snapshot });
       return { ok: false, status: 502, message: `${server} sent a device list of ${userId} that does not follow the spec: ${snapshot}` };
     }
-    await this.options.store.replaceList(snapshot, this.now());
+    const { complete } = await this.options.store.replaceList(snapshot, this.now());
+    if (!complete) return { ok: false, status: 503, message: `${server} sent a list of ${userId} older than an update it had already sent; fetching it again` };
     return { ok: true, value: undefined };
   }
 
-  /** Resyncs in the background, retrying a few times; the refresh job picks up what still fails. */
+  /**
+   * Resyncs in the background, retrying a few times; the refresh job picks up what still fails.
+   * At most one retry is waiting per user, however many gaps arrive meanwhile.
+   */
   scheduleResync(userId: string, attempt = 0): void {
-    if (this.stopped) return;
+    if (this.stopped || (attempt === 0 && this.retries.has(userId))) return;
     void this.resync(userId, this.now() + this.options.requestTimeoutMs)
       .then(
         (r) => r.ok,
@@ -145,14 +157,14 @@ export class RemoteDeviceListCache {
       )
       .then((ok) => {
         const wait = RESYNC_RETRY_MS[attempt];
-        if (ok || wait === undefined || this.stopped) return;
+        if (ok || wait === undefined || this.stopped || this.retries.has(userId)) return;
         const server = serverOf(userId)!;
         const timer = setTimeout(() => {
-          this.timers.delete(timer);
+          this.retries.delete(userId);
           this.scheduleResync(userId, attempt + 1);
         }, Math.max(wait, this.options.destinations.retryAfter(server) - this.now()));
         timer.unref();
-        this.timers.add(timer);
+        this.retries.set(userId, timer);
       });
   }
 
@@ -222,16 +234,26 @@ export class RemoteDeviceListCache {
     });
   }
 
-  /** One round of the refresh job: lists that are stale or older than the refresh interval. */
+  /**
+   * One round of the refresh job: lists that are stale or older than the refresh interval, oldest
+   * first, skipping servers in their retry wait (their lists wait their turn, and do not crowd out
+   * the lists of servers that answer).
+   */
   async refreshDue(limit: number): Promise<number> {
-    const due = await this.options.store.dueForResync(this.now() - this.options.refreshAfterMs, limit);
+    const candidates = await this.options.store.dueForResync(this.now() - this.options.refreshAfterMs, limit * 4);
+    const due = candidates.filter((u) => !this.options.destinations.isWaiting(serverOf(u)!)).slice(0, limit);
     await Promise.all(due.map((u) => this.resync(u, this.now() + this.options.requestTimeoutMs).catch(() => undefined)));
     return due.length;
   }
 
+  /** Drops the cached lists of remote users nobody here tracks any more. */
+  forgetUntracked(): Promise<number> {
+    return this.options.store.forgetUntracked();
+  }
+
   stop(): void {
     this.stopped = true;
-    for (const t of this.timers) clearTimeout(t);
-    this.timers.clear();
+    for (const t of this.retries.values()) clearTimeout(t);
+    this.retries.clear();
   }
 }

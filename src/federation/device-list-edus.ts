@@ -63,7 +63,7 @@ export class DeviceListEdus implements EduSource {
     }
 
     const edus: Edu[] = [];
-    const sentUpTo = new Map<string, number>();
+    const chains = new Map<string, { from: number | undefined; to: number }>();
     for (const p of chosen) {
       const view = views.get(p.userId)!;
       if (p.deviceId === null) {
@@ -77,7 +77,7 @@ export class DeviceListEdus implements EduSource {
         });
         continue;
       }
-      const previous = sentUpTo.get(p.userId) ?? lastSent.get(p.userId);
+      const previous = chains.get(p.userId)?.to ?? lastSent.get(p.userId);
       const state = states.get(keyOf(p));
       const keys = view.devices.get(p.deviceId);
       edus.push({
@@ -92,8 +92,8 @@ export class DeviceListEdus implements EduSource {
           ...(state !== undefined && this.options.displayNames && state.displayName !== null ? { device_display_name: state.displayName } : {}),
         },
       });
-      sentUpTo.set(p.userId, p.streamId);
+      chains.set(p.userId, { from: chains.get(p.userId)?.from ?? lastSent.get(p.userId), to: p.streamId });
     }
-    return { edus, delivered: () => store.pokesDelivered(destination, acknowledged, sentUpTo) };
+    return { edus, delivered: () => store.pokesDelivered(destination, acknowledged, chains) };
   }
 }

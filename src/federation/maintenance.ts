@@ -1,7 +1,8 @@
 /**
  * Periodic federation housekeeping, done by one process of those sharing a database at a time (a
- * lease): refetching cached remote device lists that are stale or due for a refresh; dropping
- * lapsed subscriptions and old transaction records; and, for a destination that has taken no
+ * lease): refetching cached remote device lists that are stale or due for a refresh, and dropping
+ * those nobody here follows any more; dropping lapsed subscriptions (with their queued updates and
+ * chains) and old transaction records; and, for a destination that has taken no
  * transaction for `maxUndeliveredAgeMs`, keeping only the newest queued change per user and
  * breaking its EDU chains, so when it comes back it resyncs instead of replaying a long backlog.
  */
@@ -55,12 +56,13 @@ export class FederationMaintenance {
         const { subscriptionsExpired } = await store.cleanup(now, now - INBOUND_TRANSACTION_RETENTION_MS);
         if (subscriptionsExpired > 0) log?.('info', 'device-list subscriptions lapsed', { count: subscriptionsExpired });
         await this.options.destinations.refresh();
-        for (const d of this.options.destinations.waiting()) {
-          const since = this.options.destinations.failingSince(d);
-          if (since === undefined || now - since < this.options.maxUndeliveredAgeMs) continue;
+        for (const { destination: d, since } of this.options.destinations.failing()) {
+          if (now - since < this.options.maxUndeliveredAgeMs) continue;
           const dropped = await store.compressPokes(d);
           if (dropped > 0) log?.('warn', 'a destination has been unreachable for long; dropped older queued device-list updates (it will refetch the lists)', { destination: d, dropped });
         }
+        const forgotten = await this.options.cache.forgetUntracked();
+        if (forgotten > 0) log?.('info', 'dropped cached device lists of remote users nobody here follows any more', { count: forgotten });
         await this.options.cache.refreshDue(REFRESH_BATCH);
       } finally {
         await store.releaseLease(lease, owner);

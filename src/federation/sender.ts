@@ -220,19 +220,34 @@ export class FederationSender {
       return;
     }
     const lease = `send:${destination}`;
-    if (!(await store.takeLease(lease, this.owner, this.now() + LEASE_MS, this.now()))) return;
+    const take = () => store.takeLease(lease, this.owner, this.now() + LEASE_MS, this.now());
+    if (!(await take())) {
+      // Another process sends to this destination: what this one built may be stale by now.
+      q.unsent = undefined;
+      return;
+    }
+    // Renewed while sending, so a slow destination cannot make the lease lapse mid-request.
+    let held = true;
+    const renewal = setInterval(() => void take().then((ok) => (held &&= ok), () => (held = false)), LEASE_MS / 3);
+    renewal.unref();
     try {
       while (!this.stopped) {
         const txn = q.unsent ?? (await this.build(destination));
         if (!txn) return;
         q.unsent = txn;
-        if (!(await store.takeLease(lease, this.owner, this.now() + LEASE_MS, this.now()))) return;
+        if (!held || !(await take())) {
+          q.unsent = undefined;
+          return;
+        }
         const body = { origin: this.options.serverName, origin_server_ts: this.now(), pdus: [], edus: txn.edus };
-        const answer = await ask(this.options.client, destinations, destination, `/_matrix/federation/v1/send/${encodeURIComponent(txn.txnId)}`, { method: 'PUT', body });
+        const answer = await ask(this.options.client, destinations, destination, `/_matrix/federation/v1/send/${encodeURIComponent(txn.txnId)}`, {
+          method: 'PUT',
+          body,
+          // A transaction is delivered only by a 200; any other answer means "later".
+          onlyOkIsSuccess: true,
+        });
         if (!answer.ok) {
           this.stats.transactionsFailed++;
-          // ask() counts network errors and 5xx; any other refusal also means "not delivered, try later".
-          if (answer.status < 500 && !destinations.isWaiting(destination)) await destinations.failed(destination, answer.message);
           this.log('info', 'a federation transaction was not accepted; it will be sent again', { destination, txnId: txn.txnId, status: answer.status, reason: answer.message });
           this.retryLater(destination, q, destinations.retryAfter(destination));
           return;
@@ -243,6 +258,7 @@ export class FederationSender {
         this.stats.edusSent += txn.edus.length;
       }
     } finally {
+      clearInterval(renewal);
       await store.releaseLease(lease, this.owner).catch(() => undefined);
     }
   }

@@ -101,7 +101,9 @@ export class InboundTransactions {
       return stored;
     }
     for (const edu of edus) {
-      const handler = isObject(edu) && typeof edu['edu_type'] === 'string' ? this.options.handlers[edu['edu_type']] : undefined;
+      const type = isObject(edu) && typeof edu['edu_type'] === 'string' ? edu['edu_type'] : undefined;
+      // Own properties only: "hasOwnProperty" is not an EDU type.
+      const handler = type !== undefined && Object.hasOwn(this.options.handlers, type) ? this.options.handlers[type] : undefined;
       if (!handler) {
         this.stats.edusIgnored++;
         continue;

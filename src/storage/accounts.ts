@@ -197,6 +197,8 @@ export class SqlAccountsStore implements AccountsStore {
       await tx.run('DELETE FROM e2e_cross_signing_signatures WHERE target_user_id = ? OR signer_user_id = ?', [userId, userId]);
       await tx.run('DELETE FROM e2e_cross_signing_keys WHERE user_id = ?', [userId]);
       await tx.run('DELETE FROM access_tokens WHERE user_id = ?', [userId]);
+      // They follow nobody any more (those following them keep their rows: they are told in `left`).
+      await tx.run('DELETE FROM e2e_tracked_users WHERE user_id = ?', [userId]);
       // One change for the user as a whole, so those tracking a user without devices see it too.
       await this.deviceLists.record(tx, userId, [null], Date.now());
       return true;

@@ -18,6 +18,15 @@ import type { DeviceListsStore } from './store.js';
 
 const STREAM_LOCK = 7352832;
 
+/**
+ * Takes the stream lock (PostgreSQL; SQLite transactions are serialised anyway). Everything that
+ * writes device-list state takes it first, before any row lock, so no two such transactions can
+ * wait for each other the wrong way round.
+ */
+export async function lockDeviceListStream(tx: Queryable): Promise<void> {
+  if (tx.dialect === 'postgres') await tx.get('SELECT pg_advisory_xact_lock(?)', [STREAM_LOCK]);
+}
+
 export interface RecordOptions {
   /** Only this user is told about the change (e.g. a new user-signing key concerns only its owner). */
   readonly privateTo?: string | null;
@@ -51,7 +60,7 @@ export class DeviceListWriter {
   async record(tx: Queryable, userId: string, deviceIds: readonly (string | null)[], ts: number, options: RecordOptions = {}): Promise<void> {
     if (deviceIds.length === 0) return;
     const privateTo = options.privateTo ?? null;
-    if (tx.dialect === 'postgres') await tx.get('SELECT pg_advisory_xact_lock(?)', [STREAM_LOCK]);
+    await lockDeviceListStream(tx);
     for (const deviceId of deviceIds) {
       const row = await tx.get<{ stream_id: number }>(
         'INSERT INTO device_lists_stream (user_id, device_id, ts, private_to) VALUES (?, ?, ?, ?) RETURNING stream_id',

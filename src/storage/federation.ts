@@ -3,8 +3,12 @@
  * subscriptions and the outbound pokes built from them, destination retry state, leases and
  * received transactions. See store.ts for what each method promises.
  */
-import { chunks, placeholders, valuesList, type Queryable, type SqlDatabase } from './sql.js';
+import { chunks, placeholders, type Queryable, type SqlDatabase } from './sql.js';
 import { GroupCommit } from './group-commit.js';
+import { lockDeviceListStream } from './device-lists.js';
+
+/** A subscription this close to its end counts as lapsed when renewed (processes' clocks differ a little). */
+const LAPSE_MARGIN_MS = 60_000;
 import type { DestinationState, DeviceListPoke, FederationStore, LocalDeviceState } from './store.js';
 
 interface DestinationRow {
@@ -24,7 +28,7 @@ const toDestination = (r: DestinationRow): DestinationState => ({
 interface Delivered {
   readonly destination: string;
   readonly streamIds: readonly number[];
-  readonly lastSent: ReadonlyMap<string, number>;
+  readonly chains: ReadonlyMap<string, { readonly from: number | undefined; readonly to: number }>;
 }
 
 export class SqlFederationStore implements FederationStore {
@@ -36,11 +40,15 @@ export class SqlFederationStore implements FederationStore {
     for (const part of chunks(userIds)) {
       const inList = placeholders(part.length);
       await this.db.transaction(async (tx) => {
-        // A lapsed subscription's chain is broken: updates made while it had lapsed were never queued.
+        // After any change being committed now: it either sees this subscription and queues an
+        // update, or was committed before, and the subscriber's next read of the list includes it.
+        await lockDeviceListStream(tx);
+        // A lapsed (or lapsing) subscription's chain is broken: updates made while it had lapsed
+        // were never queued. The margin covers clocks of processes that disagree slightly.
         await tx.run(
           `DELETE FROM device_list_outbound_last_sent WHERE destination = ? AND user_id IN (
              SELECT user_id FROM device_list_subscriptions WHERE server_name = ? AND expires_ts <= ? AND user_id IN (${inList}))`,
-          [serverName, serverName, now, ...part],
+          [serverName, serverName, now + LAPSE_MARGIN_MS, ...part],
         );
         await tx.run(
           `INSERT INTO device_list_subscriptions (user_id, server_name, expires_ts)
@@ -75,6 +83,9 @@ export class SqlFederationStore implements FederationStore {
 
   async noteDeviceListRead(serverName: string, userId: string, streamId: number): Promise<void> {
     await this.db.transaction(async (tx) => {
+      // Only for a subscriber: anyone may read a list, but only subscribers have a chain.
+      const subscribed = await tx.get('SELECT 1 AS x FROM device_list_subscriptions WHERE user_id = ? AND server_name = ?', [userId, serverName]);
+      if (!subscribed) return;
       await tx.run('DELETE FROM device_list_outbound_pokes WHERE destination = ? AND user_id = ? AND stream_id <= ? AND device_id IS NOT NULL', [serverName, userId, streamId]);
       await tx.run(
         `INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES (?, ?, ?)
@@ -112,18 +123,18 @@ export class SqlFederationStore implements FederationStore {
     for (const part of chunks(d.streamIds)) {
       await tx.run(`DELETE FROM device_list_outbound_pokes WHERE destination = ? AND stream_id IN (${placeholders(part.length)})`, [d.destination, ...part]);
     }
-    for (const part of chunks([...d.lastSent])) {
-      await tx.run(
-        `INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES ${valuesList(part.length, 3)}
-         ON CONFLICT (destination, user_id) DO UPDATE SET stream_id = excluded.stream_id
-         WHERE excluded.stream_id > device_list_outbound_last_sent.stream_id`,
-        part.flatMap(([userId, streamId]) => [d.destination, userId, streamId]),
-      );
+    for (const [userId, { from, to }] of d.chains) {
+      if (from === undefined) {
+        // A new chain: unless one was started meanwhile (a list read through /user/devices).
+        await tx.run('INSERT INTO device_list_outbound_last_sent (destination, user_id, stream_id) VALUES (?, ?, ?) ON CONFLICT (destination, user_id) DO NOTHING', [d.destination, userId, to]);
+      } else {
+        await tx.run('UPDATE device_list_outbound_last_sent SET stream_id = ? WHERE destination = ? AND user_id = ? AND stream_id = ?', [to, d.destination, userId, from]);
+      }
     }
   }
 
-  pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void> {
-    return this.delivered.submit({ destination, streamIds, lastSent });
+  pokesDelivered(destination: string, streamIds: readonly number[], chains: ReadonlyMap<string, { readonly from: number | undefined; readonly to: number }>): Promise<void> {
+    return this.delivered.submit({ destination, streamIds, chains });
   }
 
   async destinationsWithPokes(now: number): Promise<string[]> {
@@ -145,7 +156,7 @@ export class SqlFederationStore implements FederationStore {
     return this.db.transaction(async (tx) => {
       const dropped = await tx.run(
         `DELETE FROM device_list_outbound_pokes WHERE destination = ? AND stream_id NOT IN (
-           SELECT MAX(stream_id) FROM device_list_outbound_pokes WHERE destination = ? GROUP BY user_id)`,
+           SELECT MAX(stream_id) FROM device_list_outbound_pokes WHERE destination = ? GROUP BY user_id, device_id IS NULL)`,
         [destination, destination],
       );
       await tx.run('DELETE FROM device_list_outbound_last_sent WHERE destination = ?', [destination]);
@@ -237,6 +248,11 @@ export class SqlFederationStore implements FederationStore {
       await tx.run(`DELETE FROM device_list_outbound_pokes WHERE (destination, user_id) IN (${lapsed})`, [now]);
       await tx.run(`DELETE FROM device_list_outbound_last_sent WHERE (destination, user_id) IN (${lapsed})`, [now]);
       const subscriptionsExpired = await tx.run('DELETE FROM device_list_subscriptions WHERE expires_ts IS NOT NULL AND expires_ts <= ?', [now]);
+      // Chains of servers no longer subscribed.
+      await tx.run(
+        `DELETE FROM device_list_outbound_last_sent WHERE NOT EXISTS (
+           SELECT 1 FROM device_list_subscriptions s WHERE s.server_name = device_list_outbound_last_sent.destination AND s.user_id = device_list_outbound_last_sent.user_id)`,
+      );
       await tx.run('DELETE FROM federation_inbound_transactions WHERE received_ts < ?', [inboundTransactionsBeforeTs]);
       return { subscriptionsExpired };
     });

@@ -6,7 +6,7 @@
  */
 import { CHUNK, placeholders, type Queryable, type SqlDatabase } from './sql.js';
 import { GroupCommit } from './group-commit.js';
-import type { DeviceListWriter } from './device-lists.js';
+import { lockDeviceListStream, type DeviceListWriter } from './device-lists.js';
 import type {
   ChainDecision,
   CrossSigningKeyType,
@@ -31,10 +31,15 @@ const toList = (r: ListRow): RemoteDeviceList => ({ userId: r.user_id, serverNam
 
 const LIST_COLUMNS = 'user_id, server_name, stream_id, stale, synced_ts';
 
-/** The list row of one user, locked until the transaction ends (PostgreSQL; SQLite locks the database). */
-function lockedList(tx: Queryable, userId: string): Promise<ListRow | undefined> {
+/**
+ * The list row of one user, locked until the transaction ends (PostgreSQL; SQLite locks the
+ * database). The stream lock comes first: these transactions record stream changes too, and every
+ * writer takes the stream lock before row locks, so none can deadlock another.
+ */
+async function lockedList(tx: Queryable, userId: string): Promise<(ListRow & { pending_stream_id: number | null }) | undefined> {
+  await lockDeviceListStream(tx);
   const forUpdate = tx.dialect === 'postgres' ? ' FOR UPDATE' : '';
-  return tx.get<ListRow>(`SELECT ${LIST_COLUMNS} FROM remote_device_lists WHERE user_id = ?${forUpdate}`, [userId]);
+  return tx.get(`SELECT ${LIST_COLUMNS}, pending_stream_id FROM remote_device_lists WHERE user_id = ?${forUpdate}`, [userId]);
 }
 
 export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
@@ -102,19 +107,19 @@ export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
   }
 
   /** Lists fetched at about the same time (one query naming many users) share one commit. */
-  private readonly replacements: GroupCommit<{ snapshot: RemoteDeviceListSnapshot; now: number }, boolean>;
+  private readonly replacements: GroupCommit<{ snapshot: RemoteDeviceListSnapshot; now: number }, { changed: boolean; complete: boolean }>;
 
-  replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean> {
+  replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<{ changed: boolean; complete: boolean }> {
     return this.replacements.submit({ snapshot, now });
   }
 
-  private async replaceIn(tx: Queryable, snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean> {
+  private async replaceIn(tx: Queryable, snapshot: RemoteDeviceListSnapshot, now: number): Promise<{ changed: boolean; complete: boolean }> {
     const { userId } = snapshot;
     const current = await lockedList(tx, userId);
     // An update applied since this snapshot was taken is newer than the snapshot.
     if (current && !current.stale && current.stream_id > snapshot.streamId) {
       await tx.run('UPDATE remote_device_lists SET synced_ts = ? WHERE user_id = ?', [now, userId]);
-      return false;
+      return { changed: false, complete: true };
     }
     const old = new Map(
       (await tx.all<{ device_id: string; display_name: string | null; key_json: string | null }>('SELECT device_id, display_name, key_json FROM remote_devices WHERE user_id = ?', [userId])).map(
@@ -136,14 +141,18 @@ export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
     const masterChanged = await this.putCrossSigningKey(tx, userId, 'master', snapshot.masterKey);
     const selfSigningChanged = await this.putCrossSigningKey(tx, userId, 'self_signing', snapshot.selfSigningKey);
     if (masterChanged || selfSigningChanged) changed.push(null);
+    // An update seen meanwhile (a gap) is newer than the snapshot: the list is newer than it was,
+    // but still not known to be complete.
+    const behind = current !== undefined && current.pending_stream_id !== null && current.pending_stream_id > snapshot.streamId;
     await tx.run(
-      `INSERT INTO remote_device_lists (user_id, server_name, stream_id, stale, synced_ts) VALUES (?, ?, ?, ?, ?)
-       ON CONFLICT (user_id) DO UPDATE SET server_name = excluded.server_name, stream_id = excluded.stream_id, stale = excluded.stale, synced_ts = excluded.synced_ts`,
-      [userId, snapshot.serverName, snapshot.streamId, false, now],
+      `INSERT INTO remote_device_lists (user_id, server_name, stream_id, stale, pending_stream_id, synced_ts) VALUES (?, ?, ?, ?, ?, ?)
+       ON CONFLICT (user_id) DO UPDATE SET server_name = excluded.server_name, stream_id = excluded.stream_id, stale = excluded.stale,
+         pending_stream_id = excluded.pending_stream_id, synced_ts = excluded.synced_ts`,
+      [userId, snapshot.serverName, snapshot.streamId, behind, behind ? current.pending_stream_id : null, now],
     );
     // The first fetch is no news to anyone: nobody here could have been tracking the user yet.
     if (current && changed.length > 0) await this.deviceLists.record(tx, userId, changed, now, { pokes: false });
-    return current === undefined || changed.length > 0;
+    return { changed: current === undefined || changed.length > 0, complete: !behind };
   }
 
   async applyDeviceUpdate(update: RemoteDeviceUpdate, decide: (current: RemoteDeviceList) => ChainDecision, now: number): Promise<ChainDecision | 'untracked'> {
@@ -152,7 +161,13 @@ export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
       if (!row) return 'untracked';
       const decision = decide(toList(row));
       if (decision === 'gap') {
-        await tx.run('UPDATE remote_device_lists SET stale = ? WHERE user_id = ?', [true, update.userId]);
+        // Remembered, so a resync that answers with an older list does not count as complete.
+        await tx.run(
+          `UPDATE remote_device_lists SET stale = ?,
+             pending_stream_id = CASE WHEN pending_stream_id IS NULL OR pending_stream_id < ? THEN ? ELSE pending_stream_id END
+           WHERE user_id = ?`,
+          [true, update.streamId, update.streamId, update.userId],
+        );
         return decision;
       }
       if (decision === 'ignore') return decision;
@@ -181,10 +196,20 @@ export class SqlRemoteDeviceListsStore implements RemoteDeviceListsStore {
 
   async dueForResync(syncedBeforeTs: number, limit: number): Promise<string[]> {
     const rows = await this.db.all<{ user_id: string }>(
-      'SELECT user_id FROM remote_device_lists WHERE stale = ? OR synced_ts < ? ORDER BY stale DESC, synced_ts LIMIT ?',
+      'SELECT user_id FROM remote_device_lists WHERE stale = ? OR synced_ts < ? ORDER BY synced_ts LIMIT ?',
       [true, syncedBeforeTs, limit],
     );
     return rows.map((r) => r.user_id);
+  }
+
+  async forgetUntracked(): Promise<number> {
+    return this.db.transaction(async (tx) => {
+      const untracked = 'SELECT user_id FROM remote_device_lists WHERE user_id NOT IN (SELECT tracked_user_id FROM e2e_tracked_users)';
+      await tx.run(`DELETE FROM remote_devices WHERE user_id IN (${untracked})`);
+      await tx.run(`DELETE FROM remote_cross_signing_keys WHERE user_id IN (${untracked})`);
+      await tx.run(`DELETE FROM e2e_cross_signing_signatures WHERE target_user_id IN (${untracked})`);
+      return tx.run(`DELETE FROM remote_device_lists WHERE user_id IN (${untracked})`);
+    });
   }
 
   async counts(): Promise<{ lists: number; stale: number }> {

@@ -461,8 +461,13 @@ export interface FederationStore {
   pendingPokes(destination: string, limit: number): Promise<DeviceListPoke[]>;
   /** Per user, the stream_id of the last update `destination` acknowledged (the next prev_id). */
   lastSentStreamIds(destination: string, userIds: readonly string[]): Promise<Map<string, number>>;
-  /** After a 200 for a transaction: drops its pokes and records the last stream_id sent per user. */
-  pokesDelivered(destination: string, streamIds: readonly number[], lastSent: ReadonlyMap<string, number>): Promise<void>;
+  /**
+   * After a 200 for a transaction: drops its pokes and moves each user's chain from the stream_id
+   * the updates were built on (`from`; undefined: they started a new chain) to the last one sent
+   * (`to`) — only if the chain is still where it was: a chain broken meanwhile (a lapsed
+   * subscription, a compressed queue) stays broken, so the next update starts a new one.
+   */
+  pokesDelivered(destination: string, streamIds: readonly number[], chains: ReadonlyMap<string, { readonly from: number | undefined; readonly to: number }>): Promise<void>;
   /** Destinations with queued changes that are not waiting for a retry. */
   destinationsWithPokes(now: number): Promise<string[]>;
   /** Queued changes per destination (metrics). */
@@ -556,9 +561,10 @@ export interface RemoteDeviceListsStore {
   /**
    * Replaces a user's cached list with a fetched one (unless the cache already holds a newer,
    * non-stale stream position) and records a device-list change when anything differs. Returns
-   * whether the cache changed.
+   * whether the cache changed, and whether it is complete: false when an update newer than the
+   * snapshot arrived meanwhile (the list stays stale and needs another fetch).
    */
-  replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<boolean>;
+  replaceList(snapshot: RemoteDeviceListSnapshot, now: number): Promise<{ changed: boolean; complete: boolean }>;
   /**
    * Applies an update to a tracked user's list in one transaction, after `decide` has judged it
    * against the cached state; a gap marks the list stale. 'untracked' when there is no list.
@@ -569,6 +575,8 @@ export interface RemoteDeviceListsStore {
   markStale(userId: string): Promise<void>;
   /** Tracked users whose list is stale or was last fetched before `syncedBeforeTs`, oldest first. */
   dueForResync(syncedBeforeTs: number, limit: number): Promise<string[]>;
+  /** Drops the cached lists of remote users no local user tracks any more; returns how many. */
+  forgetUntracked(): Promise<number>;
   /** Number of cached lists, and of stale ones (metrics). */
   counts(): Promise<{ lists: number; stale: number }>;
 }

@@ -95,7 +95,54 @@ describeEachBackend('device lists of users on another server', (backend) => {
       return devicesOf(a, s.bob).join() === 'D3' ? a : undefined;
     });
     assert.deepEqual(answer['failures'], {});
+    // Past the first retry's wait (1 s): still one resync.
+    await new Promise((r) => setTimeout(r, 1500));
     assert.equal(s.fake.count(`${F}/user/devices/`), 2, 'one resync for the whole gap, and none after');
+  });
+
+  test('an update that arrives while its list is being fetched is not lost', async () => {
+    const s = await setup(backend);
+    await s.query({ [s.bob]: [] });
+    const d7 = new TestDevice(s.bob, 'D7');
+    const d8 = new TestDevice(s.bob, 'D8');
+    const asOf7 = { user_id: s.bob, stream_id: 7, devices: [{ device_id: 'D7', keys: d7.deviceKeys() }] };
+    const asOf8 = { user_id: s.bob, stream_id: 8, devices: [{ device_id: 'D7', keys: d7.deviceKeys() }, { device_id: 'D8', keys: d8.deviceKeys() }] };
+    let update8Sent!: () => void;
+    const afterUpdate8 = new Promise<void>((resolve) => (update8Sent = resolve));
+    let fetches = 0;
+    s.fake.onRequest = async (method, url) => {
+      if (!url.startsWith(`${F}/user/devices/`)) return undefined;
+      // The resync for the gap is answered only after update 8 has arrived, with the list as of 7.
+      if (++fetches === 1) {
+        await afterUpdate8;
+        return { status: 200, body: asOf7 };
+      }
+      return { status: 200, body: asOf8 };
+    };
+    await s.send([update(s.bob, 'D7', 7, [6], { keys: d7.deviceKeys() })]);
+    await eventually('the resync for the gap', async () => (fetches === 1 ? true : undefined));
+    await s.send([update(s.bob, 'D8', 8, [7], { keys: d8.deviceKeys() })]);
+    update8Sent();
+    const answer = await eventually('D8 in the answer', async () => {
+      const a = await s.query({ [s.bob]: [] }, 3000);
+      return devicesOf(a, s.bob).includes('D8') ? a : undefined;
+    });
+    assert.deepEqual(devicesOf(answer, s.bob), ['D7', 'D8']);
+  });
+
+  test("a client's short timeout does not count against the remote server", async () => {
+    const s = await setup(backend, { destination_min_retry_interval: 60_000, destination_max_retry_interval: 60_000 });
+    const carol = `@carol:${s.fake.serverName}`;
+    let slow = true;
+    s.fake.onRequest = (method, url) => {
+      if (!url.startsWith(`${F}/user/devices/`)) return undefined;
+      return slow ? 'hang' : { status: 200, body: { user_id: carol, stream_id: 1, devices: [] } };
+    };
+    const hurried = await s.query({ [carol]: [] }, 100);
+    assert.ok((hurried['failures'] as Json)[s.fake.serverName], 'the hurried query itself is a failure');
+    slow = false;
+    const patient = await s.query({ [carol]: [] });
+    assert.deepEqual(patient['failures'], {}, 'the server is asked again at once');
   });
 
   test('an update the cache already has, or one that starts a new chain, is handled without losing devices', async () => {
@@ -164,7 +211,13 @@ describeEachBackend('device lists of users on another server', (backend) => {
     assert.equal(tooManyPdus.status, 400, tooManyPdus.text);
     const notAList = await s.send([], undefined, { pdus: 'nope' });
     assert.equal(notAList.status, 400, notAList.text);
-    const unknownEdus = await s.send([{ edu_type: 'm.typing', content: { room_id: '!r:x' } }, { edu_type: 'm.presence' }, 'garbage' as unknown as Json]);
+    const unknownEdus = await s.send([
+      { edu_type: 'm.typing', content: { room_id: '!r:x' } },
+      { edu_type: 'm.presence' },
+      { edu_type: 'hasOwnProperty', content: {} },
+      { edu_type: '__proto__', content: {} },
+      'garbage' as unknown as Json,
+    ]);
     assert.equal(unknownEdus.status, 200, unknownEdus.text);
     const unsigned = await http(s.mx.url, 'PUT', `${F}/send/t-unsigned`, { body: { origin: s.fake.serverName, origin_server_ts: 1, pdus: [] } });
     assert.equal(unsigned.status, 401, unsigned.text);

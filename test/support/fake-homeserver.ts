@@ -11,6 +11,9 @@ import { canonical, TestSigningKey } from './keys.js';
 
 type Json = Record<string, unknown>;
 
+/** What a scripted fake answers: a status and body (or raw text), `'hang'` (never), or undefined (404). */
+export type FakeAnswer = { status: number; body?: unknown; raw?: string } | 'hang' | undefined;
+
 export interface PublishedKey {
   readonly version: string;
   readonly key: TestSigningKey;
@@ -55,7 +58,9 @@ export class FakeHomeserver {
    * Answers requests the fake does not serve itself (e.g. /_matrix/federation/v1/user/devices/…):
    * return the status and body to send, `'hang'` to never answer, or undefined for 404.
    */
-  onRequest: ((method: string, url: string, body: unknown) => { status: number; body?: unknown; raw?: string } | 'hang' | undefined) | undefined;
+  onRequest:
+    | ((method: string, url: string, body: unknown) => FakeAnswer | Promise<FakeAnswer>)
+    | undefined;
   private server!: Server;
   serverName = '';
   url = '';
@@ -127,7 +132,7 @@ export class FakeHomeserver {
       } catch {
         body = undefined;
       }
-      const answer = this.onRequest(req.method ?? '', req.url ?? '', body);
+      const answer = await this.onRequest(req.method ?? '', req.url ?? '', body);
       if (answer === 'hang') return;
       if (answer !== undefined) {
         if (answer.raw !== undefined) {

@@ -76,8 +76,10 @@ export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = asy
   /** GET /_matrix/federation/v1/user/devices/{userId} — spec: user_devices.yaml */
   app.get(`${F}/user/devices/:userId`, async (request, reply) => {
     const userId = (request.params as { userId: string }).userId;
-    const { body, streamId } = await keys.userDevices(userId, allowDeviceNameLookup);
+    // Subscribed before the list is read: a change after the read is then queued for the server.
+    keys.requireLocalUsers([userId], 'userId');
     await subscriptions.touch(request.origin!, [userId]);
+    const { body, streamId } = await keys.userDevices(userId, allowDeviceNameLookup);
     await subscriptions.noteRead(request.origin!, userId, streamId);
     return json(reply, body);
   });

@@ -177,6 +177,7 @@ export const migrations: readonly Migration[] = [
         server_name TEXT NOT NULL,
         stream_id BIGINT NOT NULL,
         stale BOOLEAN NOT NULL,
+        pending_stream_id BIGINT,
         synced_ts BIGINT NOT NULL
       );
       CREATE INDEX remote_device_lists_by_server ON remote_device_lists (server_name);
