@@ -6,6 +6,9 @@ import { SqliteDatabase } from '../../src/storage/sqlite/driver.js';
 import { PostgresDatabase } from '../../src/storage/postgres/driver.js';
 import type { SqlDatabase } from '../../src/storage/sql.js';
 import type { DatabaseConfig } from '../../src/storage/index.js';
+import { statSync } from 'node:fs';
+import { join } from 'node:path';
+import { tempDir } from '../support/backends.js';
 
 test('the SQLite and PostgreSQL migration sets declare the same versions', () => {
   const versions = (ms: readonly { version: number }[]) => ms.map((m) => m.version);
@@ -21,6 +24,16 @@ test('the SQLite and PostgreSQL migration sets declare the same versions', () =>
 function rawDatabase(config: DatabaseConfig): SqlDatabase {
   return config.postgres ? new PostgresDatabase({ connectionString: config.postgres }) : new SqliteDatabase({ path: config.sqlite! });
 }
+
+test('a new SQLite database, with its -wal and -shm files, is readable and writable by its owner only', async () => {
+  const path = join(tempDir(), 'private', 'mxkeys.db');
+  const store = await openStore({ sqlite: path });
+  try {
+    for (const file of [path, `${path}-wal`, `${path}-shm`]) assert.equal((statSync(file).mode & 0o777).toString(8), '600', file);
+  } finally {
+    await store.close();
+  }
+});
 
 const insertJson = 'INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, ?, ?, ?, ?)';
 

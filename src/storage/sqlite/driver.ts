@@ -9,7 +9,7 @@
  * SQLite, then retry from the event loop, so two connections in one process cannot deadlock.
  */
 import Database from 'better-sqlite3';
-import { mkdirSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
 import { WalIndexHeader } from './wal-index.js';
@@ -52,7 +52,12 @@ export class SqliteDatabase implements SqlDatabase {
   statementCount = 0;
 
   constructor(options: SqliteOptions) {
-    if (options.path !== ':memory:') mkdirSync(dirname(options.path), { recursive: true });
+    if (options.path !== ':memory:') {
+      mkdirSync(dirname(options.path), { recursive: true });
+      // The database holds password and access-token hashes: readable by the owner only, as the
+      // signing key. SQLite gives the -wal and -shm files the database file's permissions.
+      if (!existsSync(options.path)) closeSync(openSync(options.path, 'a', 0o600));
+    }
     this.busyTimeoutMs = options.busyTimeoutMs ?? 15_000;
     this.db = new Database(options.path, { timeout: SYNC_BUSY_MS });
     this.db.pragma('journal_mode = WAL');
