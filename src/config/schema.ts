@@ -42,7 +42,8 @@ export const ConfigSchema = Type.Object(
     key_refresh_interval: Type.Union([Duration], { default: '1d' }),
     registration_shared_secret: Type.Optional(Type.String({ minLength: 1 })),
     enable_registration: Type.Boolean({ default: false }),
-    allow_access_token_in_query: Type.Boolean({ default: true }),
+    // Query-string tokens end up in proxy and browser logs, and the spec no longer has them (after v1.19).
+    allow_access_token_in_query: Type.Boolean({ default: false }),
     serve_server_wellknown: Type.Boolean({ default: false }),
     rc_login: Type.Object(
       {
