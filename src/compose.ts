@@ -67,6 +67,8 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys): Accoun
     registrationSharedSecret: config.registration_shared_secret,
     enableRegistration: config.enable_registration,
     failedLoginLimit: config.rc_login.failed_attempts,
+    maxDevicesPerUser: config.max_devices_per_user,
+    scryptLogN: config.password_hashing.scrypt_log_n,
     isReservedDeviceId: (userId, deviceId) => keys.isReservedDeviceId(userId, deviceId),
   });
 }

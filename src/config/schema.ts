@@ -87,6 +87,13 @@ export const ConfigSchema = Type.Object(
     ),
     max_request_body_bytes: Type.Integer({ minimum: 1024, default: 10 * 1024 * 1024 }),
     max_one_time_keys_per_device: Type.Integer({ minimum: 1, default: 10_000 }),
+    max_devices_per_user: Type.Integer({ minimum: 1, default: 100, description: 'devices one user may have; a login beyond it is refused' }),
+    password_hashing: Type.Object(
+      {
+        scrypt_log_n: Type.Integer({ minimum: 10, maximum: 20, default: 17, description: 'scrypt cost of new password hashes, as log2(N)' }),
+      },
+      { ...strict, default: {} },
+    ),
     metrics: Type.Object(
       {
         enabled: Type.Boolean({ default: false }),

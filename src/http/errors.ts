@@ -72,9 +72,7 @@ export function errorResponse(error: unknown, request: ErrorContext): { status: 
   if (unexpected) request.log.error({ err: error, reqId: request.id, method: request.method, url: redactUrl(request.url) }, 'unexpected error while handling a request');
   else if (matrix.status >= 500) request.log.warn({ reqId: request.id, errcode: matrix.errcode }, matrix.message);
   const headers: Record<string, string> = {};
-  if (matrix.status === 429 && typeof matrix.extra?.['retry_after_ms'] === 'number') {
-    headers['retry-after'] = String(Math.ceil(matrix.extra['retry_after_ms'] / 1000));
-  }
+  if (matrix.retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(matrix.retryAfterMs / 1000)));
   return { status: matrix.status, headers, body: JSON.stringify(matrix.toJSON()) };
 }
 

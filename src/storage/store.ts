@@ -85,11 +85,18 @@ export interface AccountsStore {
   createUser(user: StoredUser & { readonly createdTs: number }, session?: NewSession): Promise<boolean>;
   getUser(userId: string): Promise<StoredUser | undefined>;
   /**
+   * Replaces a user's password hash, if it is still `oldHash` (a password changed meanwhile is
+   * left alone). Returns whether it was replaced.
+   */
+  replacePasswordHash(userId: string, oldHash: string, newHash: string): Promise<boolean>;
+  /**
    * Logs a device in: creates the device if the user does not have it (recording a device-list
    * change), otherwise keeps it and its keys but revokes its earlier access tokens; then stores the
-   * new token. One transaction. Returns whether the device was created.
+   * new token. One transaction. Returns whether the device was created. A new device is refused
+   * (nothing changes, `tooManyDevices` is set) when the user already has `maxDevices` devices;
+   * concurrent logins of one user are serialised for that count.
    */
-  loginDevice(userId: string, session: NewSession): Promise<{ created: boolean }>;
+  loginDevice(userId: string, session: NewSession, maxDevices?: number): Promise<{ created: boolean; tooManyDevices?: boolean }>;
   /** The user and device an access token belongs to, if the token is live. */
   getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined>;
   getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined>;

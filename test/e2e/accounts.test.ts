@@ -7,6 +7,7 @@ import { runCli } from '../support/process.js';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../support/backends.js';
+import { PasswordHasher } from '../../src/accounts/secrets.js';
 
 const C = '/_matrix/client/v3';
 
@@ -179,6 +180,50 @@ describeEachBackend('accounts and devices', (backend) => {
     const guesses = await Promise.all(Array.from({ length: 8 }, (_, i) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'ines', password: `guess${i}` } })));
     assert.equal(guesses.filter((r) => r.status === 403).length, 2, 'only burst_count guesses were checked');
     assert.equal(guesses.filter((r) => r.status === 429).length, 6);
+  });
+
+  test('a burst of parallel wrong logins from one address, each naming another user, reaches the password check only burst_count times', async () => {
+    const s = await start({ rc_login: { failed_attempts: { per_second: 0.1, burst_count: 2 } } });
+    const attempts = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: `stranger${i}`, password: 'guess' } })),
+    );
+    assert.deepEqual(attempts.map((r) => r.status).sort(), [403, 403, 429, 429, 429, 429, 429, 429], attempts.map((r) => r.text).join('\n'));
+    for (const r of attempts.filter((a) => a.status === 429)) expectMatrixError(r, 429, 'M_LIMIT_EXCEEDED');
+  });
+
+  test('new passwords are hashed with scrypt N = 2^17; a cheaper old hash still logs in and is then replaced', async () => {
+    const s = await start({ password_hashing: {} }); // the default cost (the test servers' own is cheaper)
+    const quinn = await registerUser(s, 'quinn', 'pw-quinn');
+    const hashOf = async () => (await s.mx.store.accounts.getUser(quinn.userId))!.passwordHash!;
+    const current = await hashOf();
+    assert.match(current, /^scrypt\$131072\$8\$1\$/);
+
+    const old = await new PasswordHasher(15).hash('older password');
+    assert.ok(await s.mx.store.accounts.replacePasswordHash(quinn.userId, current, old));
+    expectMatrixError(await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'quinn', password: 'wrong' } }), 403, 'M_FORBIDDEN');
+    assert.equal(await hashOf(), old, 'a failed login changes nothing');
+    await login(s, 'quinn', 'older password');
+    const rehashed = await hashOf();
+    assert.match(rehashed, /^scrypt\$131072\$8\$1\$/);
+    await login(s, 'quinn', 'older password');
+    assert.equal(await hashOf(), rehashed, 'a hash at the current cost is kept');
+  });
+
+  test('a login that would give a user more than max_devices_per_user devices is refused, also when several race', async () => {
+    const s = await start({ max_devices_per_user: 3 });
+    const rita = await registerUser(s, 'rita', 'pw-rita');
+    await login(s, 'rita', 'pw-rita', { device_id: 'RITAPHONE' });
+    const racing = await Promise.all(Array.from({ length: 4 }, () => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'rita', password: 'pw-rita' } })));
+    assert.deepEqual(racing.map((r) => r.status).sort(), [200, 403, 403, 403]);
+    const refused = racing.find((r) => r.status === 403)!;
+    expectMatrixError(refused, 403, 'ORG_MATRIX_MSC4342_M_TOO_MANY_DEVICES', /3 devices.*max_devices_per_user/);
+    const devices = await http<{ devices: unknown[] }>(s.url, 'GET', `${C}/devices`, { token: rita.accessToken });
+    assert.equal(devices.body.devices.length, 3);
+
+    // An existing device may log in again; after a logout there is room for a new one.
+    const again = await login(s, 'rita', 'pw-rita', { device_id: 'RITAPHONE' });
+    assert.equal((await http(s.url, 'POST', `${C}/logout`, { token: again.accessToken })).status, 200);
+    await login(s, 'rita', 'pw-rita');
   });
 
   test('POST /delete_devices deletes several devices behind user-interactive auth, and /logout/all removes every device', async () => {

@@ -40,6 +40,8 @@ export async function createTestMxkeys(options: StartOptions & { logger?: pino.L
       listen: { host: '127.0.0.1', port: 0 },
       signing_key_path: options.signingKeyPath ?? join(tempDir(), 'signing.key'),
       log_level: 'silent',
+      // Cheap password hashes keep the suite fast; the default cost has tests of its own.
+      password_hashing: { scrypt_log_n: 10 },
       ...options.config,
       database,
     },
