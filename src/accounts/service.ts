@@ -60,6 +60,12 @@ const PASSWORD_CHECK_QUEUE = 50;
 const PASSWORD_CHECK_WAIT_MS = 30_000;
 /** Shared-secret registration nonces are single-use and expire after a minute. */
 export const NONCE_LIFETIME_MS = 60_000;
+/**
+ * Nonces handed out per client address: each is a database write (fsynced), asked for without
+ * authentication. They stay in the database, unlike Synapse's in-memory ones, so that a nonce from
+ * one mxkeys process works on another behind the same load balancer.
+ */
+export const NONCE_RATE_LIMIT: RateLimit = { per_second: 2, burst_count: 20 };
 
 const PASSWORD_FLOWS = [['m.login.password']] as const;
 
@@ -100,6 +106,7 @@ export class Accounts {
   private readonly uia: UserInteractiveAuth;
   private readonly passwords: PasswordHasher;
   private readonly passwordChecks = new Slots();
+  private readonly nonceRequests: RateLimiter;
   private lastSweep = 0;
 
   constructor(private readonly options: AccountsOptions) {
@@ -107,6 +114,7 @@ export class Accounts {
     this.now = options.now ?? Date.now;
     this.failedLogins = new RateLimiter(options.failedLoginLimit, this.now);
     this.passwords = new PasswordHasher(options.scryptLogN);
+    this.nonceRequests = new RateLimiter(NONCE_RATE_LIMIT, this.now);
     const password: StageChecker = async (auth, userId) => {
       const claimed = this.identifiedUser(auth);
       if (claimed !== userId) return { errcode: 'M_FORBIDDEN', message: 'The password must be that of the logged-in user' };
@@ -271,8 +279,9 @@ export class Accounts {
   }
 
   /** GET /_synapse/admin/v1/register */
-  async newRegistrationNonce(): Promise<string> {
+  async newRegistrationNonce(ip: string | undefined): Promise<string> {
     this.requireSharedSecret();
+    if (ip !== undefined) this.nonceRequests.take(ip, 'registration nonces requested from your address');
     await this.sweep();
     const nonce = newOpaqueId(24);
     await this.store.addRegistrationNonce(nonce, this.now());

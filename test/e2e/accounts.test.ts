@@ -8,6 +8,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../support/backends.js';
 import { PasswordHasher } from '../../src/accounts/secrets.js';
+import { NONCE_RATE_LIMIT } from '../../src/accounts/service.js';
 
 const C = '/_matrix/client/v3';
 
@@ -105,6 +106,20 @@ describeEachBackend('accounts and devices', (backend) => {
     expectMatrixError(get, 400, 'M_UNKNOWN');
     assert.match(String(get.body['error']), /registration_shared_secret/);
     expectMatrixError(await http(noSecret.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'x', username: 'a', password: 'b', mac: '00' } }), 400, 'M_UNKNOWN');
+  });
+
+  test('registration nonces are rate limited per address: a flood of GET /_synapse/admin/v1/register is mostly refused and writes nothing for those', async () => {
+    const s = await start();
+    const gets = await Promise.all(Array.from({ length: 100 }, () => http(s.url, 'GET', '/_synapse/admin/v1/register')));
+    const issued = gets.filter((r) => r.status === 200).length;
+    // burst_count at once, plus the few that refill while the flood is answered.
+    assert.ok(issued >= NONCE_RATE_LIMIT.burst_count && issued < 50, `${issued} nonces issued`);
+    assert.equal(gets.filter((r) => r.status === 429).length, 100 - issued);
+    const refused = gets.find((r) => r.status === 429)!;
+    expectMatrixError(refused, 429, 'M_LIMIT_EXCEEDED');
+    assert.ok(Number(refused.headers.get('retry-after')) >= 1);
+    const rows = await (s.mx.store as unknown as { db: { get<T>(sql: string): Promise<T> } }).db.get<{ n: number }>('SELECT COUNT(*) AS n FROM registration_nonces');
+    assert.equal(Number(rows.n), issued);
   });
 
   test('login: wrong password and unknown user get the same 403; legacy "user" and full user IDs work', async () => {
