@@ -97,7 +97,12 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   const logger = options.logger ?? createLogger(config);
   const signingKeys = loadOrCreateSigningKeys(config.signing_key_path);
   if (signingKeys.created) logger.info({ path: config.signing_key_path, keyId: signingKeys.keys[0]!.keyId }, 'generated a new server signing key');
-  const store = await openStore(config.database);
+  const store = await openStore(config.database, {
+    onAvailabilityChange: (available, reason) => {
+      if (available) logger.info('the database answers again; requests are served normally');
+      else logger.warn({ reason }, 'lost the database connection (database.postgres): requests get 503 M_UNKNOWN with Retry-After until it is back; the connection is retried by itself');
+    },
+  });
   const ownKeys = new OwnServerKeys({
     serverName: config.server_name,
     keys: signingKeys.keys,

@@ -16,6 +16,7 @@ import { SqlKeysStore } from './keys.js';
 export type { Store } from './store.js';
 export * from './store.js';
 export { SchemaTooNewError } from './migrations.js';
+export { DatabaseUnavailableError } from './errors.js';
 
 export interface DatabaseConfig {
   readonly sqlite?: string | undefined;
@@ -26,12 +27,21 @@ export interface DatabaseConfig {
 export interface OpenStoreOptions {
   /** Apply pending migrations (default). When false, the schema must already be current. */
   readonly migrate?: boolean;
+  /**
+   * PostgreSQL: told once when the database stops answering (with the reason) and once when it
+   * answers again. Meanwhile statements fail with DatabaseUnavailableError.
+   */
+  readonly onAvailabilityChange?: (available: boolean, reason?: string) => void;
 }
 
-function openDatabase(config: DatabaseConfig): { db: SqlDatabase; migrations: readonly Migration[] } {
+function openDatabase(config: DatabaseConfig, options: OpenStoreOptions = {}): { db: SqlDatabase; migrations: readonly Migration[] } {
   if (config.postgres !== undefined) {
     return {
-      db: new PostgresDatabase({ connectionString: config.postgres, poolSize: config.pool_size ?? 10 }),
+      db: new PostgresDatabase({
+        connectionString: config.postgres,
+        poolSize: config.pool_size ?? 10,
+        ...(options.onAvailabilityChange ? { onAvailabilityChange: options.onAvailabilityChange } : {}),
+      }),
       migrations: postgresMigrations,
     };
   }
@@ -72,7 +82,7 @@ class SqlStore implements Store {
 }
 
 export async function openStore(config: DatabaseConfig, options: OpenStoreOptions = {}): Promise<Store> {
-  const { db, migrations } = openDatabase(config);
+  const { db, migrations } = openDatabase(config, options);
   try {
     if (options.migrate === false) await assertSchemaNotNewer(db, migrations);
     else await migrate(db, migrations);

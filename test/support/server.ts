@@ -28,10 +28,12 @@ export interface StartOptions {
   /** Reuse a database from an earlier server (restart tests). */
   readonly database?: Readonly<Record<string, unknown>>;
   readonly signingKeyPath?: string;
+  /** Where the server logs (default: nowhere, or MXKEYS_TEST_LOG's level on standard output). */
+  readonly logger?: pino.Logger;
 }
 
 /** Builds (but does not start) an mxkeys with test defaults: a fresh database and a temp signing key. */
-export async function createTestMxkeys(options: StartOptions & { logger?: pino.Logger }): Promise<Mxkeys> {
+export async function createTestMxkeys(options: StartOptions): Promise<Mxkeys> {
   const database = options.database ?? (await options.backend.freshDatabase());
   const config = loadConfig({
     env: {},

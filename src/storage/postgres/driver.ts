@@ -6,6 +6,7 @@
 import pg from 'pg';
 import { createHash } from 'node:crypto';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+import { DatabaseUnavailableError } from '../errors.js';
 
 const INT8_OID = 20;
 // COUNT(*) and BIGINT columns come back as JS numbers: our values (timestamps, stream positions,
@@ -37,18 +38,34 @@ function prepared(sql: string): Prepared {
   return p;
 }
 
+/** Socket errors of a connection that could not be made or was lost. */
+const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'ECONNABORTED']);
+
+/**
+ * What makes `e` a lost or refused connection rather than a failed statement, if it is one:
+ * SQLSTATE class 08 (connection exception), 57P01–57P03 (the server is shutting down or starting,
+ * or pg_terminate_backend), a socket error, or pg's own messages for a connection that ended.
+ */
+export function connectionProblem(e: unknown): string | undefined {
+  if (!(e instanceof Error)) return undefined;
+  const code = (e as { code?: unknown }).code;
+  if (typeof code === 'string' && (NETWORK_CODES.has(code) || /^08[0-9A-Z]{3}$/.test(code) || /^57P0[123]$/.test(code))) return `${code}: ${e.message}`;
+  if (/Connection terminated|not queryable|timeout exceeded when trying to connect/i.test(e.message)) return e.message;
+  return undefined;
+}
+
 /** SQLSTATEs after which the whole transaction can safely be run again. */
 const RETRYABLE = new Set(['40001', '40P01']);
 const MAX_ATTEMPTS = 5;
 
-function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: number }): Queryable {
+function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase): Queryable {
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
-    counter.statementCount++;
+    db.statementCount++;
     const p = prepared(sql);
     const values = params ? [...params] : [];
     // Statements built for a list of N values exist once per N; preparing each of them on every
     // connection would pile up without bound, so only short parameter lists are named.
-    return client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values });
+    return db.watch(client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values }));
   };
   return {
     dialect: 'postgres',
@@ -56,7 +73,7 @@ function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: n
     get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rows[0] as T | undefined,
     run: async (sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rowCount ?? 0,
     exec: async (script: string) => {
-      await client.query(script);
+      await db.watch(client.query(script));
     },
   };
 }
@@ -64,6 +81,11 @@ function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: n
 export interface PostgresOptions {
   readonly connectionString: string;
   readonly poolSize?: number;
+  /**
+   * Called when the database stops answering (a connection refused or lost: `reason` says how)
+   * and when it answers again, once per change, not per failed statement.
+   */
+  readonly onAvailabilityChange?: (available: boolean, reason?: string) => void;
 }
 
 export class PostgresDatabase implements SqlDatabase {
@@ -71,13 +93,44 @@ export class PostgresDatabase implements SqlDatabase {
   private readonly pool: pg.Pool;
   private readonly direct: Queryable;
   statementCount = 0;
+  private unavailable = false;
 
-  constructor(options: PostgresOptions) {
+  constructor(private readonly options: PostgresOptions) {
     // A wait for a free connection that never ends would hang requests silently; fail after 30 s.
     this.pool = new pg.Pool({ connectionString: options.connectionString, max: Math.max(2, options.poolSize ?? 10), types, connectionTimeoutMillis: 30_000 });
-    // An idle connection that dies (server restart) must not take the process down.
-    this.pool.on('error', () => undefined);
+    // An idle connection that dies (server restart) must not take the process down; the pool
+    // drops it and opens a new one when needed.
+    this.pool.on('error', (e) => this.lost(connectionProblem(e) ?? e.message));
     this.direct = queryable(this.pool, this);
+  }
+
+  private lost(reason: string): void {
+    if (this.unavailable) return;
+    this.unavailable = true;
+    this.options.onAvailabilityChange?.(false, reason);
+  }
+
+  /**
+   * Passes on what `operation` resolves to, noting that the database answers again; turns a lost
+   * or refused connection into DatabaseUnavailableError.
+   */
+  watch<T>(operation: Promise<T>): Promise<T> {
+    // then() rather than an async function: this wraps every statement.
+    return operation.then(
+      (result) => {
+        if (this.unavailable) {
+          this.unavailable = false;
+          this.options.onAvailabilityChange?.(true);
+        }
+        return result;
+      },
+      (e: unknown) => {
+        const problem = connectionProblem(e);
+        if (problem === undefined) throw e;
+        this.lost(problem);
+        throw new DatabaseUnavailableError(problem, { cause: e });
+      },
+    );
   }
 
   all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
@@ -98,12 +151,12 @@ export class PostgresDatabase implements SqlDatabase {
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
-      const client = await this.pool.connect();
+      const client = await this.watch(this.pool.connect());
       let broken = false;
       try {
-        await client.query('BEGIN');
+        await this.watch(client.query('BEGIN'));
         const result = await fn(queryable(client, this));
-        await client.query('COMMIT');
+        await this.watch(client.query('COMMIT'));
         return result;
       } catch (e) {
         try {
@@ -121,7 +174,7 @@ export class PostgresDatabase implements SqlDatabase {
   }
 
   async withExclusiveLock<T>(fn: () => Promise<T>): Promise<T> {
-    const client = await this.pool.connect();
+    const client = await this.watch(this.pool.connect());
     try {
       // One fixed key: "mxkeys migrations".
       await client.query('SELECT pg_advisory_lock(7352831)');
