@@ -118,6 +118,28 @@ export function embeddedIpv4(address: string): string | undefined {
   return at === undefined ? undefined : b.slice(at, at + 4).join('.');
 }
 
+const NETWORK_ERRORS: Readonly<Record<string, string>> = {
+  ENOTFOUND: 'DNS lookup failed (no such name)',
+  EAI_NONAME: 'DNS lookup failed (no such name)',
+  EAI_AGAIN: 'DNS lookup failed (no answer from the DNS server)',
+  EAI_FAIL: 'DNS lookup failed',
+  ECONNREFUSED: 'connection refused',
+  ECONNRESET: 'connection reset',
+  ETIMEDOUT: 'connection timed out',
+  EHOSTUNREACH: 'host unreachable',
+  ENETUNREACH: 'network unreachable',
+  EPROTO: 'TLS handshake failed',
+};
+
+/** A socket or TLS error in words an operator reads at a glance, with the code for searching. */
+function describeNetworkError(e: Error): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  const known = code === undefined ? undefined : NETWORK_ERRORS[code];
+  if (known) return `${known} (${code})`;
+  if (code !== undefined && /CERT|SIGNATURE|ALTNAME|ISSUER|SELF_SIGNED/.test(code)) return `the TLS certificate is not accepted: ${e.message} (${code})`;
+  return e.message;
+}
+
 export interface HttpGetOptions {
   readonly method?: 'GET' | 'POST';
   readonly body?: unknown;
@@ -199,7 +221,7 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
     req.on('error', (e) => {
       if (e instanceof FederationRequestError) reject(e);
       else if ((e as Error).name === 'AbortError') reject(new FederationRequestError(`${u.host} did not answer completely within ${options.timeoutMs} ms`));
-      else reject(new FederationRequestError(`cannot reach ${u.host}: ${(e as Error).message}`));
+      else reject(new FederationRequestError(`cannot reach ${u.host}: ${describeNetworkError(e)}`));
     });
     req.end(payload);
   });

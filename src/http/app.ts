@@ -84,7 +84,7 @@ export function buildApp(deps: AppDeps): App {
     observeRequest: deps.observeRequest,
   });
   for (const route of keyDirectRoutes({ keys: deps.keys, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery })) direct.add(route);
-  for (const route of federationDirectRoutes({ keys: deps.keys, ...deps.federation })) direct.add(route);
+  for (const route of federationDirectRoutes({ keys: deps.keys, ...deps.federation, trustProxy: deps.trustProxy })) direct.add(route);
 
   const app = Fastify({
     // The hot key routes are answered before Fastify sees the request (direct.ts).
@@ -194,6 +194,7 @@ export function buildApp(deps: AppDeps): App {
     keys: deps.keys,
     authenticator: deps.federation.authenticator,
     allowDeviceNameLookup: deps.federation.allowDeviceNameLookup,
+    trustProxy: deps.trustProxy,
   });
   app.register(notaryRoutes, { notary: deps.federation.notary });
   return app;

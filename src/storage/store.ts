@@ -16,6 +16,8 @@ export interface StoredServerKey {
 
 export interface StoredKeysJson {
   readonly serverName: string;
+  /** The key (in `verify_keys`) this response is the newest we hold for. */
+  readonly keyId: string;
   /** Who answered: the server itself or a notary. */
   readonly fromServer: string;
   /** The verified `/_matrix/key/v2/server` object, as JSON text, kept for our notary endpoint. */
@@ -24,21 +26,23 @@ export interface StoredKeysJson {
   readonly fetchedTs: number;
 }
 
-export interface ServerKeysResponse extends StoredKeysJson {
+export interface ServerKeysResponse extends Omit<StoredKeysJson, 'keyId'> {
   readonly keys: readonly { readonly keyId: string; readonly verifyKey: string; readonly expiredTs: number | null }[];
 }
 
-/** Other servers' signing keys (`server_signing_keys`, `server_keys_json`). */
+/** Other servers' signing keys (`server_signing_keys`, `server_key_responses`). */
 export interface ServerKeysStore {
   /**
    * Records a verified key response. Keys it lists are inserted or updated; current keys seen in
    * earlier responses but absent from this one are marked expired (kept, but no longer current).
+   * The response itself becomes the newest one held for each key in its `verify_keys`; responses
+   * kept for other keys stay (a notary still vouches for them while they are valid).
    */
   storeServerKeys(response: ServerKeysResponse): Promise<void>;
   /** Every key we hold for `serverName`, current and old, in no particular order. */
   getServerKeys(serverName: string): Promise<StoredServerKey[]>;
-  /** The last verified response of each named server that we hold. */
-  getServerKeysJson(serverNames: readonly string[]): Promise<StoredKeysJson[]>;
+  /** For each key of `serverName` we have seen in `verify_keys`, the newest verified response listing it. */
+  getServerKeyResponses(serverName: string): Promise<StoredKeysJson[]>;
 }
 
 export interface StoredUser {

@@ -19,7 +19,7 @@ export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app,
     async (request) => {
       const q = request.query as { minimum_valid_until_ts?: string };
       const min = q.minimum_valid_until_ts === undefined ? Date.now() : Number(q.minimum_valid_until_ts);
-      return { server_keys: await notary.query([{ serverName: (request.params as { serverName: string }).serverName, minimumValidUntilTs: min }]) };
+      return { server_keys: await notary.query([{ serverName: (request.params as { serverName: string }).serverName, keyIds: [], minimumValidUntilTs: min }], request.ip) };
     },
   );
 
@@ -30,9 +30,9 @@ export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app,
     const requests = Object.entries(body.server_keys).map(([serverName, keys]) => {
       let min = now;
       for (const k of Object.values(keys)) min = Math.max(min, k.minimum_valid_until_ts ?? now);
-      return { serverName, minimumValidUntilTs: min };
+      return { serverName, keyIds: Object.keys(keys), minimumValidUntilTs: min };
     });
     if (requests.some((r) => !Number.isSafeInteger(r.minimumValidUntilTs))) throw new MatrixError('M_INVALID_PARAM', 'minimum_valid_until_ts must be a millisecond timestamp');
-    return { server_keys: await notary.query(requests) };
+    return { server_keys: await notary.query(requests, request.ip) };
   });
 };
