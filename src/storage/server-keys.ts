@@ -40,8 +40,7 @@ export class SqlServerKeysStore implements ServerKeysStore {
              expired_ts = excluded.expired_ts, fetched_ts = excluded.fetched_ts`,
           [r.serverName, k.keyId, k.verifyKey, r.validUntilTs, k.expiredTs, r.fetchedTs],
         );
-      }
-      for (const k of r.keys) {
+        // The response is now the newest one listing this key in verify_keys.
         if (k.expiredTs !== null) continue;
         await tx.run(
           `INSERT INTO server_key_responses (server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json)
