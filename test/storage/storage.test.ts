@@ -152,12 +152,13 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
-  test('migration 7 keeps the stored key response of each server for each of its current keys', async () => {
+  test('the per-key server key responses migration keeps the stored response of each server for each of its current keys', async () => {
     const config = await backend.freshDatabase();
     const db = rawDatabase(config);
     const all = config.postgres ? postgresMigrations : sqliteMigrations;
     try {
-      await migrate(db, all.filter((m) => m.version < 7));
+      const perKey = all.find((m) => m.sql.includes('CREATE TABLE server_key_responses'))!.version;
+      await migrate(db, all.filter((m) => m.version < perKey));
       await db.run('INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, ?, ?, ?, ?)', ['r.example', 'r.example', 100, 10, '{"v":1}']);
       for (const [keyId, expired] of [['ed25519:a', null], ['ed25519:b', null], ['ed25519:old', 5]] as const) {
         await db.run('INSERT INTO server_signing_keys (server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts) VALUES (?, ?, ?, ?, ?, ?)', ['r.example', keyId, 'AAAA', 100, expired, 10]);
