@@ -98,7 +98,7 @@ export class Slots {
         timer: setTimeout(() => {
           this.unqueue(waiter);
           reject(new SlotsBusy(this.full(limits) ?? now));
-        }, waitMs).unref(),
+        }, waitMs),
       };
       this.waiting.push(waiter);
       for (const l of limits) this.count(this.waitingOn, l.key, 1);
