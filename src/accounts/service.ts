@@ -104,7 +104,8 @@ export class Accounts {
   private readonly now: () => number;
   private readonly failedLogins: RateLimiter;
   private readonly uia: UserInteractiveAuth;
-  private readonly passwords: PasswordHasher;
+  /** Every password hash of this server goes through here (the configured cost, at most two at once). */
+  readonly passwords: PasswordHasher;
   private readonly passwordChecks = new Slots();
   private readonly nonceRequests: RateLimiter;
   private lastSweep = 0;
