@@ -144,15 +144,18 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?
     registrationSharedSecret: config.registration_shared_secret,
     enableRegistration: config.enable_registration,
     failedLoginLimit: config.rc_login.failed_attempts,
+    maxDevicesPerUser: config.max_devices_per_user,
+    scryptLogN: config.password_hashing.scrypt_log_n,
     isReservedDeviceId: (userId, deviceId) => keys.isReservedDeviceId(userId, deviceId),
     // At info, one line per failure with user and address, for fail2ban-style tools (operations.md).
     ...(logger ? { onFailedLogin: (user: string, address: string | undefined) => logger.info({ user, address: address ?? null }, 'failed login') } : {}),
   });
 }
 
-function adminFor(config: Readonly<Config>, store: Store, logger?: Logger): Admin {
+function adminFor(config: Readonly<Config>, store: Store, accounts: Accounts, logger?: Logger): Admin {
   return new Admin({
     accounts: store.accounts,
+    hashPassword: (password) => accounts.passwords.hash(password),
     keys: store.keys,
     serverName: config.server_name,
     ...(logger ? { log: (message: string, details: Record<string, unknown>) => logger.info(details, message) } : {}),
@@ -189,7 +192,13 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       "created a new server signing key: it is this server's identity towards other servers; back it up, and restore it (rather than letting a new one be made) when moving the server",
     );
   }
-  const store = await openStore(config.database, storeOptions(config));
+  const store = await openStore(config.database, {
+    ...storeOptions(config),
+    onAvailabilityChange: (available, reason) => {
+      if (available) logger.info('the database answers again; requests are served normally');
+      else logger.warn({ reason }, 'lost the database connection (database.postgres): requests get 503 M_UNKNOWN with Retry-After until it is back; the connection is retried by itself');
+    },
+  });
   const ownKeys = new OwnServerKeys({
     serverName: config.server_name,
     keys: signingKeys.keys,
@@ -226,7 +235,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   const remoteKeys = new RemoteKeys({ client: federationClient, destinations, cache: remoteDeviceLists, store: store.remoteDeviceLists, log });
   const keys = keysFor(config, store, remoteKeys);
   const accounts = accountsFor(config, store, keys, logger);
-  const admin = adminFor(config, store, logger);
+  const admin = adminFor(config, store, accounts, logger);
   const crossSigning = new CrossSigning({
     store: store.keys,
     serverName: config.server_name,
@@ -386,7 +395,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
 async function withServices<T>(config: Readonly<Config>, fn: (services: { accounts: Accounts; admin: Admin }) => Promise<T>): Promise<T> {
   const store = await openStore(config.database, storeOptions(config));
   try {
-    return await fn({ accounts: accountsFor(config, store, keysFor(config, store)), admin: adminFor(config, store) });
+    const accounts = accountsFor(config, store, keysFor(config, store));
+    return await fn({ accounts, admin: adminFor(config, store, accounts) });
   } finally {
     await store.close();
   }

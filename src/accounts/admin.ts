@@ -9,10 +9,11 @@ import { MatrixError } from '../matrix/errors.js';
 import { isValidDeviceId, parseUserId } from '../matrix/ids.js';
 import type { AccountsStore, KeysStore, UserAccount, UserListQuery } from '../storage/store.js';
 import { deviceToJson, MAX_DEVICES_PER_DELETE } from './service.js';
-import { hashPassword } from './secrets.js';
 
 export interface AdminOptions {
   readonly accounts: AccountsStore;
+  /** Hashes a new password as logins check it (the Accounts service's hasher: same cost, same limits). */
+  readonly hashPassword: (password: string) => Promise<string>;
   readonly keys: KeysStore;
   readonly serverName: string;
   /** Records what an administrator did (who, to whom). */
@@ -177,7 +178,7 @@ export class Admin {
     const logout = optionalBoolean(body, 'logout_devices', true);
     const user = await this.existingUser(userId, 'reset passwords of');
     if (user.deactivated) throw new MatrixError('M_INVALID_PARAM', `${userId} is deactivated; a deactivated account cannot be given a password again`);
-    await this.options.accounts.setPasswordHash(userId, await hashPassword(password), logout);
+    await this.options.accounts.setPasswordHash(userId, await this.options.hashPassword(password), logout);
     this.record(actor, 'password reset by an administrator', { user: userId, logout_devices: logout });
     return {};
   }

@@ -4,11 +4,12 @@
  * about their meaning (IDs, lengths, secrets) is checked here.
  */
 import { createHmac, timingSafeEqual } from 'node:crypto';
-import { MatrixError } from '../matrix/errors.js';
+import { limitExceeded, MatrixError } from '../matrix/errors.js';
 import { isValidDeviceId, isValidNewLocalpart, MAX_USER_ID_BYTES, parseUserId, userIdFor } from '../matrix/ids.js';
 import { RateLimiter, type RateLimit } from '../matrix/ratelimit.js';
 import type { AccountsStore, StoredDevice } from '../storage/store.js';
-import { hashAccessToken, hashPassword, rememberTokenHash, isOpaqueId, newAccessToken, newDeviceId, newOpaqueId, verifyPassword } from './secrets.js';
+import { hashAccessToken, rememberTokenHash, isOpaqueId, newAccessToken, newDeviceId, newOpaqueId, PasswordHasher } from './secrets.js';
+import { Slots, SlotsBusy } from '../matrix/slots.js';
 import { UserInteractiveAuth, type StageChecker } from './uia.js';
 
 /** Who is making an authenticated request. */
@@ -30,6 +31,10 @@ export interface AccountsOptions {
   readonly registrationSharedSecret: string | undefined;
   readonly enableRegistration: boolean;
   readonly failedLoginLimit: RateLimit;
+  /** Most devices one user may have; a login that would create one more is refused. */
+  readonly maxDevicesPerUser?: number;
+  /** scrypt cost of new password hashes, as log2(N); default DEFAULT_SCRYPT_LOG_N. */
+  readonly scryptLogN?: number;
   readonly now?: () => number;
   /**
    * True when `deviceId` may not be given to a device of `userId` because one of the user's
@@ -44,8 +49,25 @@ export interface AccountsOptions {
 export const MAX_DEVICE_DISPLAY_NAME_LENGTH = 100;
 /** Most devices one /delete_devices request may name. */
 export const MAX_DEVICES_PER_DELETE = 1000;
+/**
+ * Password checks from one client address run one at a time; the others wait their turn (up to
+ * PASSWORD_CHECK_QUEUE of them, for at most PASSWORD_CHECK_WAIT_MS). Each check sees the failures
+ * of the ones before it, so a burst of parallel guesses from one address is limited exactly like
+ * sequential ones (at most rc_login's burst_count reach scrypt), while many users behind one
+ * address (a NAT, a proxy) still all log in, one after another. Charging the address before the
+ * check instead would refuse those users once more of them log in at once than burst_count.
+ */
+export const PASSWORD_CHECKS_PER_ADDRESS = 1;
+const PASSWORD_CHECK_QUEUE = 50;
+const PASSWORD_CHECK_WAIT_MS = 30_000;
 /** Shared-secret registration nonces are single-use and expire after a minute. */
 export const NONCE_LIFETIME_MS = 60_000;
+/**
+ * Nonces handed out per client address: each is a database write (fsynced), asked for without
+ * authentication. They stay in the database, unlike Synapse's in-memory ones, so that a nonce from
+ * one mxkeys process works on another behind the same load balancer.
+ */
+export const NONCE_RATE_LIMIT: RateLimit = { per_second: 2, burst_count: 20 };
 
 const PASSWORD_FLOWS = [['m.login.password']] as const;
 
@@ -84,18 +106,24 @@ export class Accounts {
   private readonly now: () => number;
   private readonly failedLogins: RateLimiter;
   private readonly uia: UserInteractiveAuth;
+  /** Every password hash of this server goes through here (the configured cost, at most two at once). */
+  readonly passwords: PasswordHasher;
+  private readonly passwordChecks = new Slots();
+  private readonly nonceRequests: RateLimiter;
   private lastSweep = 0;
 
   constructor(private readonly options: AccountsOptions) {
     this.store = options.store;
     this.now = options.now ?? Date.now;
     this.failedLogins = new RateLimiter(options.failedLoginLimit, this.now);
+    this.passwords = new PasswordHasher(options.scryptLogN);
+    this.nonceRequests = new RateLimiter(NONCE_RATE_LIMIT, this.now);
     const password: StageChecker = async (auth, userId) => {
       const claimed = this.identifiedUser(auth);
       // Another user's password is 403, not a failed stage (Synapse checks that password first and
       // then refuses; we refuse without checking it, so the answer says nothing about it).
       if (claimed !== userId) throw new MatrixError('M_FORBIDDEN', `The password must be that of the logged-in user (${userId ?? 'nobody'}); authenticate as yourself`, 403);
-      return (await this.checkPassword(claimed, auth['password'], undefined)) ? undefined : { errcode: 'M_FORBIDDEN', message: 'Invalid password' };
+      return (await this.checkPassword(claimed, auth['password'], undefined)).ok ? undefined : { errcode: 'M_FORBIDDEN', message: 'Invalid password' };
     };
     const dummy: StageChecker = async () => undefined;
     this.uia = new UserInteractiveAuth(this.store, { 'm.login.password': password, 'm.login.dummy': dummy }, this.now);
@@ -145,21 +173,39 @@ export class Accounts {
    * Checks a password, rate limiting failures per user and per address. An unknown user costs the
    * same time and gets the same answer as a wrong password.
    */
-  private async checkPassword(userId: string | undefined, password: unknown, ip: string | undefined): Promise<boolean> {
+  private async checkPassword(userId: string | undefined, password: unknown, ip: string | undefined): Promise<{ ok: boolean; rehash?: () => Promise<void> }> {
     if (typeof password !== 'string') throw new MatrixError('M_MISSING_PARAM', 'Missing "password"');
     const userKey = userId === undefined ? undefined : `user:${userId}`;
     const ipKey = ip === undefined ? undefined : `ip:${ip}`;
-    for (const key of [userKey, ipKey]) if (key) this.failedLogins.assertAllowed(key, 'failed login attempts');
-    // The user's attempt counts as failed before the (slow) check and is refunded on success, so
-    // parallel guesses at one account cannot all slip past the limit while the first is hashed.
-    // An address is charged only for real failures: many users behind one address (a NAT, a
-    // proxy) may log in at once.
-    if (userKey) this.failedLogins.record(userKey);
-    const user = userId === undefined ? undefined : await this.store.getUser(userId);
-    const ok = await verifyPassword(password, user?.passwordHash);
-    if (ok && userKey) this.failedLogins.refund(userKey);
-    if (!ok && ipKey) this.failedLogins.record(ipKey);
-    return ok;
+    const assertAllowed = () => {
+      for (const key of [userKey, ipKey]) if (key) this.failedLogins.assertAllowed(key, 'failed login attempts');
+    };
+    assertAllowed();
+    let release: (() => void) | undefined;
+    if (ipKey) {
+      try {
+        release = await this.passwordChecks.acquire([{ key: ipKey, limit: PASSWORD_CHECKS_PER_ADDRESS, queue: PASSWORD_CHECK_QUEUE }], PASSWORD_CHECK_WAIT_MS);
+      } catch (e) {
+        if (e instanceof SlotsBusy) throw limitExceeded('Too many logins at once from your address; try again shortly', 1000);
+        throw e;
+      }
+    }
+    try {
+      // Again: failures of the checks this one waited for count.
+      if (release) assertAllowed();
+      // The user's attempt counts as failed before the (slow) check and is refunded on success, so
+      // parallel guesses at one account from many addresses cannot all slip past the limit.
+      if (userKey) this.failedLogins.record(userKey);
+      const user = userId === undefined ? undefined : await this.store.getUser(userId);
+      const { ok, outdated } = await this.passwords.verify(password, user?.passwordHash);
+      if (ok && userKey) this.failedLogins.refund(userKey);
+      if (!ok && ipKey) this.failedLogins.record(ipKey);
+      if (!ok || !outdated || !user?.passwordHash) return { ok };
+      const old = user.passwordHash;
+      return { ok, rehash: async () => void (await this.store.replacePasswordHash(user.userId, old, await this.passwords.hash(password))) };
+    } finally {
+      release?.();
+    }
   }
 
   private async deviceIdFor(userId: string, requested: string | undefined): Promise<string> {
@@ -187,13 +233,24 @@ export class Accounts {
     const displayName = optionalString(body, 'initial_device_display_name');
     checkDisplayName(displayName);
     const requestedDevice = optionalString(body, 'device_id');
-    if (!(await this.checkPassword(userId, body['password'], ip))) {
+    const check = await this.checkPassword(userId, body['password'], ip);
+    if (!check.ok) {
       this.options.onFailedLogin?.(userId ?? this.givenUser(body), ip);
       throw new MatrixError('M_FORBIDDEN', 'Invalid username or password');
     }
+    // A hash made with another scrypt cost (an older mxkeys, or a changed setting) is replaced now
+    // that the password is known.
+    await check.rehash?.();
     const deviceId = await this.deviceIdFor(userId!, requestedDevice);
     const accessToken = newAccessToken();
-    await this.store.loginDevice(userId!, { tokenHash: hashAccessToken(accessToken), deviceId, displayName: displayName ?? null, ts: this.now(), ip: ip ?? null });
+    const max = this.options.maxDevicesPerUser;
+    const result = await this.store.loginDevice(userId!, { tokenHash: hashAccessToken(accessToken), deviceId, displayName: displayName ?? null, ts: this.now(), ip: ip ?? null }, max);
+    if (result.tooManyDevices) {
+      throw new MatrixError(
+        'ORG_MATRIX_MSC4342_M_TOO_MANY_DEVICES',
+        `You already have ${max} devices, the most this server allows (max_devices_per_user): log out a device you no longer use, or log in again with the device_id of an existing one`,
+      );
+    }
     return { user_id: userId!, access_token: accessToken, device_id: deviceId, home_server: this.options.serverName };
   }
 
@@ -212,7 +269,7 @@ export class Accounts {
     const accessToken = newAccessToken();
     const now = this.now();
     const created = await this.store.createUser(
-      { userId, passwordHash: password === undefined ? null : await hashPassword(password), admin, createdTs: now },
+      { userId, passwordHash: password === undefined ? null : await this.passwords.hash(password), admin, createdTs: now },
       { tokenHash: hashAccessToken(accessToken), deviceId, displayName: device.displayName ?? null, ts: now, ip: device.ip ?? null },
     );
     if (!created) throw new MatrixError('M_USER_IN_USE', `The user ID ${userId} is already taken`);
@@ -222,7 +279,7 @@ export class Accounts {
   /** For `mxkeys register-user`: creates an account without a device. */
   async createUser(localpart: string, password: string, admin: boolean): Promise<string> {
     const userId = this.checkNewLocalpart(localpart);
-    const created = await this.store.createUser({ userId, passwordHash: await hashPassword(password), admin, createdTs: this.now() });
+    const created = await this.store.createUser({ userId, passwordHash: await this.passwords.hash(password), admin, createdTs: this.now() });
     if (!created) throw new MatrixError('M_USER_IN_USE', `The user ID ${userId} is already taken`);
     return userId;
   }
@@ -237,8 +294,9 @@ export class Accounts {
   }
 
   /** GET /_synapse/admin/v1/register */
-  async newRegistrationNonce(): Promise<string> {
+  async newRegistrationNonce(ip: string | undefined): Promise<string> {
     this.requireSharedSecret();
+    if (ip !== undefined) this.nonceRequests.take(ip, 'registration nonces requested from your address');
     await this.sweep();
     const nonce = newOpaqueId(24);
     await this.store.addRegistrationNonce(nonce, this.now());
@@ -295,7 +353,7 @@ export class Accounts {
     await this.uia.require({ userId: null, method: 'POST', path, body: rest, auth, flows: [['m.login.dummy']] });
     if (inhibitLogin) {
       // No device and no access token that nobody would ever receive.
-      const created = await this.store.createUser({ userId, passwordHash: password === undefined ? null : await hashPassword(password), admin: false, createdTs: this.now() });
+      const created = await this.store.createUser({ userId, passwordHash: password === undefined ? null : await this.passwords.hash(password), admin: false, createdTs: this.now() });
       if (!created) throw new MatrixError('M_USER_IN_USE', `The user ID ${userId} is already taken`);
       return { user_id: userId };
     }

@@ -43,7 +43,8 @@ export const ConfigSchema = Type.Object(
     key_refresh_interval: Type.Union([Duration], { default: '1d' }),
     registration_shared_secret: Type.Optional(Type.String({ minLength: 1 })),
     enable_registration: Type.Boolean({ default: false }),
-    allow_access_token_in_query: Type.Boolean({ default: true }),
+    // Query-string tokens end up in proxy and browser logs, and the spec no longer has them (after v1.19).
+    allow_access_token_in_query: Type.Boolean({ default: false }),
     serve_server_wellknown: Type.Boolean({ default: false }),
     rc_login: Type.Object(
       {
@@ -112,6 +113,13 @@ export const ConfigSchema = Type.Object(
       {
         max_sessions_per_request: Type.Integer({ minimum: 1, default: 10_000 }),
         max_sessions_per_user: Type.Integer({ minimum: 1, default: 1_000_000 }),
+      },
+      { ...strict, default: {} },
+    ),
+    max_devices_per_user: Type.Integer({ minimum: 1, default: 100, description: 'devices one user may have; a login beyond it is refused' }),
+    password_hashing: Type.Object(
+      {
+        scrypt_log_n: Type.Integer({ minimum: 10, maximum: 20, default: 17, description: 'scrypt cost of new password hashes, as log2(N)' }),
       },
       { ...strict, default: {} },
     ),

@@ -63,9 +63,17 @@ export class AddressPolicy {
     for (const c of whitelist) add(this.allowed, c);
   }
 
+  private listed(address: string, family: 'ipv4' | 'ipv6'): boolean {
+    return !this.allowed.check(address, family) && this.blocked.check(address, family);
+  }
+
   permits(address: string): boolean {
     const family = isIP(address) === 6 ? 'ipv6' : 'ipv4';
-    return this.allowed.check(address, family) || !this.blocked.check(address, family);
+    if (this.listed(address, family)) return false;
+    // An IPv6 address that carries an IPv4 address reaches that IPv4 host (through the kernel, a
+    // NAT64 gateway or a 6to4 relay), so the IPv4 address must be allowed as well.
+    const embedded = family === 'ipv6' ? embeddedIpv4(address) : undefined;
+    return embedded === undefined || !this.listed(embedded, 'ipv4');
   }
 
   /** A DNS lookup for http(s).request that refuses to hand out forbidden addresses. */
@@ -82,12 +90,73 @@ export class AddressPolicy {
   }
 }
 
-/** Synapse's default blacklist: loopback, private, link-local, shared, documentation and multicast ranges. */
+/**
+ * Synapse's default blacklist (loopback, private, link-local, shared, documentation and multicast
+ * ranges), plus the IPv6 ranges that embed an IPv4 address: IPv4-compatible (`::/96`), NAT64
+ * (`64:ff9b::/96`, `64:ff9b:1::/48`) and 6to4 (`2002::/16`). IPv4-mapped addresses
+ * (`::ffff:a.b.c.d`) are judged by their IPv4 address (AddressPolicy.permits); listing
+ * `::ffff:0:0/96` itself would block every IPv4 address, as Node's BlockList treats IPv4 addresses
+ * as mapped ones.
+ */
 export const DEFAULT_IP_RANGE_BLACKLIST: readonly string[] = [
   '127.0.0.0/8', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', '100.64.0.0/10', '192.0.0.0/24', '169.254.0.0/16',
   '192.88.99.0/24', '198.18.0.0/15', '192.0.2.0/24', '198.51.100.0/24', '203.0.113.0/24', '224.0.0.0/4', '0.0.0.0/8',
   '::1/128', 'fe80::/10', 'fc00::/7', '2001:db8::/32', 'ff00::/8', 'fec0::/10', '::/128',
+  '::/96', '64:ff9b::/96', '64:ff9b:1::/48', '2002::/16',
 ];
+
+/** The sixteen bytes of an IPv6 address (already known to be one). */
+function ipv6Bytes(address: string): number[] {
+  let text = address.replace(/^\[|\]$/g, '').split('%')[0]!;
+  const v4 = /(\d+)\.(\d+)\.(\d+)\.(\d+)$/.exec(text);
+  if (v4) {
+    const [a, b, c, d] = v4.slice(1).map(Number) as [number, number, number, number];
+    text = `${text.slice(0, v4.index)}${((a << 8) | b).toString(16)}:${((c << 8) | d).toString(16)}`;
+  }
+  const [head, tail] = text.includes('::') ? text.split('::') : [text, undefined];
+  const parse = (part: string | undefined) => (part ? part.split(':').map((h) => parseInt(h, 16)) : []);
+  const first = parse(head);
+  const last = parse(tail);
+  const groups = tail === undefined ? first : [...first, ...new Array<number>(8 - first.length - last.length).fill(0), ...last];
+  return groups.flatMap((g) => [g >> 8, g & 0xff]);
+}
+
+/**
+ * The IPv4 address inside an IPv4-mapped (`::ffff:0:0/96`), IPv4-compatible (`::/96`), NAT64
+ * (`64:ff9b::/96`) or 6to4 (`2002::/16`) IPv6 address; undefined for others.
+ */
+export function embeddedIpv4(address: string): string | undefined {
+  const b = ipv6Bytes(address);
+  const zero = (from: number, to: number) => b.slice(from, to).every((x) => x === 0);
+  let at: number | undefined;
+  if (zero(0, 10) && b[10] === 0xff && b[11] === 0xff) at = 12;
+  else if (zero(0, 12)) at = 12;
+  else if (b[0] === 0x00 && b[1] === 0x64 && b[2] === 0xff && b[3] === 0x9b && zero(4, 12)) at = 12;
+  else if (b[0] === 0x20 && b[1] === 0x02) at = 2;
+  return at === undefined ? undefined : b.slice(at, at + 4).join('.');
+}
+
+const NETWORK_ERRORS: Readonly<Record<string, string>> = {
+  ENOTFOUND: 'DNS lookup failed (no such name)',
+  EAI_NONAME: 'DNS lookup failed (no such name)',
+  EAI_AGAIN: 'DNS lookup failed (no answer from the DNS server)',
+  EAI_FAIL: 'DNS lookup failed',
+  ECONNREFUSED: 'connection refused',
+  ECONNRESET: 'connection reset',
+  ETIMEDOUT: 'connection timed out',
+  EHOSTUNREACH: 'host unreachable',
+  ENETUNREACH: 'network unreachable',
+  EPROTO: 'TLS handshake failed',
+};
+
+/** A socket or TLS error in words an operator reads at a glance, with the code for searching. */
+function describeNetworkError(e: Error): string {
+  const code = (e as NodeJS.ErrnoException).code;
+  const known = code === undefined ? undefined : NETWORK_ERRORS[code];
+  if (known) return `${known} (${code})`;
+  if (code !== undefined && /CERT|SIGNATURE|ALTNAME|ISSUER|SELF_SIGNED/.test(code)) return `the TLS certificate is not accepted: ${e.message} (${code})`;
+  return e.message;
+}
 
 export interface HttpGetOptions {
   readonly method?: 'GET' | 'POST' | 'PUT';
@@ -176,7 +245,7 @@ export function requestJson(url: string, options: HttpGetOptions): Promise<Feder
     req.on('error', (e) => {
       if (e instanceof FederationRequestError) reject(e);
       else if ((e as Error).name === 'AbortError') reject(new FederationRequestError(`${u.host} did not answer completely within ${options.timeoutMs} ms`, true));
-      else reject(new FederationRequestError(`cannot reach ${u.host}: ${(e as Error).message}`));
+      else reject(new FederationRequestError(`cannot reach ${u.host}: ${describeNetworkError(e)}`));
     });
     req.end(payload);
   });

@@ -15,6 +15,14 @@ import { DeadlineExceeded, type FederationResponse, type SignedRequestOptions } 
 import type { Destinations } from './destinations.js';
 import { checkDeviceListUpdate, checkSigningKeyUpdate, checkUserDevicesAnswer, isSelfSigningKeySignedBy, Problems, serverOf } from './remote-answers.js';
 
+/**
+ * Whether `e` is the storage layer's "the database cannot be reached" (it logs the outage once;
+ * background work should not repeat it on every attempt).
+ */
+export function isDatabaseOutage(e: unknown): boolean {
+  return e instanceof Error && e.name === 'DatabaseUnavailableError';
+}
+
 /** Remote answers about one user's devices: ~10,000 devices of a few KB stay well below this. */
 export const MAX_REMOTE_ANSWER_BYTES = 8 * 1024 * 1024;
 /** Background resyncs after a gap are tried again after these waits, then left to the refresh job. */
@@ -151,7 +159,7 @@ export class RemoteDeviceListCache {
       .then(
         (r) => r.ok,
         (e: unknown) => {
-          this.log('warn', 'resyncing a remote device list failed', { user: userId, reason: (e as Error).message });
+          if (!isDatabaseOutage(e)) this.log('warn', 'resyncing a remote device list failed', { user: userId, reason: (e as Error).message });
           return false;
         },
       )

@@ -8,6 +8,7 @@
  */
 import type { FederationStore } from '../storage/store.js';
 import type { Destinations } from './destinations.js';
+import { isDatabaseOutage } from './device-list-cache.js';
 import type { RemoteDeviceListCache } from './device-list-cache.js';
 
 /** Received transaction records are kept this long: senders retry a txnId well within it. */
@@ -68,7 +69,7 @@ export class FederationMaintenance {
         await store.releaseLease(lease, owner);
       }
     } catch (e) {
-      log?.('warn', 'federation housekeeping failed; it will run again', { reason: (e as Error).message });
+      if (!isDatabaseOutage(e)) log?.('warn', 'federation housekeeping failed; it will run again', { reason: (e as Error).message });
     }
   }
 

@@ -13,24 +13,34 @@ import type { FederationClient } from './client.js';
 /** At most this many servers per POST /_matrix/key/v2/query, so one request cannot fan out without bound. */
 export const MAX_NOTARY_SERVERS = 100;
 
+export interface NotaryRequest {
+  readonly serverName: string;
+  /** Key IDs asked for; empty for all of the server's keys. */
+  readonly keyIds: readonly string[];
+  readonly minimumValidUntilTs: number;
+}
+
 export class Notary {
   constructor(
     private readonly ownKeys: OwnServerKeys,
     private readonly keyRing: KeyRing,
   ) {}
 
-  /** Key objects for each server asked for, each signed by us; servers we know nothing of are left out. */
-  async query(requests: readonly { serverName: string; minimumValidUntilTs: number }[]): Promise<Record<string, unknown>[]> {
+  /**
+   * Key objects for each server asked for (`keyIds`: the key IDs named, none for all), each signed
+   * by us; servers we know nothing of are left out. `address` is the caller's, for fetch fairness.
+   */
+  async query(requests: readonly NotaryRequest[], address?: string): Promise<Record<string, unknown>[]> {
     if (requests.length > MAX_NOTARY_SERVERS) throw new MatrixError('M_INVALID_PARAM', `At most ${MAX_NOTARY_SERVERS} servers may be queried at once`);
     for (const r of requests) if (!isValidServerName(r.serverName)) throw new MatrixError('M_INVALID_PARAM', `"${r.serverName}" is not a valid server name`);
     const answers = await Promise.all(
       requests.map(async (r) => {
-        if (r.serverName === this.ownKeys.serverName) return this.ownKeys.keyObject();
-        const obj = await this.keyRing.notaryResponse(r.serverName, r.minimumValidUntilTs);
-        return obj && signJson(obj, this.ownKeys.serverName, this.ownKeys.signingKey);
+        if (r.serverName === this.ownKeys.serverName) return [this.ownKeys.keyObject()];
+        const objects = await this.keyRing.notaryResponses(r.serverName, r.keyIds, r.minimumValidUntilTs, { kind: 'notary', address });
+        return objects.map((obj) => signJson(obj, this.ownKeys.serverName, this.ownKeys.signingKey));
       }),
     );
-    return answers.filter((a): a is Record<string, unknown> => a !== undefined);
+    return answers.flat();
   }
 }
 

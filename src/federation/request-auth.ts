@@ -2,12 +2,12 @@
  * Authenticating incoming federation requests: the one check every signed federation endpoint
  * passes through. Handlers receive only the verified origin.
  */
-import { MatrixError } from '../matrix/errors.js';
+import { limitExceeded, MatrixError, serviceUnavailable } from '../matrix/errors.js';
 import { isValidServerName } from '../matrix/ids.js';
 import { CanonicalJsonError } from '../matrix/canonical-json.js';
 import { RateLimiter, type RateLimit } from '../matrix/ratelimit.js';
 import { parseXMatrix, verifyRequestSignatureAsync } from './xmatrix.js';
-import type { KeyLookup } from './key-ring.js';
+import { FETCH_BUSY_RETRY_MS, type FetchRequester, type KeyLookup } from './key-ring.js';
 
 export interface IncomingFederationRequest {
   readonly method: string;
@@ -16,11 +16,13 @@ export interface IncomingFederationRequest {
   readonly authorization: string | undefined;
   /** The parsed JSON body, or undefined when the request has none. */
   readonly content: unknown;
+  /** The client address the request came from (fairness of key fetches). */
+  readonly address?: string | undefined;
 }
 
 export interface RequestAuthenticatorOptions {
   readonly serverName: string;
-  readonly keys: { requestKey(serverName: string, keyId: string): Promise<KeyLookup> };
+  readonly keys: { requestKey(serverName: string, keyId: string, requester: FetchRequester): Promise<KeyLookup> };
   readonly rateLimit: RateLimit;
   /** Called with the origin of every request that passes (a server that talks to us is up). */
   readonly onAccepted?: (origin: string) => void;
@@ -61,8 +63,13 @@ export class RequestAuthenticator {
       throw unauthorized(`The request is addressed to ${auth.destination}, but this server is ${this.options.serverName}`);
     }
     if (!auth.key.startsWith('ed25519:')) throw unauthorized(`Unsupported key ${auth.key}: only ed25519 keys sign requests`);
-    const key = await this.options.keys.requestKey(auth.origin, auth.key);
+    const key = await this.options.keys.requestKey(auth.origin, auth.key, { kind: 'request', address: r.address });
     if ('error' in key) throw unauthorized(`Cannot check the signature: ${key.error}`);
+    if ('busy' in key) {
+      // Our capacity, not the peer's fault: a retryable answer rather than a 401 blaming its keys.
+      const message = `Cannot check the signature yet: ${key.reason}; retry in ${FETCH_BUSY_RETRY_MS / 1000} s`;
+      throw key.busy === 'origin' ? limitExceeded(message, FETCH_BUSY_RETRY_MS) : serviceUnavailable(message, FETCH_BUSY_RETRY_MS);
+    }
     let valid: Promise<boolean>;
     try {
       valid = verifyRequestSignatureAsync(

@@ -18,6 +18,7 @@ import { hostname } from 'node:os';
 import { randomBytes } from 'node:crypto';
 import type { FederationStore } from '../storage/store.js';
 import type { Destinations } from './destinations.js';
+import { isDatabaseOutage } from './device-list-cache.js';
 import { ask, type SignedRequester } from './device-list-cache.js';
 
 export interface Edu {
@@ -138,7 +139,8 @@ export class FederationSender {
           this.queueDepths = depths;
         }
       } catch (e) {
-        this.log('warn', 'the federation sender could not look for queued EDUs; trying again shortly', { reason: (e as Error).message });
+        // A database outage is reported once by the storage layer, not on every poll.
+        if (!isDatabaseOutage(e)) this.log('warn', 'the federation sender could not look for queued EDUs; trying again shortly', { reason: (e as Error).message });
       } finally {
         this.polling = undefined;
       }
@@ -178,7 +180,7 @@ export class FederationSender {
         await this.drain(destination, q);
       } while (q.again && !this.stopped);
     } catch (e) {
-      this.log('warn', 'the federation sender failed; it will try again', { destination, reason: (e as Error).message });
+      if (!isDatabaseOutage(e)) this.log('warn', 'the federation sender failed; it will try again', { destination, reason: (e as Error).message });
       this.retryLater(destination, q, this.now() + this.options.pollIntervalMs);
     } finally {
       q.running = false;

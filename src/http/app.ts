@@ -101,6 +101,14 @@ function routeMatcher(url: string): RegExp {
   return new RegExp(`^${escaped}$`);
 }
 
+/** Every route of each app: method and URL pattern (`/a/:b`), OPTIONS left out. */
+const routeLists = new WeakMap<App, { method: string; url: string }[]>();
+
+/** The routes `app` serves, once it is ready (tests enumerate them, e.g. to fuzz every one). */
+export function listRoutes(app: App): readonly { readonly method: string; readonly url: string }[] {
+  return routeLists.get(app) ?? [];
+}
+
 export function buildApp(deps: AppDeps): App {
   const prefix = randomBytes(3).toString('hex');
   let counter = 0;
@@ -113,7 +121,7 @@ export function buildApp(deps: AppDeps): App {
     observeRequest: deps.observeRequest,
   });
   for (const route of keyDirectRoutes({ keys: deps.keys, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery })) direct.add(route);
-  for (const route of federationDirectRoutes({ keys: deps.keys, ...deps.federation })) direct.add(route);
+  for (const route of federationDirectRoutes({ keys: deps.keys, ...deps.federation, trustProxy: deps.trustProxy })) direct.add(route);
 
   // Without x_forwarded every client seems to come from the proxy: one client's failed logins
   // would then lock everyone out. Said once, when the first forwarded request shows it.
@@ -185,9 +193,15 @@ export function buildApp(deps: AppDeps): App {
   });
 
   const routes: { method: string; matcher: RegExp }[] = [];
+  const listed: { method: string; url: string }[] = [];
+  routeLists.set(app, listed);
   app.addHook('onRoute', (route) => {
     const methods = Array.isArray(route.method) ? route.method : [route.method];
-    for (const method of methods) if (method !== 'OPTIONS') routes.push({ method, matcher: routeMatcher(route.url ?? route.path) });
+    for (const method of methods) {
+      if (method === 'OPTIONS') continue;
+      routes.push({ method, matcher: routeMatcher(route.url ?? route.path) });
+      listed.push({ method, url: route.url ?? route.path });
+    }
   });
 
   app.addHook('onRequest', (_request, reply, done) => {
@@ -290,6 +304,7 @@ export function buildApp(deps: AppDeps): App {
     allowDeviceNameLookup: deps.federation.allowDeviceNameLookup,
     subscriptions: deps.federation.subscriptions,
     transactions: deps.federation.transactions,
+    trustProxy: deps.trustProxy,
   });
   app.register(notaryRoutes, { notary: deps.federation.notary });
   return app;

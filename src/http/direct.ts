@@ -36,6 +36,16 @@ export interface DirectRoutesOptions {
   readonly observeRequest?: ((method: string, route: string, status: number, seconds: number) => void) | undefined;
 }
 
+/**
+ * The client's address, as Fastify's request.ip gives it: the socket's peer, or with `trustProxy`
+ * the first address in X-Forwarded-For (the client, as the proxies in front of us saw it).
+ */
+export function clientAddress(raw: IncomingMessage, trustProxy: boolean): string | undefined {
+  const forwarded = trustProxy ? raw.headers['x-forwarded-for'] : undefined;
+  const first = typeof forwarded === 'string' ? forwarded.split(',', 1)[0]!.trim() : '';
+  return first !== '' ? first : raw.socket.remoteAddress;
+}
+
 /** Reads a request body, refusing more than `limit` bytes with 413 M_TOO_LARGE. */
 function readBody(req: IncomingMessage, limit: number): Promise<Buffer> {
   const tooLarge = () => new MatrixError('M_TOO_LARGE', 'The request body is larger than this server accepts (max_request_body_bytes)', 413);

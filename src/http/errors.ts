@@ -5,8 +5,12 @@
  */
 import type { FastifyError, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
-import { MatrixError, type Errcode } from '../matrix/errors.js';
+import { MatrixError, serviceUnavailable, type Errcode } from '../matrix/errors.js';
 import { redactUrl } from './redact.js';
+import { DatabaseUnavailableError } from '../storage/errors.js';
+
+/** How soon to try again while the database is unreachable (a PostgreSQL restart takes a second or two). */
+export const DATABASE_RETRY_AFTER_MS = 2000;
 
 interface ValidationIssue {
   keyword: string;
@@ -32,6 +36,10 @@ function describeValidation(issue: ValidationIssue, context: string): string {
 /** Turns a thrown value into the MatrixError we answer with. */
 export function toMatrixError(error: unknown, requestId: string): { matrix: MatrixError; unexpected: boolean } {
   if (error instanceof MatrixError) return { matrix: error, unexpected: false };
+  // Logged once by the storage layer when the connection goes, not once per request.
+  if (error instanceof DatabaseUnavailableError) {
+    return { matrix: serviceUnavailable('The database is unavailable just now; try again shortly', DATABASE_RETRY_AFTER_MS), unexpected: false };
+  }
   const fe = error as Partial<FastifyError> & { validation?: ValidationIssue[]; validationContext?: string };
   if (Array.isArray(fe.validation) && fe.validation.length > 0) {
     const issue = fe.validation[0]!;
@@ -70,11 +78,11 @@ export interface ErrorContext {
 export function errorResponse(error: unknown, request: ErrorContext): { status: number; headers: Record<string, string>; body: string } {
   const { matrix, unexpected } = toMatrixError(error, request.id);
   if (unexpected) request.log.error({ err: error, reqId: request.id, method: request.method, url: redactUrl(request.url) }, 'unexpected error while handling a request');
-  else if (matrix.status >= 500) request.log.warn({ reqId: request.id, errcode: matrix.errcode }, matrix.message);
+  // A 503 that says when to retry is a known, passing condition, logged once where it is noticed
+  // (a lost database connection, a busy key fetcher), not once per request.
+  else if (matrix.status >= 500 && matrix.retryAfterMs === undefined) request.log.warn({ reqId: request.id, errcode: matrix.errcode }, matrix.message);
   const headers: Record<string, string> = {};
-  if (matrix.status === 429 && typeof matrix.extra?.['retry_after_ms'] === 'number') {
-    headers['retry-after'] = String(Math.ceil(matrix.extra['retry_after_ms'] / 1000));
-  }
+  if (matrix.retryAfterMs !== undefined) headers['retry-after'] = String(Math.max(1, Math.ceil(matrix.retryAfterMs / 1000)));
   return { status: matrix.status, headers, body: JSON.stringify(matrix.toJSON()) };
 }
 

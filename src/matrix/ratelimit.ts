@@ -4,7 +4,7 @@
  * Rejections carry `retry_after_ms` for the 429 M_LIMIT_EXCEEDED response (C-S spec, "Rate limiting").
  * State is per process.
  */
-import { MatrixError } from './errors.js';
+import { limitExceeded } from './errors.js';
 
 export interface RateLimit {
   readonly per_second: number;
@@ -61,7 +61,7 @@ export class RateLimiter {
   assertAllowed(key: string, what: string): void {
     const retry = this.retryAfterMs(key);
     if (retry > 0) {
-      throw new MatrixError('M_LIMIT_EXCEEDED', `Too many ${what}; retry in ${Math.ceil(retry / 1000)} s`, 429, { retry_after_ms: retry });
+      throw limitExceeded(`Too many ${what}; retry in ${Math.ceil(retry / 1000)} s`, retry);
     }
   }
 

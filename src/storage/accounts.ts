@@ -205,9 +205,20 @@ export class SqlAccountsStore implements AccountsStore {
     });
   }
 
-  async loginDevice(userId: string, session: NewSession): Promise<{ created: boolean }> {
+  async replacePasswordHash(userId: string, oldHash: string, newHash: string): Promise<boolean> {
+    return (await this.db.run('UPDATE users SET password_hash = ? WHERE user_id = ? AND password_hash = ?', [newHash, userId, oldHash])) > 0;
+  }
+
+  async loginDevice(userId: string, session: NewSession, maxDevices?: number): Promise<{ created: boolean; tooManyDevices?: boolean }> {
     return this.db.transaction(async (tx) => {
+      // The user's row lock serialises this user's logins, so parallel ones cannot all pass the
+      // device count (SQLite transactions are serial anyway).
+      if (tx.dialect === 'postgres') await tx.get('SELECT 1 FROM users WHERE user_id = ? FOR UPDATE', [userId]);
       const existing = await tx.get('SELECT device_id FROM devices WHERE user_id = ? AND device_id = ?', [userId, session.deviceId]);
+      if (!existing && maxDevices !== undefined) {
+        const row = await tx.get<{ n: number }>('SELECT COUNT(*) AS n FROM devices WHERE user_id = ?', [userId]);
+        if ((row?.n ?? 0) >= maxDevices) return { created: false, tooManyDevices: true };
+      }
       if (existing) {
         await tx.run('DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?', [userId, session.deviceId]);
         await tx.run('UPDATE devices SET last_seen_ts = ?, last_seen_ip = ? WHERE user_id = ? AND device_id = ?', [session.ts, session.ip, userId, session.deviceId]);

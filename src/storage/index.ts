@@ -16,13 +16,14 @@ import { SqlFederationStore } from './federation.js';
 import { SqlRemoteDeviceListsStore } from './remote-device-lists.js';
 import { SqlBackupStore } from './backup.js';
 import { claimServerName } from './server-name.js';
-import { DatabaseUnavailableError, describePostgresError, describeSqliteError } from './startup-errors.js';
+import { DatabaseStartupError, describePostgresError, describeSqliteError } from './startup-errors.js';
 
 export type { Store } from './store.js';
 export * from './store.js';
 export { SchemaTooNewError } from './migrations.js';
 export { ServerNameMismatchError } from './server-name.js';
-export { DatabaseUnavailableError } from './startup-errors.js';
+export { DatabaseStartupError } from './startup-errors.js';
+export { DatabaseUnavailableError } from './errors.js';
 
 export interface DatabaseConfig {
   readonly sqlite?: string | undefined;
@@ -40,14 +41,24 @@ export interface OpenStoreOptions {
   readonly serverName?: string;
   /** How long to wait for a PostgreSQL connection (database.connect_timeout); default 10 s. */
   readonly connectTimeoutMs?: number;
+  /**
+   * PostgreSQL: told once when the database stops answering (with the reason) and once when it
+   * answers again. Meanwhile statements fail with DatabaseUnavailableError.
+   */
+  readonly onAvailabilityChange?: (available: boolean, reason?: string) => void;
 }
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
 
-function openDatabase(config: DatabaseConfig, connectTimeoutMs: number): { db: SqlDatabase; migrations: readonly Migration[] } {
+function openDatabase(config: DatabaseConfig, options: OpenStoreOptions = {}): { db: SqlDatabase; migrations: readonly Migration[] } {
   if (config.postgres !== undefined) {
     return {
-      db: new PostgresDatabase({ connectionString: config.postgres, poolSize: config.pool_size ?? 10, connectTimeoutMs }),
+      db: new PostgresDatabase({
+        connectionString: config.postgres,
+        poolSize: config.pool_size ?? 10,
+        connectTimeoutMs: options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS,
+        ...(options.onAvailabilityChange ? { onAvailabilityChange: options.onAvailabilityChange } : {}),
+      }),
       migrations: postgresMigrations,
     };
   }
@@ -62,7 +73,7 @@ function openDatabase(config: DatabaseConfig, connectTimeoutMs: number): { db: S
 
 /** Our own refusals pass as they are; a driver's error becomes one that names the setting. */
 function startupError(e: unknown, config: DatabaseConfig, connectTimeoutMs: number): unknown {
-  if (!(e instanceof Error) || e.name === 'SchemaTooNewError' || e.name === 'ServerNameMismatchError' || e instanceof DatabaseUnavailableError) return e;
+  if (!(e instanceof Error) || e.name === 'SchemaTooNewError' || e.name === 'ServerNameMismatchError' || e instanceof DatabaseStartupError) return e;
   if (config.postgres !== undefined) return describePostgresError(e, config.postgres, connectTimeoutMs);
   return describeSqliteError(e, config.sqlite ?? '');
 }
@@ -113,7 +124,7 @@ class SqlStore implements Store {
 
 export async function openStore(config: DatabaseConfig, options: OpenStoreOptions = {}): Promise<Store> {
   const connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
-  const { db, migrations } = openDatabase(config, connectTimeoutMs);
+  const { db, migrations } = openDatabase(config, options);
   try {
     if (options.migrate === false) await assertSchemaNotNewer(db, migrations);
     else await migrate(db, migrations);
@@ -128,7 +139,7 @@ export async function openStore(config: DatabaseConfig, options: OpenStoreOption
 /** Applies pending migrations and closes the database (`mxkeys migrate`). */
 export async function migrateDatabase(config: DatabaseConfig, options: Pick<OpenStoreOptions, 'connectTimeoutMs'> = {}): Promise<MigrationResult> {
   const connectTimeoutMs = options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS;
-  const { db, migrations } = openDatabase(config, connectTimeoutMs);
+  const { db, migrations } = openDatabase(config, options);
   try {
     return await migrate(db, migrations);
   } catch (e) {

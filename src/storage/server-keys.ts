@@ -13,6 +13,7 @@ interface KeyRow {
 
 interface JsonRow {
   server_name: string;
+  key_id: string;
   from_server: string;
   valid_until_ts: number;
   fetched_ts: number;
@@ -39,15 +40,17 @@ export class SqlServerKeysStore implements ServerKeysStore {
              expired_ts = excluded.expired_ts, fetched_ts = excluded.fetched_ts`,
           [r.serverName, k.keyId, k.verifyKey, r.validUntilTs, k.expiredTs, r.fetchedTs],
         );
+        // The response is now the newest one listing this key in verify_keys.
+        if (k.expiredTs !== null) continue;
+        await tx.run(
+          `INSERT INTO server_key_responses (server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json)
+           VALUES (?, ?, ?, ?, ?, ?)
+           ON CONFLICT (server_name, key_id) DO UPDATE SET
+             from_server = excluded.from_server, valid_until_ts = excluded.valid_until_ts,
+             fetched_ts = excluded.fetched_ts, key_json = excluded.key_json`,
+          [r.serverName, k.keyId, r.fromServer, r.validUntilTs, r.fetchedTs, r.keyJson],
+        );
       }
-      await tx.run(
-        `INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json)
-         VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (server_name) DO UPDATE SET
-           from_server = excluded.from_server, valid_until_ts = excluded.valid_until_ts,
-           fetched_ts = excluded.fetched_ts, key_json = excluded.key_json`,
-        [r.serverName, r.fromServer, r.validUntilTs, r.fetchedTs, r.keyJson],
-      );
     });
   }
 
@@ -65,15 +68,14 @@ export class SqlServerKeysStore implements ServerKeysStore {
     }));
   }
 
-  async getServerKeysJson(serverNames: readonly string[]): Promise<StoredKeysJson[]> {
-    if (serverNames.length === 0) return [];
+  async getServerKeyResponses(serverName: string): Promise<StoredKeysJson[]> {
     const rows = await this.db.all<JsonRow>(
-      `SELECT server_name, from_server, valid_until_ts, fetched_ts, key_json FROM server_keys_json
-       WHERE server_name IN (${placeholders(serverNames.length)})`,
-      [...serverNames],
+      'SELECT server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json FROM server_key_responses WHERE server_name = ?',
+      [serverName],
     );
     return rows.map((r) => ({
       serverName: r.server_name,
+      keyId: r.key_id,
       fromServer: r.from_server,
       keyJson: r.key_json,
       validUntilTs: r.valid_until_ts,

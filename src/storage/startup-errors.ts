@@ -1,12 +1,14 @@
+import { DatabaseUnavailableError } from './errors.js';
+
 /**
  * Database failures at start-up, told in the operator's terms: which setting, what went wrong,
  * what to check. The connection URL's password never appears.
  */
 
-export class DatabaseUnavailableError extends Error {
+export class DatabaseStartupError extends Error {
   constructor(message: string) {
     super(message);
-    this.name = 'DatabaseUnavailableError';
+    this.name = 'DatabaseStartupError';
   }
 }
 
@@ -38,56 +40,58 @@ const NETWORK: Record<string, string> = {
   ETIMEDOUT: 'the connection timed out; check the host, the port and firewalls',
 };
 
-/** Turns an error from connecting to or first using PostgreSQL into a DatabaseUnavailableError. */
-export function describePostgresError(e: unknown, url: string, connectTimeoutMs: number): DatabaseUnavailableError {
-  const err = (e ?? {}) as DriverError;
+/** Turns an error from connecting to or first using PostgreSQL into a DatabaseStartupError. */
+export function describePostgresError(e: unknown, url: string, connectTimeoutMs: number): DatabaseStartupError {
+  // The driver reports a refused or lost connection as DatabaseUnavailableError; its cause is the socket error.
+  const cause = e instanceof DatabaseUnavailableError ? e.cause : undefined;
+  const err = ((cause ?? e) ?? {}) as DriverError;
   const t = postgresTarget(url);
   const prefix = `database.postgres: cannot use PostgreSQL at ${t.where}`;
   const message = err.message ?? String(e);
-  if (err.code && NETWORK[err.code]) return new DatabaseUnavailableError(`database.postgres: cannot connect to ${t.where}: ${NETWORK[err.code]}`);
+  if (err.code && NETWORK[err.code]) return new DatabaseStartupError(`database.postgres: cannot connect to ${t.where}: ${NETWORK[err.code]}`);
   if (/timeout/i.test(message) && !err.severity) {
-    return new DatabaseUnavailableError(
+    return new DatabaseStartupError(
       `database.postgres: no answer from ${t.where} within ${connectTimeoutMs / 1000} s (database.connect_timeout); check that this host and port are PostgreSQL's, and firewalls in between`,
     );
   }
   switch (err.code) {
     case '28P01':
-      return new DatabaseUnavailableError(`${prefix}: password authentication failed for user "${t.user}"; check the user and password in the URL`);
+      return new DatabaseStartupError(`${prefix}: password authentication failed for user "${t.user}"; check the user and password in the URL`);
     case '28000':
-      return new DatabaseUnavailableError(`${prefix}: the login was refused (${message}); check the user in the URL and pg_hba.conf`);
+      return new DatabaseStartupError(`${prefix}: the login was refused (${message}); check the user in the URL and pg_hba.conf`);
     case '3D000':
-      return new DatabaseUnavailableError(`${prefix}: database "${t.database}" does not exist; create it (createdb -O ${t.user} ${t.database}) or fix the name in the URL`);
+      return new DatabaseStartupError(`${prefix}: database "${t.database}" does not exist; create it (createdb -O ${t.user} ${t.database}) or fix the name in the URL`);
     case '42501':
-      return new DatabaseUnavailableError(`${prefix}: permission denied (${message}); user "${t.user}" must be allowed to create tables in the schema (e.g. own the database)`);
+      return new DatabaseStartupError(`${prefix}: permission denied (${message}); user "${t.user}" must be allowed to create tables in the schema (e.g. own the database)`);
     case '53300':
-      return new DatabaseUnavailableError(`${prefix}: too many connections; raise max_connections or lower database.pool_size`);
+      return new DatabaseStartupError(`${prefix}: too many connections; raise max_connections or lower database.pool_size`);
     case '57P03':
-      return new DatabaseUnavailableError(`${prefix}: the server is starting up or shutting down; try again shortly`);
+      return new DatabaseStartupError(`${prefix}: the server is starting up or shutting down; try again shortly`);
     default:
-      return new DatabaseUnavailableError(`${prefix}: ${message}`);
+      return new DatabaseStartupError(`${prefix}: ${message}`);
   }
 }
 
-/** Turns an error from opening a SQLite file into a DatabaseUnavailableError. */
-export function describeSqliteError(e: unknown, path: string): DatabaseUnavailableError {
+/** Turns an error from opening a SQLite file into a DatabaseStartupError. */
+export function describeSqliteError(e: unknown, path: string): DatabaseStartupError {
   const err = (e ?? {}) as DriverError;
   const message = err.message ?? String(e);
   const prefix = `database.sqlite: cannot use ${path}`;
   switch (err.code) {
     case 'SQLITE_CANTOPEN':
-      return new DatabaseUnavailableError(`${prefix}: unable to open the file; check that its directory exists and that this user may read and write there`);
+      return new DatabaseStartupError(`${prefix}: unable to open the file; check that its directory exists and that this user may read and write there`);
     case 'SQLITE_NOTADB':
     case 'SQLITE_CORRUPT':
-      return new DatabaseUnavailableError(`${prefix}: the file is not an SQLite database (or is damaged); check the path, or restore a backup`);
+      return new DatabaseStartupError(`${prefix}: the file is not an SQLite database (or is damaged); check the path, or restore a backup`);
     case 'SQLITE_READONLY':
     case 'SQLITE_PERM':
     case 'EACCES':
     case 'EPERM':
-      return new DatabaseUnavailableError(`${prefix}: permission denied; the file and its directory must be writable by this user (SQLite writes -wal and -shm files beside it)`);
+      return new DatabaseStartupError(`${prefix}: permission denied; the file and its directory must be writable by this user (SQLite writes -wal and -shm files beside it)`);
     case 'ENOTDIR':
     case 'EEXIST':
-      return new DatabaseUnavailableError(`${prefix}: a part of the path is a file, not a directory; check the path`);
+      return new DatabaseStartupError(`${prefix}: a part of the path is a file, not a directory; check the path`);
     default:
-      return new DatabaseUnavailableError(`${prefix}: ${message}`);
+      return new DatabaseStartupError(`${prefix}: ${message}`);
   }
 }

@@ -16,6 +16,8 @@ export interface StoredServerKey {
 
 export interface StoredKeysJson {
   readonly serverName: string;
+  /** The key (in `verify_keys`) this response is the newest we hold for. */
+  readonly keyId: string;
   /** Who answered: the server itself or a notary. */
   readonly fromServer: string;
   /** The verified `/_matrix/key/v2/server` object, as JSON text, kept for our notary endpoint. */
@@ -24,21 +26,23 @@ export interface StoredKeysJson {
   readonly fetchedTs: number;
 }
 
-export interface ServerKeysResponse extends StoredKeysJson {
+export interface ServerKeysResponse extends Omit<StoredKeysJson, 'keyId'> {
   readonly keys: readonly { readonly keyId: string; readonly verifyKey: string; readonly expiredTs: number | null }[];
 }
 
-/** Other servers' signing keys (`server_signing_keys`, `server_keys_json`). */
+/** Other servers' signing keys (`server_signing_keys`, `server_key_responses`). */
 export interface ServerKeysStore {
   /**
    * Records a verified key response. Keys it lists are inserted or updated; current keys seen in
    * earlier responses but absent from this one are marked expired (kept, but no longer current).
+   * The response itself becomes the newest one held for each key in its `verify_keys`; responses
+   * kept for other keys stay (a notary still vouches for them while they are valid).
    */
   storeServerKeys(response: ServerKeysResponse): Promise<void>;
   /** Every key we hold for `serverName`, current and old, in no particular order. */
   getServerKeys(serverName: string): Promise<StoredServerKey[]>;
-  /** The last verified response of each named server that we hold. */
-  getServerKeysJson(serverNames: readonly string[]): Promise<StoredKeysJson[]>;
+  /** For each key of `serverName` we have seen in `verify_keys`, the newest verified response listing it. */
+  getServerKeyResponses(serverName: string): Promise<StoredKeysJson[]>;
 }
 
 export interface StoredUser {
@@ -125,11 +129,18 @@ export interface AccountsStore {
    */
   deactivateUser(userId: string): Promise<boolean>;
   /**
+   * Replaces a user's password hash, if it is still `oldHash` (a password changed meanwhile is
+   * left alone). Returns whether it was replaced.
+   */
+  replacePasswordHash(userId: string, oldHash: string, newHash: string): Promise<boolean>;
+  /**
    * Logs a device in: creates the device if the user does not have it (recording a device-list
    * change), otherwise keeps it and its keys but revokes its earlier access tokens; then stores the
-   * new token. One transaction. Returns whether the device was created.
+   * new token. One transaction. Returns whether the device was created. A new device is refused
+   * (nothing changes, `tooManyDevices` is set) when the user already has `maxDevices` devices;
+   * concurrent logins of one user are serialised for that count.
    */
-  loginDevice(userId: string, session: NewSession): Promise<{ created: boolean }>;
+  loginDevice(userId: string, session: NewSession, maxDevices?: number): Promise<{ created: boolean; tooManyDevices?: boolean }>;
   /** The user and device an access token belongs to, if the token is live. */
   getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined>;
   getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined>;

@@ -7,6 +7,8 @@ import { runCli } from '../support/process.js';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { tempDir } from '../support/backends.js';
+import { PasswordHasher } from '../../src/accounts/secrets.js';
+import { NONCE_RATE_LIMIT } from '../../src/accounts/service.js';
 
 const C = '/_matrix/client/v3';
 
@@ -106,6 +108,20 @@ describeEachBackend('accounts and devices', (backend) => {
     expectMatrixError(await http(noSecret.url, 'POST', '/_synapse/admin/v1/register', { body: { nonce: 'x', username: 'a', password: 'b', mac: '00' } }), 400, 'M_UNKNOWN');
   });
 
+  test('registration nonces are rate limited per address: a flood of GET /_synapse/admin/v1/register is mostly refused and writes nothing for those', async () => {
+    const s = await start();
+    const gets = await Promise.all(Array.from({ length: 100 }, () => http(s.url, 'GET', '/_synapse/admin/v1/register')));
+    const issued = gets.filter((r) => r.status === 200).length;
+    // burst_count at once, plus the few that refill while the flood is answered.
+    assert.ok(issued >= NONCE_RATE_LIMIT.burst_count && issued < 50, `${issued} nonces issued`);
+    assert.equal(gets.filter((r) => r.status === 429).length, 100 - issued);
+    const refused = gets.find((r) => r.status === 429)!;
+    expectMatrixError(refused, 429, 'M_LIMIT_EXCEEDED');
+    assert.ok(Number(refused.headers.get('retry-after')) >= 1);
+    const rows = await (s.mx.store as unknown as { db: { get<T>(sql: string): Promise<T> } }).db.get<{ n: number }>('SELECT COUNT(*) AS n FROM registration_nonces');
+    assert.equal(Number(rows.n), issued);
+  });
+
   test('login: wrong password and unknown user get the same 403; legacy "user" and full user IDs work', async () => {
     const s = await start();
     await registerUser(s, 'dave', 'pw-dave');
@@ -141,19 +157,19 @@ describeEachBackend('accounts and devices', (backend) => {
     );
   });
 
-  test('access tokens: missing is M_MISSING_TOKEN, unknown is M_UNKNOWN_TOKEN, the query parameter works unless disabled', async () => {
+  test('access tokens: missing is M_MISSING_TOKEN, unknown is M_UNKNOWN_TOKEN, the query parameter is refused unless allow_access_token_in_query is on', async () => {
     const s = await start();
     const frank = await registerUser(s, 'frank');
     expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`), 401, 'M_MISSING_TOKEN');
     expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: 'mxk_made_up' }), 401, 'M_UNKNOWN_TOKEN');
     expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { headers: { authorization: 'Basic abc' } }), 401, 'M_MISSING_TOKEN');
-    const viaQuery = await http(s.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(frank.accessToken)}`);
-    assert.equal(viaQuery.status, 200);
-    assert.equal(viaQuery.body['user_id'], '@frank:test.local');
+    expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(frank.accessToken)}`), 401, 'M_MISSING_TOKEN');
 
-    const strict = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, allow_access_token_in_query: false } });
-    const g = await registerUser(strict, 'grace');
-    expectMatrixError(await http(strict.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(g.accessToken)}`), 401, 'M_MISSING_TOKEN');
+    const lenient = await start({ allow_access_token_in_query: true });
+    const g = await registerUser(lenient, 'grace');
+    const viaQuery = await http(lenient.url, 'GET', `${C}/account/whoami?access_token=${encodeURIComponent(g.accessToken)}`);
+    assert.equal(viaQuery.status, 200);
+    assert.equal(viaQuery.body['user_id'], '@grace:test.local');
   });
 
   test('repeated failed logins are rate limited with 429 M_LIMIT_EXCEEDED and retry_after_ms', async () => {
@@ -179,6 +195,50 @@ describeEachBackend('accounts and devices', (backend) => {
     const guesses = await Promise.all(Array.from({ length: 8 }, (_, i) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'ines', password: `guess${i}` } })));
     assert.equal(guesses.filter((r) => r.status === 403).length, 2, 'only burst_count guesses were checked');
     assert.equal(guesses.filter((r) => r.status === 429).length, 6);
+  });
+
+  test('a burst of parallel wrong logins from one address, each naming another user, reaches the password check only burst_count times', async () => {
+    const s = await start({ rc_login: { failed_attempts: { per_second: 0.1, burst_count: 2 } } });
+    const attempts = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: `stranger${i}`, password: 'guess' } })),
+    );
+    assert.deepEqual(attempts.map((r) => r.status).sort(), [403, 403, 429, 429, 429, 429, 429, 429], attempts.map((r) => r.text).join('\n'));
+    for (const r of attempts.filter((a) => a.status === 429)) expectMatrixError(r, 429, 'M_LIMIT_EXCEEDED');
+  });
+
+  test('new passwords are hashed with scrypt N = 2^17; a cheaper old hash still logs in and is then replaced', async () => {
+    const s = await start({ password_hashing: {} }); // the default cost (the test servers' own is cheaper)
+    const quinn = await registerUser(s, 'quinn', 'pw-quinn');
+    const hashOf = async () => (await s.mx.store.accounts.getUser(quinn.userId))!.passwordHash!;
+    const current = await hashOf();
+    assert.match(current, /^scrypt\$131072\$8\$1\$/);
+
+    const old = await new PasswordHasher(15).hash('older password');
+    assert.ok(await s.mx.store.accounts.replacePasswordHash(quinn.userId, current, old));
+    expectMatrixError(await http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'quinn', password: 'wrong' } }), 403, 'M_FORBIDDEN');
+    assert.equal(await hashOf(), old, 'a failed login changes nothing');
+    await login(s, 'quinn', 'older password');
+    const rehashed = await hashOf();
+    assert.match(rehashed, /^scrypt\$131072\$8\$1\$/);
+    await login(s, 'quinn', 'older password');
+    assert.equal(await hashOf(), rehashed, 'a hash at the current cost is kept');
+  });
+
+  test('a login that would give a user more than max_devices_per_user devices is refused, also when several race', async () => {
+    const s = await start({ max_devices_per_user: 3 });
+    const rita = await registerUser(s, 'rita', 'pw-rita');
+    await login(s, 'rita', 'pw-rita', { device_id: 'RITAPHONE' });
+    const racing = await Promise.all(Array.from({ length: 4 }, () => http(s.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'rita', password: 'pw-rita' } })));
+    assert.deepEqual(racing.map((r) => r.status).sort(), [200, 403, 403, 403]);
+    const refused = racing.find((r) => r.status === 403)!;
+    expectMatrixError(refused, 403, 'ORG_MATRIX_MSC4342_M_TOO_MANY_DEVICES', /3 devices.*max_devices_per_user/);
+    const devices = await http<{ devices: unknown[] }>(s.url, 'GET', `${C}/devices`, { token: rita.accessToken });
+    assert.equal(devices.body.devices.length, 3);
+
+    // An existing device may log in again; after a logout there is room for a new one.
+    const again = await login(s, 'rita', 'pw-rita', { device_id: 'RITAPHONE' });
+    assert.equal((await http(s.url, 'POST', `${C}/logout`, { token: again.accessToken })).status, 200);
+    await login(s, 'rita', 'pw-rita');
   });
 
   test('POST /delete_devices deletes several devices behind user-interactive auth, and /logout/all removes every device', async () => {

@@ -109,6 +109,12 @@ describeEachBackend('X-Matrix authentication of federation requests', (backend) 
     assert.equal((await remote.request(second.url, 'test.local', 'POST', `${F}/user/keys/query`, { body: queryBody })).status, 200);
   });
 
+  test('a request from a server whose keys cannot be fetched is refused with 401 saying why', async () => {
+    const { server, remote, dest } = await setup(backend);
+    const r = await remote.request(server.url, dest, 'POST', `${F}/user/keys/query`, { body: queryBody, origin: 'hs3.invalid' });
+    expectUnauthorized(r, /hs3\.invalid has no published key ed25519:fake1 \(fetching its keys failed: cannot reach hs3\.invalid:8448: DNS lookup failed/);
+  });
+
   test('requests beyond the per-origin rate limit get 429 M_LIMIT_EXCEEDED', async () => {
     const { server, remote, dest } = await setup(backend, { federation: { rate_limit: { per_second: 0.5, burst_count: 3 } } });
     const statuses: number[] = [];
@@ -187,5 +193,18 @@ describe('serving as a notary', () => {
     assert.equal(cached.body.server_keys.length, 1);
     const empty = await http<{ server_keys: Json[] }>(server.url, 'POST', '/_matrix/key/v2/query', { body: { server_keys: {} } });
     assert.deepEqual(empty.body, { server_keys: [] });
+  });
+
+  test('POST /_matrix/key/v2/query fetches a key ID it does not hold, and keeps vouching for a key the origin stopped listing while it is valid', async () => {
+    const remote = await FakeHomeserver.start();
+    const server: TestServer = await startServer({ backend: backends[0]!, config: { federation: { resolve: { [remote.serverName]: remote.url } } } });
+    const query = (keys: Json) => http<{ server_keys: Json[] }>(server.url, 'POST', '/_matrix/key/v2/query', { body: { server_keys: { [remote.serverName]: keys } } });
+    const keyIdsOf = (r: { body: { server_keys: Json[] } }) => r.body.server_keys.map((k) => Object.keys(k['verify_keys'] as Json).join()).sort();
+    assert.deepEqual(keyIdsOf(await query({})), ['ed25519:fake1']);
+
+    remote.verifyKeys = [{ version: 'fake2', key: new TestSigningKey() }];
+    const asked = await query({ 'ed25519:fake2': { minimum_valid_until_ts: Date.now() } });
+    assert.deepEqual(keyIdsOf(asked), ['ed25519:fake2'], 'a key ID we did not hold is fetched at once');
+    assert.deepEqual(keyIdsOf(await query({})), ['ed25519:fake1', 'ed25519:fake2'], 'fake1 is still valid, as its own signed response says');
   });
 });

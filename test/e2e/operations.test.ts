@@ -128,7 +128,7 @@ describe('the log', () => {
 
   test('log_requests writes one line per request, with the access token in the URL redacted', async () => {
     const { logger, lines } = capturingLogger();
-    const mx = await createTestMxkeys({ backend, logger, config: { log_requests: true, registration_shared_secret: SHARED_SECRET } });
+    const mx = await createTestMxkeys({ backend, logger, config: { log_requests: true, allow_access_token_in_query: true, registration_shared_secret: SHARED_SECRET } });
     const url = await mx.listen();
     try {
       const alice = await registerUser({ url } as TestServer, 'alice');

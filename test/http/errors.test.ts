@@ -117,6 +117,17 @@ describe('HTTP errors are Matrix errors', () => {
     assert.ok(logged.some((l) => JSON.stringify(l).includes(requestId) && JSON.stringify(l).includes('hunter2')), 'the log has the details under the request id');
   });
 
+  test('the log line of an unexpected failure never shows an access token sent in the query string', async () => {
+    const token = 'mxk_secret_token_value';
+    const r = await http(base, 'GET', `/_matrix/client/v3/probe/crash?from=1&access_token=${token}&Access_Token=${token}2`);
+    assert.equal(r.status, 500);
+    const requestId = /request id (\S+)/.exec(String(r.body['error']))?.[1];
+    const line = logged.find((l) => JSON.stringify(l).includes(requestId!)) as Record<string, unknown> | undefined;
+    assert.ok(line, 'the failure is logged');
+    assert.ok(!JSON.stringify(logged).includes(token), JSON.stringify(line));
+    assert.match(String(line['url']), /^\/_matrix\/client\/v3\/probe\/crash\?from=1&access_token=<redacted>/, 'the rest of the URL is kept');
+  });
+
   test('client-server responses carry the CORS headers, and OPTIONS runs no endpoint logic', async () => {
     const r = await http(base, 'GET', '/_matrix/client/v3/probe/forbidden');
     assert.equal(r.headers.get('access-control-allow-origin'), '*');

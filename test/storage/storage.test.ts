@@ -5,7 +5,11 @@ import { migrateDatabase, openStore, postgresMigrations, SchemaTooNewError, sqli
 import { SqliteDatabase } from '../../src/storage/sqlite/driver.js';
 import { PostgresDatabase } from '../../src/storage/postgres/driver.js';
 import type { SqlDatabase } from '../../src/storage/sql.js';
+import { migrate } from '../../src/storage/migrations.js';
 import type { DatabaseConfig } from '../../src/storage/index.js';
+import { statSync } from 'node:fs';
+import { join } from 'node:path';
+import { tempDir } from '../support/backends.js';
 
 test('the SQLite and PostgreSQL migration sets declare the same versions', () => {
   const versions = (ms: readonly { version: number }[]) => ms.map((m) => m.version);
@@ -22,7 +26,17 @@ function rawDatabase(config: DatabaseConfig): SqlDatabase {
   return config.postgres ? new PostgresDatabase({ connectionString: config.postgres }) : new SqliteDatabase({ path: config.sqlite! });
 }
 
-const insertJson = 'INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, ?, ?, ?, ?)';
+test('a new SQLite database, with its -wal and -shm files, is readable and writable by its owner only', async () => {
+  const path = join(tempDir(), 'private', 'mxkeys.db');
+  const store = await openStore({ sqlite: path });
+  try {
+    for (const file of [path, `${path}-wal`, `${path}-shm`]) assert.equal((statSync(file).mode & 0o777).toString(8), '600', file);
+  } finally {
+    await store.close();
+  }
+});
+
+const insertJson = "INSERT INTO server_key_responses (server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, 'ed25519:k', ?, ?, ?, ?)";
 
 describeEachBackend('storage', (backend) => {
   test('opening a fresh database applies every migration and records it', async () => {
@@ -76,7 +90,7 @@ describeEachBackend('storage', (backend) => {
         }),
         /boom/,
       );
-      assert.equal((await db.all('SELECT * FROM server_keys_json')).length, 0);
+      assert.equal((await db.all('SELECT * FROM server_key_responses')).length, 0);
     } finally {
       await db.close();
     }
@@ -96,14 +110,14 @@ describeEachBackend('storage', (backend) => {
       });
       await new Promise((r) => setTimeout(r, 20));
       // Issued while the transaction is open; must neither see its row nor be rolled back with it.
-      const read = db.all<{ server_name: string }>('SELECT server_name FROM server_keys_json');
+      const read = db.all<{ server_name: string }>('SELECT server_name FROM server_key_responses');
       const write = db.run(insertJson, ['c.example', 'c.example', 1, 1, '{}']);
       await new Promise((r) => setTimeout(r, 20));
       release();
       await assert.rejects(tx, /rolled back/);
       assert.ok(!(await read).some((r) => r.server_name === 'b.example'), 'the uncommitted row was visible outside its transaction');
       assert.equal(await write, 1);
-      const names = (await db.all<{ server_name: string }>('SELECT server_name FROM server_keys_json')).map((r) => r.server_name);
+      const names = (await db.all<{ server_name: string }>('SELECT server_name FROM server_key_responses')).map((r) => r.server_name);
       assert.deepEqual(names, ['c.example']);
     } finally {
       await db.close();
@@ -128,7 +142,7 @@ describeEachBackend('storage', (backend) => {
         await assert.rejects(tx, /rolled back/);
         assert.equal(await outside, 1);
       }
-      const names = new Set((await db.all<{ server_name: string }>('SELECT server_name FROM server_keys_json')).map((r) => r.server_name));
+      const names = new Set((await db.all<{ server_name: string }>('SELECT server_name FROM server_key_responses')).map((r) => r.server_name));
       for (let depth = 0; depth < 12; depth++) {
         assert.ok(names.has(`out${depth}.example`), `the write issued after ${depth} microtask turns was lost`);
         assert.ok(!names.has(`tx${depth}.example`));
@@ -138,7 +152,29 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
-  test('server keys round-trip; a later response keeps old keys but retires the current ones it no longer lists', async () => {
+  test('the per-key server key responses migration keeps the stored response of each server for each of its current keys', async () => {
+    const config = await backend.freshDatabase();
+    const db = rawDatabase(config);
+    const all = config.postgres ? postgresMigrations : sqliteMigrations;
+    try {
+      const perKey = all.find((m) => m.sql.includes('CREATE TABLE server_key_responses'))!.version;
+      await migrate(db, all.filter((m) => m.version < perKey));
+      await db.run('INSERT INTO server_keys_json (server_name, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, ?, ?, ?, ?)', ['r.example', 'r.example', 100, 10, '{"v":1}']);
+      for (const [keyId, expired] of [['ed25519:a', null], ['ed25519:b', null], ['ed25519:old', 5]] as const) {
+        await db.run('INSERT INTO server_signing_keys (server_name, key_id, verify_key, valid_until_ts, expired_ts, fetched_ts) VALUES (?, ?, ?, ?, ?, ?)', ['r.example', keyId, 'AAAA', 100, expired, 10]);
+      }
+      await migrate(db, all);
+      const rows = await db.all<{ key_id: string; key_json: string; valid_until_ts: number }>('SELECT key_id, key_json, valid_until_ts FROM server_key_responses ORDER BY key_id');
+      assert.deepEqual(rows.map((r) => [r.key_id, r.key_json, Number(r.valid_until_ts)]), [
+        ['ed25519:a', '{"v":1}', 100],
+        ['ed25519:b', '{"v":1}', 100],
+      ]);
+    } finally {
+      await db.close();
+    }
+  });
+
+  test('server keys round-trip; a later response keeps old keys and their responses, but retires the current ones it no longer lists', async () => {
     const store = await openStore(await backend.freshDatabase());
     try {
       await store.serverKeys.storeServerKeys({
@@ -166,11 +202,14 @@ describeEachBackend('storage', (backend) => {
         ['ed25519:b', 'CCCC', 2000, null],
         ['ed25519:old', 'BBBB', 1000, 5],
       ]);
-      const json = await store.serverKeys.getServerKeysJson(['remote.example', 'unknown.example']);
-      assert.equal(json.length, 1);
-      assert.equal(json[0]!.fromServer, 'notary.example');
-      assert.equal(json[0]!.keyJson, '{"server_name":"remote.example","v":2}');
-      assert.equal(json[0]!.validUntilTs, 2000);
+      // Each current key keeps the newest response that listed it: the first response still
+      // vouches for ed25519:a, which the second no longer lists.
+      const responses = (await store.serverKeys.getServerKeyResponses('remote.example')).sort((a, b) => a.keyId.localeCompare(b.keyId));
+      assert.deepEqual(responses.map((r) => [r.keyId, r.fromServer, r.keyJson, r.validUntilTs, r.fetchedTs]), [
+        ['ed25519:a', 'remote.example', '{"server_name":"remote.example"}', 1000, 10],
+        ['ed25519:b', 'notary.example', '{"server_name":"remote.example","v":2}', 2000, 20],
+      ]);
+      assert.deepEqual(await store.serverKeys.getServerKeyResponses('unknown.example'), []);
     } finally {
       await store.close();
     }

@@ -3,7 +3,7 @@
  * key (tweetnacl, independent of mxkeys' signing code) that publishes /_matrix/key/v2/server, can
  * act as a notary, and sends X-Matrix-signed requests to mxkeys.
  */
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
+import { createServer, request as httpRequest, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { createServer as createHttpsServer } from 'node:https';
 import { after } from 'node:test';
 import type { AddressInfo } from 'node:net';
@@ -33,6 +33,8 @@ export interface SignedRequestOptions {
   readonly signed?: Partial<{ method: string; uri: string; content: unknown; destination: string }>;
   /** Use this Authorization header verbatim. */
   readonly authorization?: string | null;
+  /** Send from this local address (any of 127.0.0.0/8 on Linux): another client, as mxkeys sees it. */
+  readonly localAddress?: string;
 }
 
 const servers: FakeHomeserver[] = [];
@@ -179,16 +181,87 @@ export class FakeHomeserver {
     if (options.rawBody !== undefined) payload = options.rawBody;
     else if (options.body !== undefined) payload = JSON.stringify(options.body);
     if (payload !== undefined) headers['content-type'] = 'application/json';
-    const res = await fetch(base + uri, { method, headers, ...(payload !== undefined ? { body: payload } : {}) });
-    const text = await res.text();
+    const { status, text } =
+      options.localAddress === undefined
+        ? await fetch(base + uri, { method, headers, ...(payload !== undefined ? { body: payload } : {}) }).then(async (res) => ({ status: res.status, text: await res.text() }))
+        : await requestFrom(options.localAddress, base + uri, method, headers, payload);
     let body: Json = {};
     try {
       body = JSON.parse(text) as Json;
     } catch {
       body = {};
     }
-    return { status: res.status, text, body };
+    return { status, text, body };
   }
 }
+
+/** One HTTP request from a chosen local address (fetch cannot choose one). */
+function requestFrom(localAddress: string, url: string, method: string, headers: Record<string, string>, payload: string | undefined): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const req = httpRequest(url, { method, headers, localAddress, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+      res.on('error', reject);
+    });
+    req.on('error', reject);
+    req.end(payload);
+  });
+}
+
+/**
+ * A server that accepts connections and reads requests but never answers, like the servers an
+ * attacker names to tie up our key fetches. `release()` drops every connection it holds, and every
+ * later request at once.
+ */
+export class Tarpit {
+  private readonly held = new Set<ServerResponse>();
+  private released = false;
+  private server!: Server;
+  url = '';
+  /** Requests received so far. */
+  received = 0;
+
+  static async start(): Promise<Tarpit> {
+    const t = new Tarpit();
+    t.server = createServer((req, res) => {
+      t.received++;
+      if (t.released) return void res.destroy();
+      t.held.add(res);
+      req.resume();
+    });
+    await new Promise<void>((resolve) => t.server.listen(0, '127.0.0.1', resolve));
+    t.url = `http://127.0.0.1:${(t.server.address() as AddressInfo).port}`;
+    tarpits.push(t);
+    return t;
+  }
+
+  /** Resolves once `n` requests have arrived (fails after 30 s rather than hang the suite). */
+  async receivedAtLeast(n: number): Promise<void> {
+    const deadline = Date.now() + 30_000;
+    while (this.received < n) {
+      if (Date.now() > deadline) throw new Error(`the tarpit received ${this.received} requests, not ${n}`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+
+  release(): void {
+    this.released = true;
+    for (const res of this.held) res.destroy();
+    this.held.clear();
+  }
+
+  async stop(): Promise<void> {
+    this.release();
+    this.server.closeAllConnections();
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+  }
+}
+
+const tarpits: Tarpit[] = [];
+after(async () => {
+  for (const t of tarpits.splice(0)) await t.stop();
+});
 
 export { canonical };

@@ -28,10 +28,12 @@ export interface StartOptions {
   /** Reuse a database from an earlier server (restart tests). */
   readonly database?: Readonly<Record<string, unknown>>;
   readonly signingKeyPath?: string;
+  /** Where the server logs (default: nowhere, or MXKEYS_TEST_LOG's level on standard output). */
+  readonly logger?: pino.Logger;
 }
 
 /** Builds (but does not start) an mxkeys with test defaults: a fresh database and a temp signing key. */
-export async function createTestMxkeys(options: StartOptions & { logger?: pino.Logger }): Promise<Mxkeys> {
+export async function createTestMxkeys(options: StartOptions): Promise<Mxkeys> {
   const database = options.database ?? (await options.backend.freshDatabase());
   const config = loadConfig({
     env: {},
@@ -40,6 +42,8 @@ export async function createTestMxkeys(options: StartOptions & { logger?: pino.L
       listen: { host: '127.0.0.1', port: 0 },
       signing_key_path: options.signingKeyPath ?? join(tempDir(), 'signing.key'),
       log_level: 'silent',
+      // Cheap password hashes keep the suite fast; the default cost has tests of its own.
+      password_hashing: { scrypt_log_n: 10 },
       ...options.config,
       database,
     },

@@ -27,7 +27,7 @@ describe('configuration', () => {
     assert.equal(c.server_name, 'localhost');
     assert.deepEqual(c.listen, { host: '127.0.0.1', port: 8008, x_forwarded: false });
     assert.equal(c.enable_registration, false);
-    assert.equal(c.allow_access_token_in_query, true);
+    assert.equal(c.allow_access_token_in_query, false);
     assert.equal(c.database.sqlite, './data/mxkeys.db');
     assert.equal(c.signing_key_path, './data/signing.key');
     assert.equal(c.federation.allow_device_name_lookup, false);

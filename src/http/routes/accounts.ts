@@ -38,7 +38,7 @@ export const accountRoutes: FastifyPluginAsync<AccountRoutesOptions> = async (ap
   });
 
   /** GET /_synapse/admin/v1/register — a fresh nonce for shared-secret registration. */
-  app.get('/_synapse/admin/v1/register', async () => ({ nonce: await accounts.newRegistrationNonce() }));
+  app.get('/_synapse/admin/v1/register', async (request) => ({ nonce: await accounts.newRegistrationNonce(request.ip) }));
 
   /** POST /_synapse/admin/v1/register — shared-secret registration, compatible with Synapse. */
   app.post('/_synapse/admin/v1/register', { schema: { body: AnyObject } }, async (request) => accounts.registerWithSharedSecret(request.body as Body, request.ip));

@@ -6,7 +6,7 @@
  */
 import type { FastifyPluginAsync, FastifyReply } from 'fastify';
 import type { IncomingMessage } from 'node:http';
-import type { DirectRoute } from '../direct.js';
+import { clientAddress, type DirectRoute } from '../direct.js';
 import type { Keys } from '../../keys/service.js';
 import type { RequestAuthenticator } from '../../federation/request-auth.js';
 import type { DeviceListSubscriptions } from '../../federation/subscriptions.js';
@@ -25,12 +25,20 @@ export interface FederationRoutesOptions {
   readonly allowDeviceNameLookup: boolean;
   readonly subscriptions: DeviceListSubscriptions;
   readonly transactions: InboundTransactions;
+  /** Take the client address from X-Forwarded-For (listen.x_forwarded), as Fastify's request.ip does. */
+  readonly trustProxy: boolean;
 }
 
 const F = '/_matrix/federation/v1';
 
 /** What X-Matrix authentication checks of a request: the raw request target, exactly as received. */
-const signedRequest = (raw: IncomingMessage, content: unknown) => ({ method: raw.method ?? '', uri: raw.url ?? '', authorization: raw.headers.authorization, content });
+const signedRequest = (raw: IncomingMessage, content: unknown, address: string | undefined) => ({
+  method: raw.method ?? '',
+  uri: raw.url ?? '',
+  authorization: raw.headers.authorization,
+  content,
+  address,
+});
 const json = (reply: FastifyReply, text: string) => reply.type('application/json').send(text);
 
 /** The user IDs a (validated) query or claim body names under `field`. */
@@ -40,8 +48,8 @@ const usersIn = (body: unknown, field: string): string[] => Object.keys((body as
  * POST /user/keys/query and /user/keys/claim (user_keys.yaml), the hot routes, served by
  * DirectRoutes: the signature (which covers the body) is checked, then the key rules check the body.
  */
-export function federationDirectRoutes({ keys, authenticator, allowDeviceNameLookup, subscriptions }: Omit<FederationRoutesOptions, 'transactions'>): DirectRoute[] {
-  const verify = (raw: IncomingMessage, content: unknown) => authenticator.authenticate(signedRequest(raw, content));
+export function federationDirectRoutes({ keys, authenticator, allowDeviceNameLookup, subscriptions, trustProxy }: Omit<FederationRoutesOptions, 'transactions'>): DirectRoute[] {
+  const verify = (raw: IncomingMessage, content: unknown) => authenticator.authenticate(signedRequest(raw, content, clientAddress(raw, trustProxy)));
   return [
     {
       method: 'POST',
@@ -70,7 +78,7 @@ export const federationRoutes: FastifyPluginAsync<FederationRoutesOptions> = asy
   // After the body is parsed (the signature covers it) and before it is validated, so an unsigned
   // request learns nothing about what a valid body looks like.
   app.addHook('preValidation', async (request) => {
-    request.origin = await authenticator.authenticate(signedRequest(request.raw, request.body));
+    request.origin = await authenticator.authenticate(signedRequest(request.raw, request.body, request.ip));
   });
 
   /** GET /_matrix/federation/v1/user/devices/{userId} — spec: user_devices.yaml */

@@ -18,7 +18,8 @@ export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app,
   const answerOne = async (request: FastifyRequest) => {
     const q = request.query as { minimum_valid_until_ts?: string };
     const min = q.minimum_valid_until_ts === undefined ? Date.now() : Number(q.minimum_valid_until_ts);
-    return { server_keys: await notary.query([{ serverName: (request.params as { serverName: string }).serverName, minimumValidUntilTs: min }]) };
+    const params = request.params as { serverName: string; keyId?: string };
+    return { server_keys: await notary.query([{ serverName: params.serverName, keyIds: params.keyId === undefined ? [] : [params.keyId], minimumValidUntilTs: min }], request.ip) };
   };
   /** GET /_matrix/key/v2/query/{serverName} — spec: keys_query.yaml */
   app.get('/_matrix/key/v2/query/:serverName', queryOne, answerOne);
@@ -35,9 +36,9 @@ export const notaryRoutes: FastifyPluginAsync<NotaryRoutesOptions> = async (app,
     const requests = Object.entries(body.server_keys).map(([serverName, keys]) => {
       let min = now;
       for (const k of Object.values(keys)) min = Math.max(min, k.minimum_valid_until_ts ?? now);
-      return { serverName, minimumValidUntilTs: min };
+      return { serverName, keyIds: Object.keys(keys), minimumValidUntilTs: min };
     });
     if (requests.some((r) => !Number.isSafeInteger(r.minimumValidUntilTs))) throw new MatrixError('M_INVALID_PARAM', 'minimum_valid_until_ts must be a millisecond timestamp');
-    return { server_keys: await notary.query(requests) };
+    return { server_keys: await notary.query(requests, request.ip) };
   });
 };

@@ -6,6 +6,7 @@
 import pg from 'pg';
 import { createHash } from 'node:crypto';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+import { DatabaseUnavailableError } from '../errors.js';
 
 const INT8_OID = 20;
 // COUNT(*) and BIGINT columns come back as JS numbers: our values (timestamps, stream positions,
@@ -37,19 +38,35 @@ function prepared(sql: string): Prepared {
   return p;
 }
 
+/** Socket errors of a connection that could not be made or was lost. */
+const NETWORK_CODES = new Set(['ECONNREFUSED', 'ECONNRESET', 'EPIPE', 'ETIMEDOUT', 'ENOTFOUND', 'EAI_AGAIN', 'EHOSTUNREACH', 'ENETUNREACH', 'ECONNABORTED']);
+
+/**
+ * What makes `e` a lost or refused connection rather than a failed statement, if it is one:
+ * SQLSTATE class 08 (connection exception), 57P01–57P03 (the server is shutting down or starting,
+ * or pg_terminate_backend), a socket error, or pg's own messages for a connection that ended.
+ */
+export function connectionProblem(e: unknown): string | undefined {
+  if (!(e instanceof Error)) return undefined;
+  const code = (e as { code?: unknown }).code;
+  if (typeof code === 'string' && (NETWORK_CODES.has(code) || /^08[0-9A-Z]{3}$/.test(code) || /^57P0[123]$/.test(code))) return `${code}: ${e.message}`;
+  if (/Connection terminated|not queryable|timeout exceeded when trying to connect/i.test(e.message)) return e.message;
+  return undefined;
+}
+
 /** SQLSTATEs after which the whole transaction can safely be run again. */
 const RETRYABLE = new Set(['40001', '40P01']);
 const MAX_ATTEMPTS = 5;
 
 /** `commitCallbacks` collects afterCommit callbacks inside a transaction; without it they run at once. */
-function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: number }, commitCallbacks?: (() => void)[]): Queryable {
+function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commitCallbacks?: (() => void)[]): Queryable {
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
-    counter.statementCount++;
+    db.statementCount++;
     const p = prepared(sql);
     const values = params ? [...params] : [];
     // Statements built for a list of N values exist once per N; preparing each of them on every
     // connection would pile up without bound, so only short parameter lists are named.
-    return client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values });
+    return db.watch(client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values }));
   };
   return {
     dialect: 'postgres',
@@ -57,7 +74,7 @@ function queryable(client: pg.Pool | pg.PoolClient, counter: { statementCount: n
     get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rows[0] as T | undefined,
     run: async (sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rowCount ?? 0,
     exec: async (script: string) => {
-      await client.query(script);
+      await db.watch(client.query(script));
     },
     afterCommit: (fn: () => void) => {
       if (commitCallbacks) commitCallbacks.push(fn);
@@ -71,6 +88,11 @@ export interface PostgresOptions {
   readonly poolSize?: number;
   /** How long to wait for a connection: to open a new one, or for a free one in the pool. */
   readonly connectTimeoutMs?: number;
+  /**
+   * Called when the database stops answering (a connection refused or lost: `reason` says how)
+   * and when it answers again, once per change, not per failed statement.
+   */
+  readonly onAvailabilityChange?: (available: boolean, reason?: string) => void;
 }
 
 export class PostgresDatabase implements SqlDatabase {
@@ -78,8 +100,9 @@ export class PostgresDatabase implements SqlDatabase {
   private readonly pool: pg.Pool;
   private readonly direct: Queryable;
   statementCount = 0;
+  private unavailable = false;
 
-  constructor(options: PostgresOptions) {
+  constructor(private readonly options: PostgresOptions) {
     // A server that accepts connections but never answers, or a wait for a free connection that
     // never ends, would hang start-up and requests silently: both fail after connect_timeout.
     this.pool = new pg.Pool({
@@ -88,9 +111,39 @@ export class PostgresDatabase implements SqlDatabase {
       types,
       connectionTimeoutMillis: options.connectTimeoutMs ?? 10_000,
     });
-    // An idle connection that dies (server restart) must not take the process down.
-    this.pool.on('error', () => undefined);
+    // An idle connection that dies (server restart) must not take the process down; the pool
+    // drops it and opens a new one when needed.
+    this.pool.on('error', (e) => this.lost(connectionProblem(e) ?? e.message));
     this.direct = queryable(this.pool, this);
+  }
+
+  private lost(reason: string): void {
+    if (this.unavailable) return;
+    this.unavailable = true;
+    this.options.onAvailabilityChange?.(false, reason);
+  }
+
+  /**
+   * Passes on what `operation` resolves to, noting that the database answers again; turns a lost
+   * or refused connection into DatabaseUnavailableError.
+   */
+  watch<T>(operation: Promise<T>): Promise<T> {
+    // then() rather than an async function: this wraps every statement.
+    return operation.then(
+      (result) => {
+        if (this.unavailable) {
+          this.unavailable = false;
+          this.options.onAvailabilityChange?.(true);
+        }
+        return result;
+      },
+      (e: unknown) => {
+        const problem = connectionProblem(e);
+        if (problem === undefined) throw e;
+        this.lost(problem);
+        throw new DatabaseUnavailableError(problem, { cause: e });
+      },
+    );
   }
 
   all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
@@ -115,13 +168,13 @@ export class PostgresDatabase implements SqlDatabase {
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
     for (let attempt = 1; ; attempt++) {
-      const client = await this.pool.connect();
+      const client = await this.watch(this.pool.connect());
       let broken = false;
       const callbacks: (() => void)[] = [];
       try {
-        await client.query('BEGIN');
+        await this.watch(client.query('BEGIN'));
         const result = await fn(queryable(client, this, callbacks));
-        await client.query('COMMIT');
+        await this.watch(client.query('COMMIT'));
         for (const cb of callbacks) cb();
         return result;
       } catch (e) {
@@ -140,7 +193,7 @@ export class PostgresDatabase implements SqlDatabase {
   }
 
   async withExclusiveLock<T>(fn: () => Promise<T>): Promise<T> {
-    const client = await this.pool.connect();
+    const client = await this.watch(this.pool.connect());
     try {
       // One fixed key: "mxkeys migrations".
       await client.query('SELECT pg_advisory_lock(7352831)');

@@ -9,7 +9,7 @@
  * SQLite, then retry from the event loop, so two connections in one process cannot deadlock.
  */
 import Database from 'better-sqlite3';
-import { mkdirSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { dirname } from 'node:path';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
 import { WalIndexHeader } from './wal-index.js';
@@ -30,6 +30,8 @@ export interface SqliteOptions {
 
 /** Synchronous wait inside SQLite per attempt: short, since it blocks this process's event loop. */
 const SYNC_BUSY_MS = 5;
+/** The same while the database is being opened. */
+const STARTUP_BUSY_MS = 5_000;
 
 function isBusy(e: unknown): boolean {
   const code = (e as { code?: string }).code;
@@ -54,9 +56,16 @@ export class SqliteDatabase implements SqlDatabase {
   statementCount = 0;
 
   constructor(options: SqliteOptions) {
-    if (options.path !== ':memory:') mkdirSync(dirname(options.path), { recursive: true });
+    if (options.path !== ':memory:') {
+      mkdirSync(dirname(options.path), { recursive: true });
+      // The database holds password and access-token hashes: readable by the owner only, as the
+      // signing key. SQLite gives the -wal and -shm files the database file's permissions.
+      if (!existsSync(options.path)) closeSync(openSync(options.path, 'a', 0o600));
+    }
     this.busyTimeoutMs = options.busyTimeoutMs ?? 15_000;
-    this.db = new Database(options.path, { timeout: SYNC_BUSY_MS });
+    // Opening waits longer for locks: two processes starting on a new file both switch it to WAL
+    // (which needs the file to themselves), and nothing else is being served yet.
+    this.db = new Database(options.path, { timeout: STARTUP_BUSY_MS });
     this.db.pragma('journal_mode = WAL');
     // FULL fsyncs the WAL on every commit (~0.1 ms here), so a claimed one-time key stays claimed
     // even across power loss; NORMAL would only survive process crashes.
@@ -66,6 +75,7 @@ export class SqliteDatabase implements SqlDatabase {
     // no longer fit, and claims start reading pages from the OS. 64 MiB keeps them in memory.
     this.db.pragma('cache_size = -65536');
     this.otherCommits = this.commitWatch(options.path);
+    this.db.pragma(`busy_timeout = ${SYNC_BUSY_MS}`);
     this.direct = {
       dialect: 'sqlite',
       all: async <T extends object>(sql: string, params?: readonly SqlValue[]) => this.prepare(sql).all(...bind(params)) as T[],

@@ -239,4 +239,23 @@ export const migrations: readonly Migration[] = [
       ALTER TABLE e2e_cross_signing_keys ADD COLUMN updatable_without_uia_before_ms BIGINT;
     `,
   },
+  {
+    version: 7,
+    name: 'other servers\' key responses kept per key ID, for the notary',
+    sql: `
+      CREATE TABLE server_key_responses (
+        server_name TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        from_server TEXT NOT NULL,
+        valid_until_ts BIGINT NOT NULL,
+        fetched_ts BIGINT NOT NULL,
+        key_json TEXT NOT NULL,
+        PRIMARY KEY (server_name, key_id)
+      );
+      INSERT INTO server_key_responses (server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json)
+        SELECT j.server_name, k.key_id, j.from_server, j.valid_until_ts, j.fetched_ts, j.key_json
+        FROM server_keys_json j JOIN server_signing_keys k ON k.server_name = j.server_name AND k.expired_ts IS NULL;
+      DROP TABLE server_keys_json;
+    `,
+  },
 ];
