@@ -374,18 +374,16 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       closed = true;
       metricsServer?.close();
       metrics?.stop();
-      await maintenance.stop();
-      await sender.stop();
-      remoteDeviceLists.stop();
+      // Stop taking requests first (open /sync long-polls are answered at once), while the
+      // federation work winds down: a transaction in flight is cut off and sent again after the
+      // restart (its EDUs stay queued until a destination acknowledges them).
       // Connections that go idle while in-flight requests finish are closed as they do, so
       // keep-alive clients cannot hold the shutdown open.
       const closer = setInterval(() => app.server.closeIdleConnections(), 25);
-      try {
-        await app.close();
-      } finally {
-        clearInterval(closer);
-      }
+      const appClosed = app.close().finally(() => clearInterval(closer));
       federationClient.close();
+      await Promise.all([maintenance.stop(), sender.stop(), appClosed]);
+      remoteDeviceLists.stop();
       await store.close();
     },
   };
