@@ -26,11 +26,12 @@ async function query(server: TestServer, session: Session, users: Record<string,
 const devicesOf = (answer: Json, userId: string) => Object.keys(((answer['device_keys'] as Record<string, Json>)[userId] ?? {}) as Json).sort();
 
 /** A device logged in on `server` with uploaded (signed) device keys. */
-async function deviceWithKeys(server: TestServer, user: string, password: string, deviceId: string, displayName?: string): Promise<Session> {
+async function deviceWithKeys(server: TestServer, user: string, password: string, deviceId: string, displayName?: string): Promise<Session & { device: TestDevice }> {
   const s = await login(server, user, password, { device_id: deviceId, ...(displayName ? { initial_device_display_name: displayName } : {}) });
-  const r = await http(server.url, 'POST', `${C}/keys/upload`, { token: s.accessToken, body: { device_keys: new TestDevice(s.userId, deviceId).deviceKeys() } });
+  const device = new TestDevice(s.userId, deviceId);
+  const r = await http(server.url, 'POST', `${C}/keys/upload`, { token: s.accessToken, body: { device_keys: device.deviceKeys() } });
   assert.equal(r.status, 200, r.text);
-  return s;
+  return { ...s, device };
 }
 
 /** Syncs from `since` until `userId` is listed in device_lists.changed; returns the next token. */
@@ -105,7 +106,7 @@ describeEachBackend('two mxkeys servers federating', (backend) => {
     assert.notDeepEqual(next, Object.keys(keys));
   });
 
-  test("bob's new, renamed and deleted devices and new cross-signing keys reach alice's /sync and her next query without another request to hs2", async () => {
+  test("bob's new, renamed, signed and deleted devices and new cross-signing keys reach alice's /sync and her next query without another request to hs2", async () => {
     const { servers, proxies } = await startFederation(backend, ['hs1.test', 'hs2.test'], { federation: { allow_device_name_lookup: true } });
     const [hs1, hs2] = servers as [TestServer, TestServer];
     const toHs2 = proxies[1]!;
@@ -141,6 +142,16 @@ describeEachBackend('two mxkeys servers federating', (backend) => {
     assert.deepEqual((answer['master_keys'] as Record<string, Json>)[bob.userId], cs.masterKey());
     assert.deepEqual((answer['self_signing_keys'] as Record<string, Json>)[bob.userId], cs.selfSigningKey());
     assert.equal((answer['user_signing_keys'] as Json)[bob.userId], undefined, "bob's user-signing key never leaves hs2");
+
+    // Bob's self-signing key signs his laptop: the signature arrives with the device.
+    const ssk = `ed25519:${cs.selfSigning.publicKey}`;
+    const signedLaptop = cs.selfSigning.sign(laptop.device.deviceKeys(), bob.userId, ssk);
+    const sig = await http(hs2.url, 'POST', `${C}/keys/signatures/upload`, { token: laptop.accessToken, body: { [bob.userId]: { LAPTOP: signedLaptop } } });
+    assert.deepEqual(sig.body['failures'], {}, sig.text);
+    since = await syncUntilChanged(hs1, alice, since, bob.userId);
+    answer = await query(hs1, alice, { [bob.userId]: [] });
+    const laptopSignatures = ((answer['device_keys'] as Record<string, Record<string, Json>>)[bob.userId]!['LAPTOP']!['signatures'] as Record<string, Json>)[bob.userId]!;
+    assert.ok(laptopSignatures[ssk], `the self-signing signature is on the laptop's keys at hs1: ${JSON.stringify(laptopSignatures)}`);
 
     // A deleted device.
     const remove = await http(hs2.url, 'POST', `${C}/logout`, { token: laptop.accessToken });
