@@ -1,6 +1,6 @@
 /**
  * Periodic federation housekeeping, done by one process of those sharing a database at a time (a
- * lease): refetching cached remote device lists that are stale or due for a refresh; dropping
+ * lease), with other stores' cleanup (`housekeeping`): refetching cached remote device lists that are stale or due for a refresh; dropping
  * lapsed subscriptions and old transaction records; and, for a destination that has taken no
  * transaction for `maxUndeliveredAgeMs`, keeping only the newest queued change per user and
  * breaking its EDU chains, so when it comes back it resyncs instead of replaying a long backlog.
@@ -21,6 +21,8 @@ export interface MaintenanceOptions {
   readonly owner: string;
   readonly intervalMs: number;
   readonly maxUndeliveredAgeMs: number;
+  /** Other stores' periodic cleanup (old to-device transaction and message IDs), run under the same lease. */
+  readonly housekeeping?: readonly (() => Promise<void>)[];
   readonly now?: () => number;
   readonly log?: (level: 'info' | 'warn', message: string, details: Record<string, unknown>) => void;
 }
@@ -61,6 +63,7 @@ export class FederationMaintenance {
           const dropped = await store.compressPokes(d);
           if (dropped > 0) log?.('warn', 'a destination has been unreachable for long; dropped older queued device-list updates (it will refetch the lists)', { destination: d, dropped });
         }
+        for (const job of this.options.housekeeping ?? []) await job();
         await this.options.cache.refreshDue(REFRESH_BATCH);
       } finally {
         await store.releaseLease(lease, owner);
