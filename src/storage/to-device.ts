@@ -153,11 +153,33 @@ export class SqlToDeviceStore implements ToDeviceStore {
     return rows.map((r) => ({ streamId: r.stream_id, messageJson: r.message_json }));
   }
 
+  /** Acknowledgements waiting for the next group commit. */
+  private readonly deleteQueue: { userId: string; deviceId: string; upTo: number; done: (count: number, e?: unknown) => void }[] = [];
+
   async deleteMessagesUpTo(userId: string, deviceId: string, upTo: number): Promise<number> {
     // A read first: most /syncs acknowledge nothing, and a DELETE would take SQLite's write lock.
     const oldest = await this.db.get<{ s: number | null }>('SELECT MIN(stream_id) AS s FROM device_inbox WHERE user_id = ? AND device_id = ?', [userId, deviceId]);
     if (oldest?.s === null || oldest?.s === undefined || oldest.s > upTo) return 0;
-    return this.db.run('DELETE FROM device_inbox WHERE user_id = ? AND device_id = ? AND stream_id <= ?', [userId, deviceId, upTo]);
+    // Many devices acknowledge at about the same time (a message to all of them wakes them all):
+    // one transaction (one fsync on SQLite) removes what they all acknowledged.
+    return new Promise((resolve, reject) => {
+      this.deleteQueue.push({ userId, deviceId, upTo, done: (count, e) => (e === undefined ? resolve(count) : reject(e as Error)) });
+      if (this.deleteQueue.length === 1) setImmediate(() => void this.flushDeletes());
+    });
+  }
+
+  private async flushDeletes(): Promise<void> {
+    const batch = this.deleteQueue.splice(0);
+    try {
+      const counts = await this.db.transaction(async (tx) => {
+        const out: number[] = [];
+        for (const d of batch) out.push(await tx.run('DELETE FROM device_inbox WHERE user_id = ? AND device_id = ? AND stream_id <= ?', [d.userId, d.deviceId, d.upTo]));
+        return out;
+      });
+      batch.forEach((d, i) => d.done(counts[i]!));
+    } catch (e) {
+      for (const d of batch) d.done(0, e ?? new Error('removing acknowledged to-device messages failed'));
+    }
   }
 
   async pendingEdus(destination: string, limit: number): Promise<{ streamId: number; eduJson: string }[]> {
