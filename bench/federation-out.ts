@@ -19,7 +19,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import pg from 'pg';
 import Database from 'better-sqlite3';
-import { buildSnapshot, freePort, inParallel, killChildren, login, ok, registerUser, startMxkeys, type Session } from './support.js';
+import { benchConfig, buildSnapshot, inParallel, killChildren, login, ok, registerUser, startMxkeys, type Session } from './support.js';
 import { startFakes } from './harness.js';
 
 const { values: argv } = parseArgs({
@@ -81,20 +81,7 @@ async function database(dir: string): Promise<{ config: Json; latestStreams: () 
 }
 
 async function startServer(dir: string, resolve: Record<string, string>, db: Json) {
-  const port = await freePort();
-  const configFile = join(dir, `mxkeys-${port}.json`);
-  writeFileSync(
-    configFile,
-    JSON.stringify({
-      server_name: SERVER,
-      listen: { host: '127.0.0.1', port },
-      database: db,
-      signing_key_path: join(dir, 'signing.key'),
-      registration_shared_secret: SECRET,
-      log_level: 'warn',
-      federation: { resolve, allow_device_name_lookup: true },
-    }),
-  );
+  const { configFile, port } = await benchConfig(dir, `mxkeys-${Date.now().toString(36)}`, { database: db, secret: SECRET, extra: { federation: { resolve, allow_device_name_lookup: true } } });
   return startMxkeys(buildSnapshot(join(dir, 'build')), configFile, port);
 }
 

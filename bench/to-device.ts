@@ -22,7 +22,7 @@ import { tmpdir, cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
-import { buildSnapshot, freePort, inParallel, login, machineBusy, ok, registerUser, startMxkeys, type Build, type Session } from './support.js';
+import { benchConfig, buildSnapshot, inParallel, login, machineBusy, ok, registerUser, startMxkeys, type Build, type Session } from './support.js';
 import { median, postgresSchema, runHarness, startFakes } from './harness.js';
 import { http } from '../test/support/http.js';
 
@@ -43,7 +43,6 @@ const backends = argv.backend === 'both' ? ['sqlite', 'postgres'] : [argv.backen
 const rounds = Math.max(1, Number(argv.rounds));
 const log = (msg: string) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
 const SECRET = 'bench-shared-secret';
-const SERVER = 'bench.local';
 const C = '/_matrix/client/v3';
 const USERS = 10;
 const DEVICES_PER_USER = 10;
@@ -165,20 +164,7 @@ async function runBackend(backend: string, dir: string, build: Build): Promise<{
   const pgSchema = backend === 'postgres' ? await postgresSchema(argv.postgres!, 'benchtodevice') : undefined;
   const database: Json = pgSchema?.database ?? { sqlite: join(dir, `${backend}.db`) };
   const fakes = await startFakes(10, 0);
-  const port = await freePort();
-  const configFile = join(dir, `${backend}.json`);
-  writeFileSync(
-    configFile,
-    JSON.stringify({
-      server_name: SERVER,
-      listen: { host: '127.0.0.1', port },
-      database,
-      signing_key_path: join(dir, 'signing.key'),
-      registration_shared_secret: SECRET,
-      log_level: process.env['BENCH_LOG'] ?? 'warn',
-      federation: { resolve: fakes.servers },
-    }),
-  );
+  const { configFile, port } = await benchConfig(dir, backend, { database, secret: SECRET, extra: { federation: { resolve: fakes.servers } } });
   const mx = await startMxkeys(build, configFile, port);
   try {
     const alice = await registerUser(mx.url, SECRET, 'alice');

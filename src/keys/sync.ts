@@ -83,9 +83,9 @@ export class Sync {
   async sync(requester: Requester, since: string | undefined, timeoutMs: number, stop: AbortSignal): Promise<string> {
     const { keys, deviceLists, toDevice } = this.options;
     const from: SyncPosition | undefined = since === undefined ? undefined : parseSyncToken(since, 'since');
+    // Subscribed before reading, so a message stored in between wakes the wait below.
     const wakeup = new Wakeup(toDevice, requester.userId);
     try {
-      // Subscribed before reading, so a message stored in between wakes the wait below.
       let inbox = toDevice ? await toDevice.take(requester, from?.toDevice ?? 0, from !== undefined) : undefined;
       let position = await deviceLists.currentStreamId();
       let changes: { changed: string[]; left: string[] } | undefined;

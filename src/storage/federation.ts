@@ -3,16 +3,8 @@
  * subscriptions and the outbound pokes built from them, destination retry state, leases and
  * received transactions. See store.ts for what each method promises.
  */
-import { placeholders, valuesList, type SqlDatabase } from './sql.js';
+import { chunks, placeholders, valuesList, type Queryable, type SqlDatabase } from './sql.js';
 import type { DestinationState, DeviceListPoke, FederationStore, LocalDeviceState } from './store.js';
-
-const CHUNK = 500;
-
-function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-}
 
 interface DestinationRow {
   destination: string;
@@ -27,6 +19,17 @@ const toDestination = (r: DestinationRow): DestinationState => ({
   retryAfterTs: r.retry_after_ts,
   firstFailureTs: r.first_failure_ts,
 });
+
+/** Destinations with EDUs queued in `table` that are not waiting for a retry at `now`. */
+export async function readyDestinations(db: Queryable, table: 'device_list_outbound_pokes' | 'device_federation_outbox', now: number): Promise<string[]> {
+  const rows = await db.all<{ destination: string }>(
+    `SELECT DISTINCT q.destination FROM ${table} q
+     LEFT JOIN federation_destinations d ON d.destination = q.destination
+     WHERE d.retry_after_ts IS NULL OR d.retry_after_ts <= ?`,
+    [now],
+  );
+  return rows.map((r) => r.destination);
+}
 
 export class SqlFederationStore implements FederationStore {
   constructor(private readonly db: SqlDatabase) {}
@@ -140,14 +143,8 @@ export class SqlFederationStore implements FederationStore {
     }
   }
 
-  async destinationsWithPokes(now: number): Promise<string[]> {
-    const rows = await this.db.all<{ destination: string }>(
-      `SELECT DISTINCT p.destination FROM device_list_outbound_pokes p
-       LEFT JOIN federation_destinations d ON d.destination = p.destination
-       WHERE d.retry_after_ts IS NULL OR d.retry_after_ts <= ?`,
-      [now],
-    );
-    return rows.map((r) => r.destination);
+  destinationsWithPokes(now: number): Promise<string[]> {
+    return readyDestinations(this.db, 'device_list_outbound_pokes', now);
   }
 
   async pokeCounts(): Promise<Map<string, number>> {

@@ -6,7 +6,7 @@
  *  - PostgreSQL: one DELETE … RETURNING over a LATERAL pick with FOR UPDATE SKIP LOCKED, so
  *    concurrent claimers each lock (and delete) a different row instead of queueing on one.
  */
-import { placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
+import { CHUNK, chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
 import type {
   ClaimedKey,
@@ -21,15 +21,6 @@ import type {
   StoredSignature,
 } from './store.js';
 import type { DeviceListWriter } from './device-lists.js';
-
-/** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
-const CHUNK = 500;
-
-function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-}
 
 interface CrossSigningRow {
   user_id: string;

@@ -8,23 +8,16 @@
  * position N could later find (and never deliver) a smaller one that committed after it. SQLite
  * has one writer at a time; on PostgreSQL a batch takes a transaction-scoped advisory lock before
  * drawing stream IDs, so they are drawn and committed in the same order across processes. The
- * devices a batch writes to are share-locked on PostgreSQL, so a device deleted meanwhile takes
+ * devices a batch writes to are key-share-locked on PostgreSQL, so a device deleted meanwhile takes
  * its new messages with it (deleteDevices removes the inbox after the device row).
  */
-import { placeholders, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
+import { chunks, placeholders, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
 import type { NewToDeviceMessage, PendingToDevice, StoredToDevice, ToDeviceBatch, ToDeviceStore } from './store.js';
+import { readyDestinations } from './federation.js';
 
 const TO_DEVICE_LOCK = 7352834;
-/** Rows per multi-row statement: well below both databases' parameter limits. */
-const CHUNK = 500;
 
 type Change = { readonly userIds: readonly string[]; readonly destinations: readonly string[] };
-
-function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
-}
 
 /** `(CAST(? AS TEXT), …), …`: a VALUES list PostgreSQL can type without looking at its use. */
 function textValues(rows: number, width: number): string {
@@ -36,7 +29,8 @@ function textValues(rows: number, width: number): string {
 async function insertLocal(tx: Queryable, messages: readonly NewToDeviceMessage[], now: number): Promise<{ user_id: string; device_id: string }[]> {
   const named = messages.filter((m) => m.deviceId !== '*');
   const wildcards = messages.filter((m) => m.deviceId === '*');
-  const share = tx.dialect === 'postgres' ? ' FOR SHARE OF d' : '';
+  // KEY SHARE: blocks the device row's deletion, not updates such as last_seen_ts or a rename.
+  const share = tx.dialect === 'postgres' ? ' FOR KEY SHARE OF d' : '';
   const written: { user_id: string; device_id: string }[] = [];
   for (const part of chunks(named)) {
     written.push(
@@ -196,14 +190,8 @@ export class SqlToDeviceStore implements ToDeviceStore {
     }
   }
 
-  async destinationsWithEdus(now: number): Promise<string[]> {
-    const rows = await this.db.all<{ destination: string }>(
-      `SELECT DISTINCT o.destination FROM device_federation_outbox o
-       LEFT JOIN federation_destinations d ON d.destination = o.destination
-       WHERE d.retry_after_ts IS NULL OR d.retry_after_ts <= ?`,
-      [now],
-    );
-    return rows.map((r) => r.destination);
+  destinationsWithEdus(now: number): Promise<string[]> {
+    return readyDestinations(this.db, 'device_federation_outbox', now);
   }
 
   async eduCounts(): Promise<Map<string, number>> {

@@ -7,11 +7,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describeEachBackend, tempDir } from '../support/backends.js';
+import { describeEachBackend, tempDir, type Backend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
 import { login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
-import { startServerProcess } from '../support/process.js';
+import { startServerProcess, type ServerProcess } from '../support/process.js';
 import { FakeHomeserver } from '../support/fake-homeserver.js';
 import { CountingProxy, eventually, freePort, QUICK_FEDERATION } from '../support/federation.js';
 import type { DatabaseConfig } from '../../src/storage/index.js';
@@ -47,18 +47,26 @@ async function newDeviceWithKeys(url: string, user: Session, deviceId: string): 
   return s;
 }
 
+/**
+ * hs2 in this process and hs1 as a child process (`restartHs1` starts it, again after a kill),
+ * each reaching the other through a counting proxy that can play an outage.
+ */
+async function twoServers(backend: Backend): Promise<{ toHs1: CountingProxy; toHs2: CountingProxy; hs2: TestServer; restartHs1: () => Promise<ServerProcess> }> {
+  const [port1, port2] = [await freePort(), await freePort()];
+  const toHs1 = await CountingProxy.start(`http://127.0.0.1:${port1}`);
+  const toHs2 = await CountingProxy.start(`http://127.0.0.1:${port2}`);
+  const hs2 = await startServer({
+    backend,
+    config: { server_name: 'hs2.test', registration_shared_secret: SHARED_SECRET, listen: { host: '127.0.0.1', port: port2 }, federation: { ...QUICK_FEDERATION, resolve: { 'hs1.test': toHs1.url } } },
+  });
+  const config = writeConfig(await backend.freshDatabase(), 'hs1.test', { 'hs2.test': toHs2.url });
+  return { toHs1, toHs2, hs2, restartHs1: () => startServerProcess(['--config', config], { env: { MXKEYS_LISTEN_PORT: String(port1) } }) };
+}
+
 describeEachBackend('the federation sender across processes', (backend) => {
   test('updates queued while the receiver is unreachable survive kill -9 of the sender and arrive after a restart', async () => {
-    const [port1, port2] = [await freePort(), await freePort()];
-    const toHs1 = await CountingProxy.start(`http://127.0.0.1:${port1}`);
-    const toHs2 = await CountingProxy.start(`http://127.0.0.1:${port2}`);
-    const hs2 = await startServer({
-      backend,
-      config: { server_name: 'hs2.test', registration_shared_secret: SHARED_SECRET, listen: { host: '127.0.0.1', port: port2 }, federation: { ...QUICK_FEDERATION, resolve: { 'hs1.test': toHs1.url } } },
-    });
-    const config = writeConfig(await backend.freshDatabase(), 'hs1.test', { 'hs2.test': toHs2.url });
-    const env = { MXKEYS_LISTEN_PORT: String(port1) };
-    let hs1 = await startServerProcess(['--config', config], { env });
+    const { toHs1, toHs2, hs2, restartHs1 } = await twoServers(backend);
+    let hs1 = await restartHs1();
 
     const bob = await registerUser(at(hs1.url), 'bob');
     await newDeviceWithKeys(hs1.url, bob, 'PHONE');
@@ -79,7 +87,7 @@ describeEachBackend('the federation sender across processes', (backend) => {
     await hs1.exited;
 
     toHs2.up = true;
-    hs1 = await startServerProcess(['--config', config], { env });
+    hs1 = await restartHs1();
     await eventually("bob's new device on hs2", async () => ((await query()).includes('LAPTOP') ? true : undefined), 20_000);
     assert.equal(toHs1.count(`${F}/user/devices/`), fetches, 'it came as an update, not by hs2 asking again');
     hs1.child.kill('SIGTERM');
@@ -87,16 +95,8 @@ describeEachBackend('the federation sender across processes', (backend) => {
   });
 
   test('to-device messages queued for an unreachable server survive kill -9 of the sender and are delivered once, in order, after a restart', async () => {
-    const [port1, port2] = [await freePort(), await freePort()];
-    const toHs1 = await CountingProxy.start(`http://127.0.0.1:${port1}`);
-    const toHs2 = await CountingProxy.start(`http://127.0.0.1:${port2}`);
-    const hs2 = await startServer({
-      backend,
-      config: { server_name: 'hs2.test', registration_shared_secret: SHARED_SECRET, listen: { host: '127.0.0.1', port: port2 }, federation: { ...QUICK_FEDERATION, resolve: { 'hs1.test': toHs1.url } } },
-    });
-    const config = writeConfig(await backend.freshDatabase(), 'hs1.test', { 'hs2.test': toHs2.url });
-    const env = { MXKEYS_LISTEN_PORT: String(port1) };
-    let hs1 = await startServerProcess(['--config', config], { env });
+    const { toHs2, hs2, restartHs1 } = await twoServers(backend);
+    let hs1 = await restartHs1();
 
     const alice = await registerUser(at(hs1.url), 'alice');
     const bob = await registerUser(hs2, 'bob');
@@ -114,7 +114,7 @@ describeEachBackend('the federation sender across processes', (backend) => {
     await hs1.exited;
 
     toHs2.up = true;
-    hs1 = await startServerProcess(['--config', config], { env });
+    hs1 = await restartHs1();
     await sendToBob(hs1.url, 2);
     const received: number[] = [];
     await eventually(
