@@ -86,6 +86,44 @@ describeEachBackend('to-device messages between users of one server', (backend) 
     assert.deepEqual(contents((await poll).events), [{ woke: true }]);
   });
 
+  test('messages waiting before a device first syncs come in its first /sync, without a since token', async () => {
+    const s = await start(backend);
+    const alice = await registerUser(s, 'alice');
+    const bob = await registerUser(s, 'bob');
+    await sendOk(s, alice, 'org.example.early', { [bob.userId]: { [bob.deviceId]: { early: true } } });
+    const first = await sync(s, bob);
+    assert.deepEqual(contents(first.events), [{ early: true }]);
+    assert.deepEqual((await sync(s, bob, first.token)).events, [], 'and its next /sync acknowledges them');
+  });
+
+  test('messages sent by several senders at once, while the device syncs, each arrive once', async () => {
+    const s = await start(backend);
+    const senders = await Promise.all(['s1', 's2', 's3', 's4'].map((n) => registerUser(s, n)));
+    const bob = await registerUser(s, 'bob');
+    let token = (await sync(s, bob)).token;
+    const seen: string[] = [];
+    let sending = true;
+    const receiving = (async () => {
+      while (sending || seen.length < 200) {
+        const got = await sync(s, bob, token, sending ? 1000 : 0);
+        token = got.token;
+        seen.push(...got.events.map((e) => `${e['sender'] as string}/${(e['content'] as { n: number }).n}`));
+        if (!sending && got.events.length === 0) break;
+      }
+    })();
+    await Promise.all(senders.map(async (from) => {
+      for (let n = 0; n < 50; n++) await sendOk(s, from, 'org.example.n', { [bob.userId]: { [bob.deviceId]: { n } } });
+    }));
+    sending = false;
+    await receiving;
+    assert.equal(seen.length, 200, 'nothing lost, nothing twice');
+    assert.equal(new Set(seen).size, 200);
+    for (const from of senders) {
+      const mine = seen.filter((x) => x.startsWith(`${from.userId}/`)).map((x) => Number(x.split('/')[1]));
+      assert.deepEqual(mine, Array.from({ length: 50 }, (_, n) => n), "each sender's messages in the order sent");
+    }
+  });
+
   test('a repeated txnId delivers nothing twice; other devices, and other event types, have their own txnIds', async () => {
     const s = await start(backend);
     const alice = await registerUser(s, 'alice');
