@@ -10,6 +10,7 @@ import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import { FakeHomeserver } from '../support/fake-homeserver.js';
 import { eventually, QUICK_FEDERATION } from '../support/federation.js';
+import { definitionValidator } from '../support/spec-schema.js';
 
 const C = '/_matrix/client/v3';
 const F = '/_matrix/federation/v1';
@@ -41,6 +42,7 @@ async function sync(server: TestServer, who: Session, since?: string, timeout = 
 }
 
 const contents = (events: Json[]) => events.map((e) => e['content']);
+const directToDeviceSchema = definitionValidator('server-server/definitions/event-schemas/m.direct_to_device.yaml');
 
 async function start(backend: Backend, config: Json = {}): Promise<TestServer> {
   return startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config } });
@@ -280,6 +282,7 @@ describeEachBackend('to-device messages and other servers (a fake remote server)
     await eventually('the EDU at the fake server', async () => (edus.length > 0 ? true : undefined));
     assert.equal(edus.length, 1);
     const edu = edus[0]!;
+    assert.deepEqual(directToDeviceSchema({ edu_type: 'm.direct_to_device', content: edu }), [], 'the EDU follows m.direct_to_device.yaml');
     assert.equal(edu['sender'], alice.userId);
     assert.equal(edu['type'], 'm.room_key_request');
     assert.match(edu['message_id'] as string, /^[A-Za-z0-9_-]{16}$/);
@@ -294,7 +297,10 @@ describeEachBackend('to-device messages and other servers (a fake remote server)
     await sendOk(s, alice, 'm.room.encrypted', { [dan]: Object.fromEntries(devices.map((d) => [d, { ciphertext: d.repeat(10_000 / d.length) }])) });
     await eventually('every message at the fake server', async () => (edus.flatMap((e) => Object.keys((e['messages'] as Record<string, Json>)[dan]!)).length >= 12 ? true : undefined));
     assert.ok(edus.length > 1, 'more than one EDU');
-    for (const e of edus) assert.ok(JSON.stringify({ content: e, edu_type: 'm.direct_to_device' }).length <= 65_536, 'each EDU within 64 KiB');
+    for (const e of edus) {
+      assert.ok(JSON.stringify({ content: e, edu_type: 'm.direct_to_device' }).length <= 65_536, 'each EDU within 64 KiB');
+      assert.deepEqual(directToDeviceSchema({ edu_type: 'm.direct_to_device', content: e }), [], 'each EDU follows m.direct_to_device.yaml');
+    }
     assert.deepEqual(edus.flatMap((e) => Object.keys((e['messages'] as Record<string, Json>)[dan]!)).sort(), [...devices].sort());
     assert.equal(new Set(edus.map((e) => e['message_id'])).size, edus.length, 'each EDU has its own message_id');
   });
