@@ -13,9 +13,9 @@ module.exports = {
     },
     {
       name: 'rules-stay-out-of-transport-and-drivers',
-      comment: 'keys/, accounts/ and backup/ hold the rules: no Fastify, no HTTP client, no database driver, no storage implementation.',
+      comment: 'keys/, accounts/, backup/ and todevice/ hold the rules: no Fastify, no HTTP client, no database driver, no storage implementation.',
       severity: 'error',
-      from: { path: '^src/(keys|accounts|backup)/' },
+      from: { path: '^src/(keys|accounts|backup|todevice)/' },
       to: {
         path: ['^src/(http|federation|cli|storage/(sqlite|postgres))/', '^src/storage/(?!store\\.ts$)', '(^|/)node_modules/(fastify|pg|better-sqlite3|undici)/'],
       },

@@ -15,7 +15,7 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import Database from 'better-sqlite3';
-import { buildSnapshot, freePort, machineBusy, ok, registerUser, startMxkeys, type Session } from './support.js';
+import { benchConfig, buildSnapshot, machineBusy, ok, registerUser, startMxkeys, type Session } from './support.js';
 import { median, postgresSchema, runHarness, type PostgresSchema } from './harness.js';
 
 const { values: argv } = parseArgs({
@@ -120,12 +120,7 @@ async function tableBytes(database: Record<string, unknown>, pgSchema: PostgresS
 async function runBackend(backend: string, dir: string, build: ReturnType<typeof buildSnapshot>): Promise<{ rounds: Round[]; bytesPerSession: number | undefined }> {
   const pgSchema = backend === 'postgres' ? await postgresSchema(argv.postgres!, 'benchbackup') : undefined;
   const database: Record<string, unknown> = pgSchema?.database ?? { sqlite: join(dir, `${backend}.db`) };
-  const port = await freePort();
-  const configFile = join(dir, `${backend}.yaml`);
-  writeFileSync(
-    configFile,
-    JSON.stringify({ server_name: 'bench.local', listen: { host: '127.0.0.1', port }, database, signing_key_path: join(dir, 'signing.key'), registration_shared_secret: SECRET, log_level: 'warn' }),
-  );
+  const { configFile, port } = await benchConfig(dir, backend, { database, secret: SECRET });
   const mx = await startMxkeys(build, configFile, port);
   try {
     const session = await registerUser(mx.url, SECRET, `user${randomBytes(3).toString('hex')}`);

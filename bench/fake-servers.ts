@@ -3,12 +3,14 @@
  * of its own, so they do not share the event loop with the harness or mxkeys). Each fake has its
  * own server name and Ed25519 key, publishes /_matrix/key/v2/server, and:
  *  - answers GET /user/devices/{userId} and POST /user/keys/query after `delay` ms (one device per user);
- *  - accepts PUT /send/{txnId} and records, per user, the highest m.device_list_update stream_id.
+ *  - accepts PUT /send/{txnId} and records, per user, the highest m.device_list_update stream_id,
+ *    and counts the to-device messages of m.direct_to_device EDUs (and repeated message_ids).
  * A control listener takes commands:
  *  - POST /subscribe {mxkeys, users}: every fake reads every user's list from mxkeys (signed GET
  *    /user/devices), which subscribes it; answers the stream_ids seen;
  *  - GET /progress: per fake and user the highest stream_id received, EDU and transaction counts,
- *    the largest transaction, and when the first and last EDU arrived.
+ *    the largest transaction, and when the first and last EDU arrived; per fake the to-device
+ *    messages received, with the m.direct_to_device EDUs, repeats and when the last one arrived.
  *
  *   node --import tsx bench/fake-servers.ts <count> <delay ms>   → prints one JSON line: {control, servers: {name: url}}
  */
@@ -28,10 +30,15 @@ interface Fake {
   edus: number;
   transactions: number;
   largest: number;
+  toDeviceMessages: number;
+  toDeviceEdus: number;
+  readonly messageIds: Set<string>;
+  repeatedMessageIds: number;
 }
 
 let firstEduAt = 0;
 let lastEduAt = 0;
+let lastToDeviceAt = 0;
 
 function readBody(req: IncomingMessage): Promise<unknown> {
   return new Promise((resolve) => {
@@ -71,6 +78,17 @@ async function handle(fake: Fake, req: IncomingMessage, res: ServerResponse): Pr
     fake.transactions++;
     fake.largest = Math.max(fake.largest, edus.length);
     for (const edu of edus) {
+      if (edu['edu_type'] === 'm.direct_to_device') {
+        const c = edu['content'] as { message_id: string; messages: Record<string, Record<string, unknown>> };
+        fake.toDeviceEdus++;
+        if (fake.messageIds.has(c.message_id)) fake.repeatedMessageIds++;
+        else {
+          fake.messageIds.add(c.message_id);
+          for (const devices of Object.values(c.messages)) fake.toDeviceMessages += Object.keys(devices).length;
+        }
+        lastToDeviceAt = Date.now();
+        continue;
+      }
       if (edu['edu_type'] !== 'm.device_list_update') continue;
       const c = edu['content'] as { user_id: string; stream_id: number };
       fake.edus++;
@@ -114,7 +132,19 @@ async function subscribe(fakes: readonly Fake[], mxkeys: string, destination: st
 async function main(): Promise<void> {
   const fakes: Fake[] = [];
   for (let i = 0; i < count; i++) {
-    const fake: Fake = { name: `fake${i}.bench`, url: '', key: generateSigningKey('fake'), seen: new Map(), edus: 0, transactions: 0, largest: 0 };
+    const fake: Fake = {
+      name: `fake${i}.bench`,
+      url: '',
+      key: generateSigningKey('fake'),
+      seen: new Map(),
+      edus: 0,
+      transactions: 0,
+      largest: 0,
+      toDeviceMessages: 0,
+      toDeviceEdus: 0,
+      messageIds: new Set(),
+      repeatedMessageIds: 0,
+    };
     const server = createServer((req, res) => void handle(fake, req, res));
     server.keepAliveTimeout = 60_000;
     await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
@@ -140,6 +170,8 @@ async function main(): Promise<void> {
           largestTransaction: Math.max(...fakes.map((f) => f.largest)),
           firstEduAt,
           lastEduAt,
+          toDevice: Object.fromEntries(fakes.map((f) => [f.name, { messages: f.toDeviceMessages, edus: f.toDeviceEdus, repeated: f.repeatedMessageIds }])),
+          lastToDeviceAt,
         });
       }
       send(res, 404, {});

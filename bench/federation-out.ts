@@ -14,14 +14,13 @@
  *   npm run bench:federation-out -- [--backend sqlite|postgres] [--rounds N] [--json FILE]
  */
 import { parseArgs } from 'node:util';
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import pg from 'pg';
 import Database from 'better-sqlite3';
-import { buildSnapshot, freePort, inParallel, killChildren, login, ok, registerUser, startMxkeys, type Session } from './support.js';
+import { benchConfig, buildSnapshot, inParallel, killChildren, login, ok, registerUser, startMxkeys, type Session } from './support.js';
+import { startFakes } from './harness.js';
 
 const { values: argv } = parseArgs({
   options: {
@@ -38,15 +37,6 @@ const SECRET = 'bench-shared-secret';
 const SERVER = 'bench.local';
 const C = '/_matrix/client/v3';
 type Json = Record<string, unknown>;
-
-async function startFakes(count: number, delayMs: number): Promise<{ control: string; servers: Record<string, string>; stop: () => void }> {
-  const child = spawn(process.execPath, ['--import', 'tsx', new URL('./fake-servers.ts', import.meta.url).pathname, String(count), String(delayMs)], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const line = await new Promise<string>((resolve, reject) => {
-    createInterface({ input: child.stdout! }).once('line', resolve);
-    child.once('exit', (code) => reject(new Error(`fake servers exited with ${code}`)));
-  });
-  return { ...(JSON.parse(line) as { control: string; servers: Record<string, string> }), stop: () => child.kill() };
-}
 
 /** The newest device-list stream_id of each user, read from mxkeys' database. */
 const LATEST = 'SELECT user_id, MAX(stream_id) AS s FROM device_lists_stream WHERE device_id IS NOT NULL AND private_to IS NULL GROUP BY user_id';
@@ -91,20 +81,7 @@ async function database(dir: string): Promise<{ config: Json; latestStreams: () 
 }
 
 async function startServer(dir: string, resolve: Record<string, string>, db: Json) {
-  const port = await freePort();
-  const configFile = join(dir, `mxkeys-${port}.json`);
-  writeFileSync(
-    configFile,
-    JSON.stringify({
-      server_name: SERVER,
-      listen: { host: '127.0.0.1', port },
-      database: db,
-      signing_key_path: join(dir, 'signing.key'),
-      registration_shared_secret: SECRET,
-      log_level: 'warn',
-      federation: { resolve, allow_device_name_lookup: true },
-    }),
-  );
+  const { configFile, port } = await benchConfig(dir, `mxkeys-${Date.now().toString(36)}`, { database: db, secret: SECRET, extra: { federation: { resolve, allow_device_name_lookup: true } } });
   return startMxkeys(buildSnapshot(join(dir, 'build')), configFile, port);
 }
 

@@ -22,7 +22,7 @@ import { verify, generateKeyPairSync, sign } from 'node:crypto';
 import type { AddressInfo } from 'node:net';
 import { runLoad, type LoadResult, type PreparedRequest } from './load.js';
 import { formatSummary, summarizeProfile } from './profile.js';
-import { BenchCrossSigning, BenchDevice, buildSnapshot, Ed25519Key, freePort, ok, registerUser, startBaseline, startMxkeys } from './support.js';
+import { benchConfig, BenchCrossSigning, BenchDevice, buildSnapshot, Ed25519Key, freePort, ok, registerUser, startBaseline, startMxkeys } from './support.js';
 import { median, postgresSchema, runHarness } from './harness.js';
 import { canonical } from '../test/support/keys.js';
 
@@ -104,21 +104,13 @@ async function main(): Promise<void> {
   const build = buildSnapshot(join(dir, 'build'));
   log(`measuring ${build.code}`);
   const origin = await startOrigin();
-  const port = await freePort();
-  const configFile = join(dir, 'mxkeys.yaml');
-  writeFileSync(
-    configFile,
-    JSON.stringify({
-      server_name: SERVER,
-      listen: { host: '127.0.0.1', port },
-      database,
-      signing_key_path: join(dir, 'signing.key'),
-      registration_shared_secret: SECRET,
-      log_level: 'warn',
-      // The limiter would otherwise be what is measured.
-      federation: { resolve: { [origin.name]: origin.url }, rate_limit: { per_second: 1e9, burst_count: 1e9 } },
-    }),
-  );
+  const { configFile, port } = await benchConfig(dir, 'mxkeys', {
+    database,
+    secret: SECRET,
+    // The limiter would otherwise be what is measured.
+    extra: { federation: { resolve: { [origin.name]: origin.url }, rate_limit: { per_second: 1e9, burst_count: 1e9 } } },
+  });
+
 
   try {
     const rounds: { verify: number; baseline: LoadResult; mxkeys: LoadResult }[] = [];

@@ -3,6 +3,8 @@
  * (children killed on an interrupt or a failure), a PostgreSQL schema of their own, and medians.
  */
 import { randomBytes } from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import pg from 'pg';
 import { killChildren } from './support.js';
 
@@ -54,4 +56,17 @@ export function runHarness(main: () => Promise<void>): void {
     process.stderr.write(`${(e as Error).stack ?? String(e)}\n`);
     process.exit(1);
   });
+}
+
+/**
+ * `count` fake remote homeservers in a child process of their own (fake-servers.ts), each answering
+ * after `delayMs`: their control URL, their names and URLs (for `federation.resolve`), and a stop.
+ */
+export async function startFakes(count: number, delayMs: number): Promise<{ control: string; servers: Record<string, string>; stop: () => void }> {
+  const child = spawn(process.execPath, ['--import', 'tsx', new URL('./fake-servers.ts', import.meta.url).pathname, String(count), String(delayMs)], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const line = await new Promise<string>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).once('line', resolve);
+    child.once('exit', (code) => reject(new Error(`fake servers exited with ${code}`)));
+  });
+  return { ...(JSON.parse(line) as { control: string; servers: Record<string, string> }), stop: () => child.kill() };
 }

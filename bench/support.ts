@@ -175,6 +175,27 @@ export function startBaseline(port: number, bodyFile: string, headers: Record<st
   return startChild([...prof, BASELINE, String(port), bodyFile, JSON.stringify(headers)], port, '/');
 }
 
+/**
+ * A config file `<dir>/<name>.json` for an mxkeys of server name `bench.local` on a free port,
+ * logging warnings only (or at BENCH_LOG), with `extra` settings on top: its path and port.
+ */
+export async function benchConfig(dir: string, name: string, settings: { database: Json; secret: string; extra?: Json }): Promise<{ configFile: string; port: number }> {
+  const port = await freePort();
+  const configFile = join(dir, `${name}.json`);
+  const config = {
+    server_name: 'bench.local',
+    listen: { host: '127.0.0.1', port },
+    database: settings.database,
+    signing_key_path: join(dir, 'signing.key'),
+    registration_shared_secret: settings.secret,
+    log_level: process.env['BENCH_LOG'] ?? 'warn',
+    ...settings.extra,
+  };
+  // JSON is YAML.
+  writeFileSync(configFile, JSON.stringify(config, null, 2));
+  return { configFile, port };
+}
+
 export function writeConfig(file: string, settings: { port: number; database: Json; signingKeyPath: string; secret: string; maxOneTimeKeys: number }): void {
   const config = {
     server_name: 'bench.local',

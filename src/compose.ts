@@ -30,6 +30,9 @@ import { RemoteKeys } from './federation/remote-keys.js';
 import { DeviceListSubscriptions } from './federation/subscriptions.js';
 import { FederationSender } from './federation/sender.js';
 import { DeviceListEdus } from './federation/device-list-edus.js';
+import { ToDeviceEdus } from './federation/to-device-edus.js';
+import { ToDevice } from './todevice/service.js';
+import { Sync } from './keys/sync.js';
 import { InboundTransactions } from './federation/transactions.js';
 import { FederationMaintenance } from './federation/maintenance.js';
 import type { RemoteKeyLookup } from './keys/remote.js';
@@ -42,6 +45,8 @@ export interface Mxkeys {
   readonly accounts: Accounts;
   readonly admin: Admin;
   readonly keys: Keys;
+  /** To-device messaging: sending, receiving from other servers, and the inboxes /sync reads. */
+  readonly toDevice: ToDevice;
   readonly keyRing: KeyRing;
   readonly logger: Logger;
   /**
@@ -253,13 +258,22 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     trustedKeyServers: config.federation.trusted_key_servers,
     log: (message, details) => logger.warn(details, message),
   });
+  const toDevice = new ToDevice({
+    store: store.toDevice,
+    serverName: config.server_name,
+    maxMessagesPerRequest: config.to_device.max_messages_per_request,
+    maxPendingPerDevice: config.to_device.max_pending_per_device,
+    log,
+  });
+  const sync = new Sync({ keys, deviceLists: store.deviceLists, toDevice });
   const subscriptions = new DeviceListSubscriptions({ store: store.federation, lifetimeMs: durationMs(config.federation.device_list_subscription_lifetime) });
   const sender = new FederationSender({
     serverName: config.server_name,
     client: federationClient,
     store: store.federation,
     destinations,
-    sources: [new DeviceListEdus({ store: store.federation, keys, displayNames: config.federation.allow_device_name_lookup })],
+    // To-device messages first, as Synapse sends them: encryption channels depend on them.
+    sources: [new ToDeviceEdus(store.toDevice), new DeviceListEdus({ store: store.federation, keys, displayNames: config.federation.allow_device_name_lookup })],
     pollIntervalMs: SENDER_POLL_MS,
     log,
   });
@@ -270,6 +284,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     owner: sender.owner,
     intervalMs: MAINTENANCE_INTERVAL_MS,
     maxUndeliveredAgeMs: durationMs(config.federation.max_undelivered_age),
+    housekeeping: [() => toDevice.cleanup()],
     log,
   });
   const transactions = new InboundTransactions({
@@ -277,10 +292,14 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     handlers: {
       'm.device_list_update': (origin, content) => remoteDeviceLists.deviceListUpdate(origin, content),
       'm.signing_key_update': (origin, content) => remoteDeviceLists.signingKeyUpdate(origin, content),
+      'm.direct_to_device': (origin, content) => toDevice.receiveEdu(origin, content),
     },
   });
   // A change committed here is sent at once (changes made by other processes are found by polling).
   store.deviceLists.onChange(() => sender.soon());
+  store.toDevice.onChange(({ destinations }) => {
+    if (destinations.length > 0) sender.soon();
+  });
   destinations.onRecovered((d) => sender.wake(d));
   const authenticator = new RequestAuthenticator({
     serverName: config.server_name,
@@ -296,6 +315,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
         federationAuth: authenticator.stats,
         serverKeyFetches: keyRing.stats,
         federation: { sender, destinations, remoteDeviceLists, transactions },
+        toDevice,
       })
     : undefined;
   const app = buildApp({
@@ -307,6 +327,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     accounts,
     admin,
     keys,
+    sync,
+    toDevice,
     crossSigning,
     backup,
     databaseAnswers: () => store.ping(),
@@ -337,6 +359,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     accounts,
     admin,
     keys,
+    toDevice,
     keyRing,
     logger,
     deviceListSubscriptions: subscriptions,

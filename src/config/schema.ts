@@ -123,6 +123,13 @@ export const ConfigSchema = Type.Object(
       },
       { ...strict, default: {} },
     ),
+    to_device: Type.Object(
+      {
+        max_messages_per_request: Type.Integer({ minimum: 1, default: 10_000, description: 'device messages one PUT /sendToDevice may carry' }),
+        max_pending_per_device: Type.Integer({ minimum: 1, default: 10_000, description: 'messages waiting for one device; beyond it the oldest are dropped' }),
+      },
+      { ...strict, default: {} },
+    ),
     metrics: Type.Object(
       {
         enabled: Type.Boolean({ default: false }),

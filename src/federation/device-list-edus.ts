@@ -32,6 +32,8 @@ export interface DeviceListEdusOptions {
 }
 
 export class DeviceListEdus implements EduSource {
+  readonly kind = 'device_list';
+
   constructor(private readonly options: DeviceListEdusOptions) {}
 
   destinations(now: number): Promise<string[]> {

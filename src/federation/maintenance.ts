@@ -1,8 +1,9 @@
 /**
  * Periodic federation housekeeping, done by one process of those sharing a database at a time (a
- * lease): refetching cached remote device lists that are stale or due for a refresh, and dropping
- * those nobody here follows any more; dropping lapsed subscriptions (with their queued updates and
- * chains) and old transaction records; and, for a destination that has taken no
+ * lease), with other stores' cleanup (`housekeeping`): refetching cached remote device lists that
+ * are stale or due for a refresh, and dropping those nobody here follows any more; dropping lapsed
+ * subscriptions (with their queued updates and chains) and old transaction records; and, for a
+ * destination that has taken no
  * transaction for `maxUndeliveredAgeMs`, keeping only the newest queued change per user and
  * breaking its EDU chains, so when it comes back it resyncs instead of replaying a long backlog.
  */
@@ -23,6 +24,8 @@ export interface MaintenanceOptions {
   readonly owner: string;
   readonly intervalMs: number;
   readonly maxUndeliveredAgeMs: number;
+  /** Other stores' periodic cleanup (old to-device transaction and message IDs), run under the same lease. */
+  readonly housekeeping?: readonly (() => Promise<void>)[];
   readonly now?: () => number;
   readonly log?: (level: 'info' | 'warn', message: string, details: Record<string, unknown>) => void;
 }
@@ -64,6 +67,7 @@ export class FederationMaintenance {
         }
         const forgotten = await this.options.cache.forgetUntracked();
         if (forgotten > 0) log?.('info', 'dropped cached device lists of remote users nobody here follows any more', { count: forgotten });
+        for (const job of this.options.housekeeping ?? []) await job();
         await this.options.cache.refreshDue(REFRESH_BATCH);
       } finally {
         await store.releaseLease(lease, owner);

@@ -33,6 +33,8 @@ export interface OutgoingEdus {
 }
 
 export interface EduSource {
+  /** What it sends, for metrics: `device_list`, `to_device`. */
+  readonly kind: string;
   /** Up to `limit` EDUs waiting for `destination`, oldest first; undefined when there are none. */
   take(destination: string, limit: number): Promise<OutgoingEdus | undefined>;
   /** Destinations with EDUs waiting that are not in their retry wait at `now`. */
@@ -101,8 +103,8 @@ export class FederationSender {
   private counter = 0;
   /** Counts for metrics. */
   readonly stats = { transactionsSent: 0, edusSent: 0, transactionsFailed: 0 };
-  /** Queued EDUs per destination, as last read (metrics). */
-  queueDepths = new Map<string, number>();
+  /** Queued EDUs per destination and source kind, as last read (metrics). */
+  queueDepths: readonly { readonly destination: string; readonly kind: string; readonly queued: number }[] = [];
   private queueDepthsAt = 0;
 
   constructor(private readonly options: SenderOptions) {
@@ -134,8 +136,8 @@ export class FederationSender {
         for (const source of this.options.sources) for (const d of await source.destinations(now)) this.wake(d);
         if (now - this.queueDepthsAt >= QUEUE_DEPTH_EVERY_MS) {
           this.queueDepthsAt = now;
-          const depths = new Map<string, number>();
-          for (const source of this.options.sources) for (const [d, n] of await source.queued()) depths.set(d, (depths.get(d) ?? 0) + n);
+          const depths: { destination: string; kind: string; queued: number }[] = [];
+          for (const source of this.options.sources) for (const [destination, queued] of await source.queued()) depths.push({ destination, kind: source.kind, queued });
           this.queueDepths = depths;
         }
       } catch (e) {

@@ -22,6 +22,9 @@ import { accountRoutes } from './routes/accounts.js';
 import { discoveryRoutes } from './routes/discovery.js';
 import { keyDirectRoutes, keyRoutes } from './routes/keys.js';
 import type { Keys } from '../keys/service.js';
+import type { Sync } from '../keys/sync.js';
+import type { ToDevice } from '../todevice/service.js';
+import { toDeviceRoutes } from './routes/to-device.js';
 import type { CrossSigning } from '../keys/cross-signing.js';
 import type { Notary } from '../federation/notary.js';
 import type { RequestAuthenticator } from '../federation/request-auth.js';
@@ -52,6 +55,8 @@ export interface AppDeps {
   readonly accounts: Accounts;
   readonly admin: Admin;
   readonly keys: Keys;
+  readonly sync: Sync;
+  readonly toDevice: ToDevice;
   readonly crossSigning: CrossSigning;
   readonly backup: KeyBackup;
   /** Resolves when the database answers (GET /health). */
@@ -291,11 +296,13 @@ export function buildApp(deps: AppDeps): App {
   app.register(accountRoutes, { accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(keyRoutes, {
     keys: deps.keys,
+    sync: deps.sync,
     crossSigning: deps.crossSigning,
     accounts: deps.accounts,
     allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery,
     stopping: stopping.signal,
   });
+  app.register(toDeviceRoutes, { toDevice: deps.toDevice, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(backupRoutes, { backup: deps.backup, accounts: deps.accounts, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(adminRoutes, { accounts: deps.accounts, admin: deps.admin, allowAccessTokenInQuery: deps.client.allowAccessTokenInQuery });
   app.register(federationRoutes, {

@@ -1,7 +1,8 @@
 /**
  * The end-to-end key rules: upload, claim, query, changes, cross-signing keys and signatures, and
- * the key parts of /sync. Used by the client-server API and, with a server as the viewer, by the
- * federation API. Uses the KeysStore and DeviceListsStore only; no HTTP, no driver.
+ * the key parts of /sync (put together in sync.ts). Used by the client-server API and, with a
+ * server as the viewer, by the federation API. Uses the KeysStore and DeviceListsStore only; no
+ * HTTP, no driver.
  */
 import { MatrixError } from '../matrix/errors.js';
 import { canonicalJson } from '../matrix/canonical-json.js';
@@ -10,6 +11,7 @@ import type { ClaimedKey, ClaimRequest, DeviceListsStore, KeysOfUsers, KeysStore
 import type { RemoteKeyLookup, RemoteQueryResult, ServerFailure } from './remote.js';
 import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
 import { badJson, checkTimeout, parseKeyMap, requireObject, requireObjectField, validateDeviceKeys } from './validate.js';
+import { parseStreamToken } from './sync-token.js';
 
 /** The user and device making a client request. */
 export interface Requester {
@@ -59,35 +61,6 @@ export function objectText(entries: Iterable<readonly [string, string]>): string
     out += `${JSON.stringify(k)}:${v}`;
   }
   return `${out}}`;
-}
-
-/** Longest a /sync waits for news, whatever the client asks for. */
-const MAX_SYNC_WAIT_MS = 30_000;
-const SYNC_POLL_MS = 500;
-
-/** Waits `ms`, or less when `stop` is aborted. */
-function pause(ms: number, stop: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (stop.aborted) return resolve();
-    const done = () => {
-      clearTimeout(timer);
-      stop.removeEventListener('abort', done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    stop.addEventListener('abort', done, { once: true });
-  });
-}
-
-/** Sync and /keys/changes tokens: opaque to clients, `s<stream position>` to us. */
-export function streamToken(position: number): string {
-  return `s${position}`;
-}
-
-export function parseStreamToken(token: string, name: string): number {
-  const m = /^s(\d{1,15})$/.exec(token);
-  if (!m) throw new MatrixError('M_INVALID_PARAM', `"${name}" is not a token this server issued (expected the next_batch of a /sync)`);
-  return Number(m[1]);
 }
 
 /**
@@ -491,39 +464,15 @@ export class Keys {
    * `changed` and `left` between two stream positions, as `viewer` may see them. With no rooms,
    * a user leaves the viewer's view only by being deactivated: from then on they are in `left`.
    */
-  private async changesBetween(viewer: string, fromPos: number, toPos: number): Promise<{ changed: string[]; left: string[] }> {
+  async changesBetween(viewer: string, fromPos: number, toPos: number): Promise<{ changed: string[]; left: string[] }> {
     const users = toPos > fromPos ? await this.store.changedUsers(viewer, fromPos, toPos) : [];
     const local = users.filter((u) => isLocalUser(u, this.options.serverName));
     const gone = new Set(local.length > 0 ? await this.store.deactivatedUsers(local) : []);
     return { changed: users.filter((u) => !gone.has(u)), left: users.filter((u) => gone.has(u)) };
   }
 
-  /**
-   * GET /sync, the parts a key server has (e2e spec, "Extensions to /sync"): `next_batch`,
-   * `device_lists` for an incremental sync, one-time key counts and unused fallback key types.
-   * An incremental sync waits up to `timeoutMs` (at most 30 s) for a device-list change the
-   * caller can see, checking every half second (changes may come from other processes).
-   */
-  async sync(requester: Requester, since: string | undefined, timeoutMs: number, stop: AbortSignal): Promise<Record<string, unknown>> {
-    let position = await this.options.deviceLists.currentStreamId();
-    let deviceLists: { changed: string[]; left: string[] } | undefined;
-    if (since !== undefined) {
-      const from = parseStreamToken(since, 'since');
-      const deadline = Date.now() + Math.min(timeoutMs, MAX_SYNC_WAIT_MS);
-      for (;;) {
-        deviceLists = await this.changesBetween(requester.userId, from, position);
-        if (deviceLists.changed.length > 0 || deviceLists.left.length > 0 || Date.now() >= deadline || stop.aborted) break;
-        await pause(Math.min(SYNC_POLL_MS, deadline - Date.now()), stop);
-        // Stopped while pausing: answer with what was read last (nothing new), at once.
-        if (stop.aborted) break;
-        position = await this.options.deviceLists.currentStreamId();
-      }
-    }
-    return { next_batch: streamToken(position), ...(deviceLists ? { device_lists: deviceLists } : {}), ...(await this.deviceKeyCounts(requester)) };
-  }
-
   /** The `device_one_time_keys_count` and `device_unused_fallback_key_types` of /sync. */
-  private async deviceKeyCounts(requester: Requester): Promise<{ device_one_time_keys_count: Record<string, number>; device_unused_fallback_key_types: string[] }> {
+  async deviceKeyCounts(requester: Requester): Promise<{ device_one_time_keys_count: Record<string, number>; device_unused_fallback_key_types: string[] }> {
     const [counts, fallback] = await Promise.all([
       this.store.oneTimeKeyCounts(requester.userId, requester.deviceId),
       this.store.unusedFallbackKeyTypes(requester.userId, requester.deviceId),

@@ -6,6 +6,7 @@ import { createServer, type Server } from 'node:http';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { Counter, Histogram, Observed, Registry } from './registry.js';
 import type { KeyStats } from '../keys/service.js';
+import type { ToDeviceStats } from '../todevice/service.js';
 import type { Store } from '../storage/store.js';
 
 export interface MetricSources {
@@ -14,12 +15,16 @@ export interface MetricSources {
   readonly federationAuth: { readonly accepted: number; readonly refused: number };
   readonly serverKeyFetches: { readonly fromServer: number; readonly fromNotary: number; readonly failed: number };
   readonly federation?: {
-    readonly sender: { readonly stats: { readonly transactionsSent: number; readonly edusSent: number; readonly transactionsFailed: number }; readonly queueDepths: ReadonlyMap<string, number> };
+    readonly sender: { readonly stats: { readonly transactionsSent: number; readonly edusSent: number; readonly transactionsFailed: number }; readonly queueDepths: readonly { readonly destination: string; readonly kind: string; readonly queued: number }[] };
     readonly destinations: { waiting(): string[] };
     readonly remoteDeviceLists: { readonly stats: Readonly<Record<'hits' | 'misses' | 'resyncs' | 'resyncFailures' | 'updatesApplied' | 'updatesIgnored' | 'gaps' | 'updatesDropped', number>> };
     readonly transactions: { readonly stats: Readonly<Record<'transactions' | 'repeated' | 'edus' | 'edusIgnored', number>> };
   };
+  readonly toDevice?: { readonly stats: Readonly<ToDeviceStats>; pendingMessages(): Promise<number> };
 }
+
+/** Values read from the database are read again at most this often, when scraped. */
+const DATABASE_READ_EVERY_MS = 5_000;
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10];
 
@@ -28,6 +33,8 @@ export class MxkeysMetrics {
   private readonly requests: Counter;
   private readonly latency: Histogram;
   private readonly loopDelay = monitorEventLoopDelay({ resolution: 20 });
+  /** Reads of values kept in the database, done before a scrape is answered. */
+  private readonly refreshers: (() => Promise<void>)[] = [];
 
   constructor(sources: MetricSources) {
     const r = this.registry;
@@ -64,8 +71,11 @@ export class MxkeysMetrics {
       );
       r.add(new Observed('mxkeys_federation_edus_sent_total', 'EDUs delivered to other servers.', 'counter', () => fed.sender.stats.edusSent));
       r.add(
-        new Observed('mxkeys_federation_queued_edus', 'Device-list changes waiting to be sent, per destination (read every few seconds).', 'gauge', () =>
-          [...fed.sender.queueDepths].map(([destination, n]) => [{ destination }, n] as const),
+        new Observed(
+          'mxkeys_federation_queued_edus',
+          'EDUs waiting to be sent, per destination and kind: device-list changes, to-device messages (read every few seconds).',
+          'gauge',
+          () => fed.sender.queueDepths.map(({ destination, kind, queued }) => [{ destination, kind }, queued] as const),
         ),
       );
       r.add(new Observed('mxkeys_federation_destinations_waiting', 'Destinations in their retry wait after failures.', 'gauge', () => fed.destinations.waiting().length));
@@ -97,6 +107,40 @@ export class MxkeysMetrics {
         ]),
       );
     }
+    const toDevice = sources.toDevice;
+    if (toDevice) {
+      const t = toDevice.stats;
+      r.add(
+        new Observed('mxkeys_to_device_messages_total', 'To-device messages stored for local devices, by where they came from.', 'counter', () => [
+          [{ source: 'client' }, t.fromClients],
+          [{ source: 'federation' }, t.fromFederation],
+        ]),
+      );
+      r.add(
+        new Observed('mxkeys_to_device_messages_dropped_total', "To-device messages dropped unread because their device's inbox was full (to_device.max_pending_per_device).", 'counter', () => t.droppedInboxFull),
+      );
+      r.add(
+        new Observed('mxkeys_to_device_repeats_total', 'Repeated to-device sends that stored nothing again: a txnId a device used before, a message_id a server sent before.', 'counter', () => [
+          [{ kind: 'txn_id' }, t.repeatedTxns],
+          [{ kind: 'message_id' }, t.repeatedEdus],
+        ]),
+      );
+      r.add(
+        new Observed('mxkeys_to_device_edus_total', 'm.direct_to_device EDUs queued for other servers, received from them, and received but unusable (dropped).', 'counter', () => [
+          [{ result: 'queued' }, t.edusQueued],
+          [{ result: 'received' }, t.edusReceived],
+          [{ result: 'dropped' }, t.edusDropped],
+        ]),
+      );
+      let pending = 0;
+      let pendingAt = 0;
+      this.refreshers.push(async () => {
+        if (Date.now() - pendingAt < DATABASE_READ_EVERY_MS) return;
+        pendingAt = Date.now();
+        pending = await toDevice.pendingMessages();
+      });
+      r.add(new Observed('mxkeys_to_device_pending_messages', 'To-device messages waiting in local devices\' inboxes, all devices together (read every few seconds).', 'gauge', () => pending));
+    }
     r.add(new Observed('process_resident_memory_bytes', 'Resident memory size in bytes.', 'gauge', () => process.memoryUsage.rss()));
     r.add(new Observed('nodejs_heap_used_bytes', 'V8 heap in use, in bytes.', 'gauge', () => process.memoryUsage().heapUsed));
     r.add(new Observed('process_cpu_seconds_total', 'User and system CPU time spent, in seconds.', 'counter', () => {
@@ -117,12 +161,20 @@ export class MxkeysMetrics {
     this.latency.observe({ route }, seconds);
   }
 
+  /** The exposition text, with values kept in the database read again if due (a failed read keeps the last value). */
+  async render(): Promise<string> {
+    await Promise.all(this.refreshers.map((refresh) => refresh().catch(() => undefined)));
+    return this.registry.render();
+  }
+
   /** Starts the metrics listener; resolves to its URL. */
   async listen(host: string, port: number): Promise<{ url: string; server: Server }> {
     const server = createServer((req, res) => {
       if (req.method === 'GET' && (req.url === '/metrics' || req.url?.startsWith('/metrics?'))) {
-        res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' });
-        res.end(this.registry.render());
+        void this.render().then((text) => {
+          res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4; charset=utf-8' });
+          res.end(text);
+        });
         return;
       }
       res.writeHead(404, { 'content-type': 'text/plain' });

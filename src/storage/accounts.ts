@@ -66,9 +66,11 @@ const toDevice = (r: DeviceRow): StoredDevice => ({
 /**
  * Tables with rows per (user_id, device_id) that go when the device goes. Every table that
  * references a device must be listed here (a test checks that no row of a deleted device remains
- * in any table).
+ * in any table). The inbox goes after the device row: a to-device batch writing to the device
+ * meanwhile holds a key-share lock on that row (PostgreSQL), so its messages are committed, and seen
+ * here, before the device row can be deleted.
  */
-const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices'] as const;
+const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices', 'device_inbox', 'to_device_txns'] as const;
 
 /**
  * Deletes devices and everything keyed to them inside a transaction, recording a device-list

@@ -31,6 +31,17 @@ interface Delivered {
   readonly chains: ReadonlyMap<string, { readonly from: number | undefined; readonly to: number }>;
 }
 
+/** Destinations with EDUs queued in `table` that are not waiting for a retry at `now`. */
+export async function readyDestinations(db: Queryable, table: 'device_list_outbound_pokes' | 'device_federation_outbox', now: number): Promise<string[]> {
+  const rows = await db.all<{ destination: string }>(
+    `SELECT DISTINCT q.destination FROM ${table} q
+     LEFT JOIN federation_destinations d ON d.destination = q.destination
+     WHERE d.retry_after_ts IS NULL OR d.retry_after_ts <= ?`,
+    [now],
+  );
+  return rows.map((r) => r.destination);
+}
+
 export class SqlFederationStore implements FederationStore {
   constructor(private readonly db: SqlDatabase) {
     this.delivered = new GroupCommit(db, (tx, d) => this.recordDelivered(tx, d));
@@ -137,14 +148,8 @@ export class SqlFederationStore implements FederationStore {
     return this.delivered.submit({ destination, streamIds, chains });
   }
 
-  async destinationsWithPokes(now: number): Promise<string[]> {
-    const rows = await this.db.all<{ destination: string }>(
-      `SELECT DISTINCT p.destination FROM device_list_outbound_pokes p
-       LEFT JOIN federation_destinations d ON d.destination = p.destination
-       WHERE d.retry_after_ts IS NULL OR d.retry_after_ts <= ?`,
-      [now],
-    );
-    return rows.map((r) => r.destination);
+  destinationsWithPokes(now: number): Promise<string[]> {
+    return readyDestinations(this.db, 'device_list_outbound_pokes', now);
   }
 
   async pokeCounts(): Promise<Map<string, number>> {

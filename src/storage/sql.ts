@@ -48,6 +48,16 @@ export interface SqlDatabase extends Queryable {
   close(): Promise<void>;
 }
 
+/** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
+export const CHUNK = 500;
+
+/** `items` in slices of at most `size`, for multi-row statements. */
+export function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
+  const out: T[][] = [];
+  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
+  return out;
+}
+
 /** `(?, ?, ?), (?, ?, ?)`: a VALUES list of `rows` tuples of `width` placeholders. */
 export function valuesList(rows: number, width: number): string {
   const tuple = `(${new Array<string>(width).fill('?').join(', ')})`;
@@ -57,14 +67,4 @@ export function valuesList(rows: number, width: number): string {
 /** `?, ?, ?`: placeholders for an IN list. */
 export function placeholders(n: number): string {
   return new Array<string>(n).fill('?').join(', ');
-}
-
-/** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
-export const CHUNK = 500;
-
-/** `items` in consecutive slices of at most `size`. */
-export function chunks<T>(items: readonly T[], size = CHUNK): T[][] {
-  const out: T[][] = [];
-  for (let i = 0; i < items.length; i += size) out.push(items.slice(i, i + size));
-  return out;
 }

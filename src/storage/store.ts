@@ -150,7 +150,8 @@ export interface AccountsStore {
   setDeviceDisplayName(userId: string, deviceId: string, displayName: string | null): Promise<boolean>;
   /**
    * Deletes devices and everything keyed to them (access tokens, device keys, one-time and
-   * fallback keys, signatures made on or by them) in one transaction, and records a device-list
+   * fallback keys, signatures made on or by them, pending to-device messages and the device's
+   * to-device transaction IDs) in one transaction, and records a device-list
    * change for each device that existed. Devices already gone are ignored. Returns the IDs deleted.
    */
   deleteDevices(userId: string, deviceIds: readonly string[] | 'all'): Promise<string[]>;
@@ -402,6 +403,83 @@ export interface BackupStore {
   getRoomKeys(userId: string, version: number, scope: RoomKeyScope, limit: number, after?: { roomId: string; sessionId: string }): Promise<StoredRoomKey[]>;
 }
 
+/** A to-device message for local devices: one device, or `*` for every device of the user. */
+export interface NewToDeviceMessage {
+  readonly userId: string;
+  readonly deviceId: string;
+  /** The event as the recipient receives it in /sync (`content`, `sender`, `type`), JSON text. */
+  readonly messageJson: string;
+}
+
+/** What one /sendToDevice request or one received m.direct_to_device EDU stores, in one transaction. */
+export interface ToDeviceBatch {
+  /** A client's request: stored only if this (device, event type, txnId) was never seen. */
+  readonly txn?: { readonly userId: string; readonly deviceId: string; readonly eventType: string; readonly txnId: string };
+  /** An EDU from another server: stored only if this (origin, message_id) was never seen. */
+  readonly inbound?: { readonly origin: string; readonly messageId: string };
+  /**
+   * Messages for local devices. Devices that do not exist are skipped. A `*` entry reaches every
+   * device of the user that has no entry of its own in the batch.
+   */
+  readonly local: readonly NewToDeviceMessage[];
+  /** m.direct_to_device EDU contents (JSON text) to queue for other servers. */
+  readonly remote: readonly { readonly destination: string; readonly eduJson: string }[];
+  /** After storing, each recipient device keeps at most this many messages: the oldest go. */
+  readonly maxPendingPerDevice: number;
+  readonly now: number;
+}
+
+export interface StoredToDevice {
+  /** False when the txnId or message_id was seen before: nothing was stored. */
+  readonly stored: boolean;
+  /** Local device messages stored. */
+  readonly messages: number;
+  /** Devices whose oldest messages were dropped to keep within the cap, with how many. */
+  readonly dropped: readonly { readonly userId: string; readonly deviceId: string; readonly count: number }[];
+}
+
+/** A message waiting in a device's inbox; `streamId` orders a device's messages. */
+export interface PendingToDevice {
+  readonly streamId: number;
+  readonly messageJson: string;
+}
+
+/**
+ * To-device messages (send_to_device.md; the m.direct_to_device EDU): local devices' inboxes
+ * (`device_inbox`), the queue to other servers (`device_federation_outbox`), and what was already
+ * received: message IDs from other servers (`device_federation_inbox`) and clients' transaction
+ * IDs (`to_device_txns`).
+ */
+export interface ToDeviceStore {
+  /**
+   * Stores a batch in one transaction, unless its txnId or message_id was seen before. A
+   * device's messages get increasing stream IDs, which become visible in that order (across
+   * processes too), so a reader that has seen N never later finds a smaller one.
+   */
+  addMessages(batch: ToDeviceBatch): Promise<StoredToDevice>;
+  /** Up to `limit` of the device's messages with stream ID above `after`, oldest first. */
+  messagesAfter(userId: string, deviceId: string, after: number, limit: number): Promise<PendingToDevice[]>;
+  /** Removes the device's messages with stream ID up to `upTo` (delivered); returns how many. */
+  deleteMessagesUpTo(userId: string, deviceId: string, upTo: number): Promise<number>;
+  /**
+   * Calls `listener` in this process after a batch commits: the local users who received
+   * messages, and the destinations that have EDUs queued.
+   */
+  onChange(listener: (change: { readonly userIds: readonly string[]; readonly destinations: readonly string[] }) => void): () => void;
+  /** The oldest EDUs queued for `destination`. */
+  pendingEdus(destination: string, limit: number): Promise<{ streamId: number; eduJson: string }[]>;
+  /** Removes EDUs the destination has acknowledged. */
+  edusDelivered(destination: string, streamIds: readonly number[]): Promise<void>;
+  /** Destinations with queued EDUs that are not waiting for a retry. */
+  destinationsWithEdus(now: number): Promise<string[]>;
+  /** Queued EDUs per destination (metrics). */
+  eduCounts(): Promise<Map<string, number>>;
+  /** Messages waiting in local inboxes, all devices together (metrics). */
+  pendingMessageCount(): Promise<number>;
+  /** Forgets transaction IDs recorded before `txnsBeforeTs` and message IDs received before `messageIdsBeforeTs`. */
+  cleanup(txnsBeforeTs: number, messageIdsBeforeTs: number): Promise<void>;
+}
+
 export interface Store {
   readonly backend: 'sqlite' | 'postgres';
   readonly keys: KeysStore;
@@ -411,6 +489,7 @@ export interface Store {
   readonly federation: FederationStore;
   readonly remoteDeviceLists: RemoteDeviceListsStore;
   readonly backup: BackupStore;
+  readonly toDevice: ToDeviceStore;
   /** Database statements this process has run (a metric; tests use it to count round trips). */
   statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */

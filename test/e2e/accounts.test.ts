@@ -274,10 +274,15 @@ describeEachBackend('accounts and devices', (backend) => {
     for (const t of [ivan.accessToken, d3.accessToken]) expectMatrixError(await http(s.url, 'GET', `${C}/account/whoami`, { token: t }), 401, 'M_UNKNOWN_TOKEN');
   });
 
-  test('deleting a device leaves no row of it in any table, except the device-list change that records the deletion', async () => {
+  test('deleting a device leaves no row of it in any table (keys, tokens, to-device messages), except the device-list change that records the deletion', async () => {
     const s = await start();
     const kim = await registerUser(s, 'kim');
     const gone = await login(s, 'kim', kim.password, { initial_device_display_name: 'To delete' });
+    // A to-device message waiting for the device, and one it sent (its txnId is remembered).
+    for (const [from, txn, to] of [[kim, 'to-gone', gone.deviceId], [gone, 'from-gone', kim.deviceId]] as const) {
+      const sent = await http(s.url, 'PUT', `${C}/sendToDevice/org.example.note/${txn}`, { token: from.accessToken, body: { messages: { [kim.userId]: { [to]: { note: 1 } } } } });
+      assert.equal(sent.status, 200, sent.text);
+    }
     const challenge = await http(s.url, 'DELETE', `${C}/devices/${gone.deviceId}`, { token: kim.accessToken });
     const ok = await http(s.url, 'DELETE', `${C}/devices/${gone.deviceId}`, { token: kim.accessToken, body: { auth: passwordAuth(kim, challenge.body['session'] as string) } });
     assert.equal(ok.status, 200);

@@ -1,16 +1,17 @@
 /**
- * The EDU sender across processes: its queue survives kill -9, and several processes sharing one
- * database send each update to a destination once, not once per process.
+ * The EDU sender across processes: its queue (device-list updates, to-device messages) survives
+ * kill -9, and several processes sharing one database send each update to a destination once,
+ * not once per process.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { describeEachBackend, tempDir } from '../support/backends.js';
+import { describeEachBackend, tempDir, type Backend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
 import { login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
-import { startServerProcess } from '../support/process.js';
+import { startServerProcess, type ServerProcess } from '../support/process.js';
 import { FakeHomeserver } from '../support/fake-homeserver.js';
 import { CountingProxy, eventually, freePort, QUICK_FEDERATION } from '../support/federation.js';
 import type { DatabaseConfig } from '../../src/storage/index.js';
@@ -46,18 +47,26 @@ async function newDeviceWithKeys(url: string, user: Session, deviceId: string): 
   return s;
 }
 
+/**
+ * hs2 in this process and hs1 as a child process (`restartHs1` starts it, again after a kill),
+ * each reaching the other through a counting proxy that can play an outage.
+ */
+async function twoServers(backend: Backend): Promise<{ toHs1: CountingProxy; toHs2: CountingProxy; hs2: TestServer; restartHs1: () => Promise<ServerProcess> }> {
+  const [port1, port2] = [await freePort(), await freePort()];
+  const toHs1 = await CountingProxy.start(`http://127.0.0.1:${port1}`);
+  const toHs2 = await CountingProxy.start(`http://127.0.0.1:${port2}`);
+  const hs2 = await startServer({
+    backend,
+    config: { server_name: 'hs2.test', registration_shared_secret: SHARED_SECRET, listen: { host: '127.0.0.1', port: port2 }, federation: { ...QUICK_FEDERATION, resolve: { 'hs1.test': toHs1.url } } },
+  });
+  const config = writeConfig(await backend.freshDatabase(), 'hs1.test', { 'hs2.test': toHs2.url });
+  return { toHs1, toHs2, hs2, restartHs1: () => startServerProcess(['--config', config], { env: { MXKEYS_LISTEN_PORT: String(port1) } }) };
+}
+
 describeEachBackend('the federation sender across processes', (backend) => {
   test('updates queued while the receiver is unreachable survive kill -9 of the sender and arrive after a restart', async () => {
-    const [port1, port2] = [await freePort(), await freePort()];
-    const toHs1 = await CountingProxy.start(`http://127.0.0.1:${port1}`);
-    const toHs2 = await CountingProxy.start(`http://127.0.0.1:${port2}`);
-    const hs2 = await startServer({
-      backend,
-      config: { server_name: 'hs2.test', registration_shared_secret: SHARED_SECRET, listen: { host: '127.0.0.1', port: port2 }, federation: { ...QUICK_FEDERATION, resolve: { 'hs1.test': toHs1.url } } },
-    });
-    const config = writeConfig(await backend.freshDatabase(), 'hs1.test', { 'hs2.test': toHs2.url });
-    const env = { MXKEYS_LISTEN_PORT: String(port1) };
-    let hs1 = await startServerProcess(['--config', config], { env });
+    const { toHs1, toHs2, hs2, restartHs1 } = await twoServers(backend);
+    let hs1 = await restartHs1();
 
     const bob = await registerUser(at(hs1.url), 'bob');
     await newDeviceWithKeys(hs1.url, bob, 'PHONE');
@@ -78,9 +87,48 @@ describeEachBackend('the federation sender across processes', (backend) => {
     await hs1.exited;
 
     toHs2.up = true;
-    hs1 = await startServerProcess(['--config', config], { env });
+    hs1 = await restartHs1();
     await eventually("bob's new device on hs2", async () => ((await query()).includes('LAPTOP') ? true : undefined), 20_000);
     assert.equal(toHs1.count(`${F}/user/devices/`), fetches, 'it came as an update, not by hs2 asking again');
+    hs1.child.kill('SIGTERM');
+    assert.equal(await hs1.exited, 0, hs1.output());
+  });
+
+  test('to-device messages queued for an unreachable server survive kill -9 of the sender and are delivered once, in order, after a restart', async () => {
+    const { toHs2, hs2, restartHs1 } = await twoServers(backend);
+    let hs1 = await restartHs1();
+
+    const alice = await registerUser(at(hs1.url), 'alice');
+    const bob = await registerUser(hs2, 'bob');
+    let since = (await http(hs2.url, 'GET', `${C}/sync`, { token: bob.accessToken })).body['next_batch'] as string;
+    const sendToBob = async (url: string, n: number) => {
+      const r = await http(url, 'PUT', `${C}/sendToDevice/org.example.note/n${n}`, { token: alice.accessToken, body: { messages: { [bob.userId]: { [bob.deviceId]: { n } } } } });
+      assert.equal(r.status, 200, r.text);
+    };
+
+    // hs2 is unreachable; the message waits in hs1's queue; hs1 is killed.
+    toHs2.up = false;
+    await sendToBob(hs1.url, 1);
+    await eventually('a failed attempt to send', async () => (hs1.output().includes('a destination did not answer') ? true : undefined));
+    hs1.child.kill('SIGKILL');
+    await hs1.exited;
+
+    toHs2.up = true;
+    hs1 = await restartHs1();
+    await sendToBob(hs1.url, 2);
+    const received: number[] = [];
+    await eventually(
+      'the second message at bob',
+      async () => {
+        const r = await http(hs2.url, 'GET', `${C}/sync?since=${since}&timeout=1000`, { token: bob.accessToken });
+        assert.equal(r.status, 200, r.text);
+        since = r.body['next_batch'] as string;
+        for (const e of ((r.body['to_device'] as Json)['events'] as Json[])) received.push((e['content'] as { n: number }).n);
+        return received.includes(2) ? true : undefined;
+      },
+      20_000,
+    );
+    assert.deepEqual(received, [1, 2], 'the message queued before the crash arrived once, before the later one');
     hs1.child.kill('SIGTERM');
     assert.equal(await hs1.exited, 0, hs1.output());
   });

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { join, relative } from 'node:path';
-import { responseValidator, SHARED_SPEC_DATA, SPEC_DATA } from '../support/spec-schema.js';
+import { definitionValidator, responseValidator, SHARED_SPEC_DATA, SPEC_DATA } from '../support/spec-schema.js';
 
 function filesUnder(dir: string): string[] {
   return readdirSync(dir, { withFileTypes: true }).flatMap((e) => (e.isDirectory() ? filesUnder(join(dir, e.name)) : [join(dir, e.name)]));
@@ -29,4 +29,13 @@ test('the spec-derived validators reject responses that break user_keys.yaml and
   assert.deepEqual(claim({ one_time_keys: { '@a:b': { D: { 'curve25519:x': 'k' } } } }), []);
   assert.notDeepEqual(devices({ user_id: '@a:b', devices: [] }), [], 'stream_id is required');
   assert.notDeepEqual(devices({ user_id: '@a:b', stream_id: 1, devices: [{ device_id: 'D' }] }), [], 'every device has keys');
+});
+
+test('the spec-derived m.direct_to_device validator rejects EDUs that break its schema', () => {
+  const edu = definitionValidator('server-server/definitions/event-schemas/m.direct_to_device.yaml');
+  const content = { sender: '@a:b', type: 'm.room_key', message_id: 'x', messages: { '@c:d': { D: {} } } };
+  assert.deepEqual(edu({ edu_type: 'm.direct_to_device', content }), []);
+  assert.notDeepEqual(edu({ edu_type: 'm.direct_to_device', content: { ...content, message_id: undefined } }), [], 'message_id is required');
+  assert.notDeepEqual(edu({ edu_type: 'm.typing', content }), [], 'the EDU type is m.direct_to_device');
+  assert.notDeepEqual(edu({ edu_type: 'm.direct_to_device', content: { ...content, messages: { '@c:d': { D: 'text' } } } }), [], 'messages are objects');
 });

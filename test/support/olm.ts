@@ -27,9 +27,24 @@ export interface OutgoingLike {
   readonly id?: string | undefined;
   readonly type: sdk.RequestType;
   readonly body: string;
+  /** To-device requests: where they go (PUT /sendToDevice/{event_type}/{txn_id}). */
+  readonly event_type?: string;
+  readonly txn_id?: string;
+}
+
+/** The method and path of an outgoing request, if we serve it. */
+function routeOf(request: OutgoingLike): [string, string] | undefined {
+  if (request.type === sdk.RequestType.ToDevice) {
+    assert.ok(request.event_type && request.txn_id, 'a to-device request names its event type and txnId');
+    return ['PUT', `${C}/sendToDevice/${encodeURIComponent(request.event_type)}/${encodeURIComponent(request.txn_id)}`];
+  }
+  return ROUTES[request.type];
 }
 
 export class OlmClient {
+  /** The next_batch of the last /sync. */
+  private since: string | undefined;
+
   private constructor(
     readonly machine: sdk.OlmMachine,
     readonly session: Session,
@@ -51,7 +66,7 @@ export class OlmClient {
 
   /** Sends a request of the machine's and reports the response back to it. */
   async sendOutgoing(request: OutgoingLike): Promise<string> {
-    const route = ROUTES[request.type];
+    const route = routeOf(request);
     assert.ok(route, `no route for outgoing request type ${request.type}`);
     const text = await this.send(route[0], route[1], request.body);
     if (request.id) await this.machine.markRequestAsSent(request.id, request.type, text);
@@ -62,7 +77,7 @@ export class OlmClient {
   async flush(): Promise<void> {
     for (let round = 0; round < 10; round++) {
       const requests = (await this.machine.outgoingRequests()) as OutgoingLike[];
-      const ours = requests.filter((r) => ROUTES[r.type]);
+      const ours = requests.filter((r) => routeOf(r));
       if (ours.length === 0) return;
       for (const r of ours) await this.sendOutgoing(r);
     }
@@ -84,6 +99,28 @@ export class OlmClient {
     const signatures = JSON.parse(await this.sendOutgoing({ type: sdk.RequestType.SignatureUpload, body: requests.uploadSignaturesRequest.body })) as { failures?: object };
     assert.deepEqual(signatures.failures ?? {}, {}, 'every signature of the bootstrap was accepted');
     return { neededAuth };
+  }
+
+  /**
+   * One GET /sync (waiting up to `timeoutMs` for news), its to-device events, device-list changes
+   * and key counts handed to the machine, then the machine's follow-up requests sent (key uploads,
+   * queries, to-device replies). Returns the to-device events as the machine processed them.
+   */
+  async sync(timeoutMs = 0): Promise<sdk.ProcessedToDeviceEvent[]> {
+    const query = this.since === undefined ? '' : `?since=${encodeURIComponent(this.since)}&timeout=${timeoutMs}`;
+    const r = await http(this.server.url, 'GET', `${C}/sync${query}`, { token: this.session.accessToken });
+    assert.equal(r.status, 200, r.text);
+    this.since = r.body['next_batch'] as string;
+    const lists = (r.body['device_lists'] ?? {}) as { changed?: string[]; left?: string[] };
+    const counts = new Map(Object.entries((r.body['device_one_time_keys_count'] ?? {}) as Record<string, number>));
+    const processed = await this.machine.receiveSyncChanges(
+      JSON.stringify(((r.body['to_device'] as { events?: unknown[] } | undefined)?.events) ?? []),
+      new sdk.DeviceLists((lists.changed ?? []).map((u) => new sdk.UserId(u)), (lists.left ?? []).map((u) => new sdk.UserId(u))),
+      counts,
+      new Set((r.body['device_unused_fallback_key_types'] ?? []) as string[]),
+    );
+    await this.flush();
+    return processed;
   }
 
   /** Hands to-device events (and key counts) to the machine as a /sync would. */

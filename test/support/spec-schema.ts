@@ -60,3 +60,10 @@ export function responseValidator(api: string, path: string, method: string): (b
   const validate = ajv.compile(schema as object);
   return (body) => (validate(body) ? [] : (validate.errors ?? []).map((e) => `${e.instancePath} ${e.message ?? ''} ${JSON.stringify(e.params)}`));
 }
+
+/** A validator for the schema in `definition` (relative to data/api), e.g. an EDU's. */
+export function definitionValidator(definition: string): (value: unknown) => string[] {
+  const file = join(SPEC_DATA, 'api', definition);
+  const validate = ajv.compile(inline(load(file), file) as object);
+  return (value) => (validate(value) ? [] : (validate.errors ?? []).map((e) => `${e.instancePath} ${e.message ?? ''} ${JSON.stringify(e.params)}`));
+}

@@ -5,6 +5,7 @@
 import type { FastifyPluginAsync } from 'fastify';
 import { Type } from '@sinclair/typebox';
 import type { Keys } from '../../keys/service.js';
+import type { Sync } from '../../keys/sync.js';
 import type { CrossSigning } from '../../keys/cross-signing.js';
 import type { Accounts } from '../../accounts/service.js';
 import { accessTokenOf, pathOf, requesterOf, requireAccessToken } from '../auth.js';
@@ -13,6 +14,7 @@ import type { DirectRoute } from '../direct.js';
 
 export interface KeyRoutesOptions {
   readonly keys: Keys;
+  readonly sync: Sync;
   readonly crossSigning: CrossSigning;
   readonly accounts: Accounts;
   readonly allowAccessTokenInQuery: boolean;
@@ -38,7 +40,7 @@ const UploadBody = Type.Object(
  * POST /keys/query and /keys/claim (keys.yaml), the hot routes, served by DirectRoutes: the key
  * rules check the bodies (Keys.query, Keys.claim), as no Fastify schema runs before them.
  */
-export function keyDirectRoutes({ keys, accounts, allowAccessTokenInQuery }: Omit<KeyRoutesOptions, 'crossSigning'>): DirectRoute[] {
+export function keyDirectRoutes({ keys, accounts, allowAccessTokenInQuery }: Pick<KeyRoutesOptions, 'keys' | 'accounts' | 'allowAccessTokenInQuery'>): DirectRoute[] {
   const requester = (raw: IncomingMessage) => accounts.authenticate(accessTokenOf(raw, allowAccessTokenInQuery));
   return [
     {
@@ -57,7 +59,7 @@ export function keyDirectRoutes({ keys, accounts, allowAccessTokenInQuery }: Omi
   ];
 }
 
-export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { keys, crossSigning, accounts, allowAccessTokenInQuery, stopping }) => {
+export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { keys, sync, crossSigning, accounts, allowAccessTokenInQuery, stopping }) => {
   app.addHook('onRequest', requireAccessToken(accounts, allowAccessTokenInQuery));
 
   // Long-polls waiting right now: ended with an empty answer when the server shuts down, so a
@@ -94,10 +96,11 @@ export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { key
   }
 
   /**
-   * GET /_matrix/client/v3/sync — only the end-to-end encryption parts a key server has
-   * (e2e spec, "Extensions to /sync"): device list changes, one-time key counts and unused
-   * fallback key types, with `next_batch` for /keys/changes. An incremental sync waits up to
-   * `timeout` ms for a device-list change the caller can see.
+   * GET /_matrix/client/v3/sync — only the parts a key server has (e2e spec and
+   * send_to_device.md, "Extensions to /sync"): device list changes, one-time key counts, unused
+   * fallback key types and to-device messages, with `next_batch` (also for /keys/changes). An
+   * incremental sync waits up to `timeout` ms for a device-list change the caller can see or a
+   * to-device message.
    */
   app.get(
     `${C}/sync`,
@@ -110,7 +113,7 @@ export const keyRoutes: FastifyPluginAsync<KeyRoutesOptions> = async (app, { key
       reply.raw.once('close', onClose);
       waiting.add(stop);
       try {
-        return await keys.sync(requesterOf(request), q.since, Number(q.timeout ?? 0), stop.signal);
+        return reply.type('application/json').send(await sync.sync(requesterOf(request), q.since, Number(q.timeout ?? 0), stop.signal));
       } finally {
         waiting.delete(stop);
         reply.raw.off('close', onClose);

@@ -258,4 +258,41 @@ export const migrations: readonly Migration[] = [
       DROP TABLE server_keys_json;
     `,
   },
+  {
+    version: 8,
+    name: 'to-device messages: local device inboxes, the outbox to other servers, received message IDs and transaction IDs',
+    sql: `
+      CREATE TABLE device_inbox (
+        stream_id BIGSERIAL PRIMARY KEY,
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        message_json TEXT NOT NULL,
+        received_ts BIGINT NOT NULL
+      );
+      CREATE INDEX device_inbox_by_device ON device_inbox (user_id, device_id, stream_id);
+      CREATE TABLE device_federation_outbox (
+        stream_id BIGSERIAL PRIMARY KEY,
+        destination TEXT NOT NULL,
+        edu_json TEXT NOT NULL,
+        queued_ts BIGINT NOT NULL
+      );
+      CREATE INDEX device_federation_outbox_by_destination ON device_federation_outbox (destination, stream_id);
+      CREATE TABLE device_federation_inbox (
+        origin TEXT NOT NULL,
+        message_id TEXT NOT NULL,
+        received_ts BIGINT NOT NULL,
+        PRIMARY KEY (origin, message_id)
+      );
+      CREATE INDEX device_federation_inbox_by_ts ON device_federation_inbox (received_ts);
+      CREATE TABLE to_device_txns (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        event_type TEXT NOT NULL,
+        txn_id TEXT NOT NULL,
+        received_ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, device_id, event_type, txn_id)
+      );
+      CREATE INDEX to_device_txns_by_ts ON to_device_txns (received_ts);
+    `,
+  },
 ];
