@@ -177,8 +177,10 @@ export class Admin {
     }
     const logout = optionalBoolean(body, 'logout_devices', true);
     const user = await this.existingUser(userId, 'reset passwords of');
-    if (user.deactivated) throw new MatrixError('M_INVALID_PARAM', `${userId} is deactivated; a deactivated account cannot be given a password again`);
-    await this.options.accounts.setPasswordHash(userId, await this.options.hashPassword(password), logout);
+    const deactivated = () => new MatrixError('M_INVALID_PARAM', `${userId} is deactivated; a deactivated account cannot be given a password again`);
+    if (user.deactivated) throw deactivated();
+    // The store refuses, too, if the account was deactivated while the hash was being made.
+    if (!(await this.options.accounts.setPasswordHash(userId, await this.options.hashPassword(password), logout))) throw deactivated();
     this.record(actor, 'password reset by an administrator', { user: userId, logout_devices: logout });
     return {};
   }

@@ -104,6 +104,19 @@ export interface UiaSession {
   readonly createdTs: number;
 }
 
+export interface LoginOptions {
+  /** The stored hash the password was verified against. */
+  readonly passwordHash: string;
+  readonly maxDevices?: number | undefined;
+}
+
+export interface LoginOutcome {
+  /** Whether the device was created (false: an existing device was logged in again). */
+  readonly created: boolean;
+  /** Why nothing was stored, if the login was refused. */
+  readonly refused?: 'credentials' | 'too many devices';
+}
+
 /** Users, devices, access tokens, registration nonces and user-interactive auth sessions. */
 export interface AccountsStore {
   /**
@@ -116,8 +129,10 @@ export interface AccountsStore {
   /** A page of users in the order asked for (ties by user ID), and how many match in all. */
   listUsers(query: UserListQuery): Promise<{ users: UserAccount[]; total: number }>;
   /**
-   * Replaces the user's password hash; with `logout`, also revokes all the user's access tokens
-   * (devices and their keys stay, as Synapse does). False when the user does not exist.
+   * Replaces the user's password hash; with `logout`, also deletes all the user's devices the way
+   * deleteDevices does (access tokens, keys, signatures; device-list changes recorded), as
+   * Synapse's set_password with logout_devices does. One transaction. False (and nothing changes)
+   * when the user does not exist or is deactivated.
    */
   setPasswordHash(userId: string, passwordHash: string, logout: boolean): Promise<boolean>;
   /**
@@ -136,11 +151,13 @@ export interface AccountsStore {
   /**
    * Logs a device in: creates the device if the user does not have it (recording a device-list
    * change), otherwise keeps it and its keys but revokes its earlier access tokens; then stores the
-   * new token. One transaction. Returns whether the device was created. A new device is refused
-   * (nothing changes, `tooManyDevices` is set) when the user already has `maxDevices` devices;
-   * concurrent logins of one user are serialised for that count.
+   * new token. One transaction, which first reads the user again (locking the row on PostgreSQL):
+   * the login is refused (`refused: 'credentials'`, nothing changes) when the user is gone or
+   * deactivated, or their password hash is no longer `options.passwordHash`, the one the password
+   * was checked against. A new device is refused (`refused: 'too many devices'`) when the user
+   * already has `maxDevices` devices; concurrent logins of one user are serialised for that count.
    */
-  loginDevice(userId: string, session: NewSession, maxDevices?: number): Promise<{ created: boolean; tooManyDevices?: boolean }>;
+  loginDevice(userId: string, session: NewSession, options: LoginOptions): Promise<LoginOutcome>;
   /** The user and device an access token belongs to, if the token is live. */
   getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined>;
   getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined>;

@@ -28,6 +28,28 @@ async function withKeys(s: TestServer, who: Session): Promise<TestDevice> {
   return device;
 }
 
+/**
+ * Holds the next password check (`verify`) or new password hash (`hash`) once it is computed and
+ * before the caller goes on: the window in which an admin may deactivate the account or reset
+ * its password.
+ */
+function holdNextPasswordHashing(s: TestServer, step: 'verify' | 'hash'): { reached: Promise<void>; release: () => void } {
+  const passwords = s.mx.accounts.passwords as unknown as Record<typeof step, (...args: unknown[]) => Promise<unknown>>;
+  const real = passwords[step];
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  let reached!: () => void;
+  const reachedP = new Promise<void>((resolve) => (reached = resolve));
+  passwords[step] = async (...args: unknown[]) => {
+    const result = await real.apply(s.mx.accounts.passwords, args);
+    delete passwords[step];
+    reached();
+    await gate;
+    return result;
+  };
+  return { reached: reachedP, release };
+}
+
 describeEachBackend("Synapse's user admin API", (backend) => {
   const start = () => startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, enable_registration: true } });
 
@@ -95,28 +117,81 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     expectMatrixError(await as(server, admin, 'GET', `${A2}/users/${enc('@carol:elsewhere.example')}`), 400, 'M_INVALID_PARAM', /local users/);
   });
 
-  test('resetting a password logs the user out everywhere unless logout_devices is false; devices and keys stay', async () => {
+  test('resetting a password deletes every device of the user (as Synapse) unless logout_devices is false, and those tracking the user hear of it', async () => {
     const server = await start();
     const admin = await registerUser(server, 'admin', 'pw', true);
     const carol = await registerUser(server, 'carol');
+    const carolPhone = await login(server, 'carol', carol.password);
     await withKeys(server, carol);
+    await withKeys(server, carolPhone);
+    const dave = await registerUser(server, 'dave');
+    await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
+    const since = (await as(server, dave, 'GET', `${C}/sync`)).body['next_batch'] as string;
 
     const r = await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'new one' });
     assert.equal(r.status, 200, r.text);
     assert.deepEqual(r.body, {});
-    expectMatrixError(await as(server, carol, 'GET', `${C}/account/whoami`), 401, 'M_UNKNOWN_TOKEN');
+    for (const s of [carol, carolPhone]) expectMatrixError(await as(server, s, 'GET', `${C}/account/whoami`), 401, 'M_UNKNOWN_TOKEN');
     expectMatrixError(await http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password } }), 403, 'M_FORBIDDEN');
-    const again = await login(server, 'carol', 'new one', { device_id: carol.deviceId });
-    const keys = await as(server, again, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
-    assert.ok((keys.body['device_keys'] as Record<string, Json>)[carol.userId]![carol.deviceId], 'the device kept its keys');
+    assert.equal((await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['total'], 0, 'every device is gone');
+    const seen = await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
+    assert.deepEqual((seen.body['device_keys'] as Json)[carol.userId], {}, 'with their keys');
+    const changes = await as(server, dave, 'GET', `${C}/keys/changes?from=${since}`);
+    assert.deepEqual(changes.body['changed'], [carol.userId], 'a tracker hears of the deleted devices');
 
+    const again = await login(server, 'carol', 'new one', { device_id: carol.deviceId });
+    await withKeys(server, again);
     const keep = await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'third', logout_devices: false });
     assert.equal(keep.status, 200, keep.text);
     assert.equal((await as(server, again, 'GET', `${C}/account/whoami`)).status, 200, 'still logged in');
+    const kept = await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
+    assert.ok((kept.body['device_keys'] as Record<string, Json>)[carol.userId]![carol.deviceId], 'the device kept its keys');
 
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, {}), 400, 'M_MISSING_PARAM', /new_password/);
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'x', logout_devices: 'yes' }), 400, 'M_BAD_JSON');
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc('@nobody:test.local')}`, { new_password: 'x' }), 404, 'M_NOT_FOUND');
+  });
+
+  test('a login whose password was checked just before the account was deactivated gets no token and no device', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    const hold = holdNextPasswordHashing(server, 'verify');
+    const loggingIn = http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password, device_id: 'RACER' } });
+    await hold.reached;
+    assert.equal((await as(server, admin, 'POST', `${A1}/deactivate/${enc(carol.userId)}`, {})).status, 200);
+    hold.release();
+    expectMatrixError(await loggingIn, 403, 'M_FORBIDDEN', /Invalid username or password/);
+    assert.equal((await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['total'], 0, 'no device was created');
+  });
+
+  test('a login with the old password that was checked just before an admin reset it is refused', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    const hold = holdNextPasswordHashing(server, 'verify');
+    const loggingIn = http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password, device_id: 'RACER' } });
+    await hold.reached;
+    assert.equal((await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'new one' })).status, 200);
+    hold.release();
+    expectMatrixError(await loggingIn, 403, 'M_FORBIDDEN', /Invalid username or password/);
+    const devices = (await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['devices'] as Json[];
+    assert.ok(!devices.some((d) => d['device_id'] === 'RACER'), 'no device was created');
+    await login(server, 'carol', 'new one');
+  });
+
+  test('a password reset whose hash was made just before the account was deactivated leaves it without a password', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    const hold = holdNextPasswordHashing(server, 'hash');
+    const resetting = as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'back again' });
+    await hold.reached;
+    assert.equal((await as(server, admin, 'POST', `${A1}/deactivate/${enc(carol.userId)}`, {})).status, 200);
+    hold.release();
+    expectMatrixError(await resetting, 400, 'M_INVALID_PARAM', /deactivated/);
+    expectMatrixError(await http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: 'back again' } }), 403, 'M_FORBIDDEN');
+    assert.equal((await server.mx.store.accounts.getUser(carol.userId))?.passwordHash, null);
   });
 
   test("a user's devices: list, show, rename, delete one, delete several", async () => {
