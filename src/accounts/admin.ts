@@ -16,6 +16,11 @@ export interface AdminOptions {
   readonly hashPassword: (password: string) => Promise<string>;
   readonly keys: KeysStore;
   readonly serverName: string;
+  /**
+   * Called after a deactivation: the user's key backups were marked deleted and wait to be purged
+   * (the server purges in the background, the command line before it exits).
+   */
+  readonly afterDeactivation?: () => Promise<void> | void;
   /** Records what an administrator did (who, to whom). */
   readonly log?: (message: string, details: Record<string, unknown>) => void;
   readonly now?: () => number;
@@ -192,6 +197,7 @@ export class Admin {
     await this.existingUser(userId, 'deactivate');
     await this.options.accounts.deactivateUser(userId);
     this.record(actor, 'user deactivated by an administrator', { user: userId });
+    await this.options.afterDeactivation?.();
     // Synapse's answer; mxkeys binds nothing at identity servers, so there is nothing to unbind.
     return { id_server_unbind_result: 'success' };
   }

@@ -201,6 +201,11 @@ export class SqlAccountsStore implements AccountsStore {
       await tx.run('DELETE FROM access_tokens WHERE user_id = ?', [userId]);
       // They follow nobody any more (those following them keep their rows: they are told in `left`).
       await tx.run('DELETE FROM e2e_tracked_users WHERE user_id = ?', [userId]);
+      // Their key backups go, as Synapse deletes them: versions without keys now, the others are
+      // marked deleted (invisible from now on) and their keys purged in batches afterwards, the
+      // way a deleted version's are (storage/backup.ts), so a big backup never holds the database.
+      await tx.run('DELETE FROM e2e_room_keys_versions WHERE user_id = ? AND key_count = 0', [userId]);
+      await tx.run('UPDATE e2e_room_keys_versions SET deleted = ? WHERE user_id = ?', [true, userId]);
       // One change for the user as a whole, so those tracking a user without devices see it too.
       await this.deviceLists.record(tx, userId, [null], Date.now());
       return true;

@@ -138,8 +138,10 @@ export interface AccountsStore {
   /**
    * Deactivates a user in one transaction: every device goes the way deleteDevices takes it
    * (access tokens, device keys, one-time and fallback keys, signatures; device-list changes
-   * recorded), the cross-signing keys and signatures by or on them go too, the password is
-   * removed and the user is marked deactivated. The user ID stays taken. False when the user does
+   * recorded), the cross-signing keys and signatures by or on them go too, every key backup
+   * version is deleted (as BackupTransaction.deleteVersion: gone at once, its keys purged
+   * afterwards by BackupStore.purgeDeletedKeys, which then drops the version rows), the password
+   * is removed and the user is marked deactivated. The user ID stays taken. False when the user does
    * not exist.
    */
   deactivateUser(userId: string): Promise<boolean>;
@@ -369,6 +371,19 @@ export interface StoredRoomKey {
 /** The metadata of a stored room key, which decides whether an upload replaces it. */
 export type RoomKeyMetadata = Omit<StoredRoomKey, 'sessionData'>;
 
+export interface StoredRoomKeyMetadata extends RoomKeyMetadata {
+  /** The size of its `session_data` (JSON text) in bytes. */
+  readonly bytes: number;
+}
+
+/** What a user's backup versions that are not deleted hold together. */
+export interface BackupUsage {
+  readonly versions: number;
+  readonly sessions: number;
+  /** Bytes of `session_data`. */
+  readonly bytes: number;
+}
+
 /** Which keys of a version a read or a deletion covers: all, one room's, or one session's. */
 export interface RoomKeyScope {
   readonly roomId?: string | undefined;
@@ -387,19 +402,23 @@ export interface BackupTransaction {
   /** Creates the next version (one more than any version the user ever had) and returns its number. */
   createVersion(algorithm: string, authData: string): Promise<number>;
   setAuthData(version: number, authData: string): Promise<void>;
-  /** Deletes the version's keys and marks it deleted (kept, so its number is not reused). */
-  deleteVersion(version: number): Promise<void>;
-  /** The stored metadata of those of the given sessions the version holds. */
-  getRoomKeyMetadata(version: number, ids: readonly { roomId: string; sessionId: string }[]): Promise<RoomKeyMetadata[]>;
   /**
-   * Inserts the keys, replacing stored keys of the same sessions; `added` of them are new. Moves
-   * the version's etag on and keeps its count.
+   * Marks the version deleted: from the commit on, it and its keys are gone for every reader. The
+   * keys themselves are removed afterwards by BackupStore.purgeDeletedKeys, a batch at a time.
    */
-  putRoomKeys(version: number, keys: readonly StoredRoomKey[], added: number): Promise<void>;
+  deleteVersion(version: number): Promise<void>;
+  /** The stored metadata (and size) of those of the given sessions the version holds. */
+  getRoomKeyMetadata(version: number, ids: readonly { roomId: string; sessionId: string }[]): Promise<StoredRoomKeyMetadata[]>;
+  /**
+   * Inserts the keys, replacing stored keys of the same sessions; `added` of them are new, and
+   * the version's `session_data` grows by `addedBytes` (negative when it shrinks). Moves the
+   * version's etag on and keeps its count and size.
+   */
+  putRoomKeys(version: number, keys: readonly StoredRoomKey[], added: number, addedBytes: number): Promise<void>;
   /** Deletes the keys in `scope`; when any existed, moves the etag on and keeps the count. Returns how many. */
   deleteRoomKeys(version: number, scope: RoomKeyScope): Promise<number>;
-  /** Keys held by all of the user's versions together. */
-  countAllRoomKeys(): Promise<number>;
+  /** What the user's versions that are not deleted hold together. */
+  usage(): Promise<BackupUsage>;
 }
 
 /** Server-side key backups: the `e2e_room_keys*` tables. Every user's data is apart from every other's. */
@@ -412,11 +431,19 @@ export interface BackupStore {
   /** The newest version that is not deleted, or the given version if it is not deleted. */
   getVersion(userId: string, version: number | 'current'): Promise<StoredBackupVersion | undefined>;
   /**
-   * The keys in `scope`, ordered by room and session, `limit` at a time: pass the last key of
+   * The keys in `scope` (none if the version is deleted), ordered by room and session, `limit` at a time: pass the last key of
    * one page as `after` to get the next. Pages are read one by one, so memory stays bounded
    * whatever the size of the backup.
    */
   getRoomKeys(userId: string, version: number, scope: RoomKeyScope, limit: number, after?: { roomId: string; sessionId: string }): Promise<StoredRoomKey[]>;
+  /** Deleted versions whose keys are still in the database, waiting for purgeDeletedKeys. */
+  deletedVersionsWithKeys(limit: number): Promise<{ userId: string; version: number }[]>;
+  /**
+   * Removes up to `limit` keys of a deleted version in one short transaction, and returns how many
+   * (0 when the version is not deleted). Once none are left, the version's row goes too, unless
+   * it is the user's newest (version numbers are never reused) and the user is not deactivated.
+   */
+  purgeDeletedKeys(userId: string, version: number, limit: number): Promise<number>;
 }
 
 export interface Store {

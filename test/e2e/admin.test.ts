@@ -11,6 +11,7 @@ import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import { TestCrossSigning, TestDevice } from '../support/keys.js';
 import { runCli } from '../support/process.js';
+import type { SqlDatabase } from '../../src/storage/sql.js';
 
 const C = '/_matrix/client/v3';
 const A1 = '/_synapse/admin/v1';
@@ -20,6 +21,22 @@ type Json = Record<string, unknown>;
 const enc = encodeURIComponent;
 const as = (s: TestServer, who: Session, method: string, path: string, body?: unknown) =>
   http(s.url, method, path, { token: who.accessToken, ...(body !== undefined ? { body } : {}) });
+
+/** Gives the user a new backup version holding two room keys. */
+async function withBackup(s: TestServer, who: Session): Promise<void> {
+  const created = await as(s, who, 'POST', `${C}/room_keys/version`, { algorithm: 'm.megolm_backup.v1.curve25519-aes-sha2', auth_data: { public_key: 'pk' } });
+  assert.equal(created.status, 200, created.text);
+  const key = { first_message_index: 0, forwarded_count: 0, is_verified: false, session_data: { ciphertext: 'ct', ephemeral: 'e', mac: 'm' } };
+  const put = await as(s, who, 'PUT', `${C}/room_keys/keys?version=${created.body['version'] as string}`, { rooms: { '!r:test.local': { sessions: { a: key, b: key } } } });
+  assert.equal(put.status, 200, put.text);
+}
+
+/** How many backup versions and keys of the user are in the database, deleted or not. */
+async function backupRows(s: TestServer, userId: string): Promise<{ versions: number; keys: number }> {
+  const db = (s.mx.store as unknown as { db: SqlDatabase }).db;
+  const count = async (table: string) => Number((await db.get<{ n: number }>(`SELECT COUNT(*) AS n FROM ${table} WHERE user_id = ?`, [userId]))!.n);
+  return { versions: await count('e2e_room_keys_versions'), keys: await count('e2e_room_keys') };
+}
 
 async function withKeys(s: TestServer, who: Session): Promise<TestDevice> {
   const device = new TestDevice(who.userId, who.deviceId);
@@ -233,6 +250,8 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     await withKeys(server, carolPhone);
     const cs = new TestCrossSigning(carol.userId);
     assert.equal((await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, cs.upload())).status, 200);
+    await withBackup(server, carol);
+    await withBackup(server, carol);
     // Dave tracks carol (by querying her keys) and remembers where he is in the stream.
     const dave = await registerUser(server, 'dave');
     await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
@@ -255,6 +274,8 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     assert.equal((keys.body['master_keys'] as Json)[carol.userId], undefined, 'no cross-signing keys left');
     const claim = await as(server, dave, 'POST', `${C}/keys/claim`, { one_time_keys: { [carol.userId]: { [carol.deviceId]: 'signed_curve25519' } } });
     assert.deepEqual(claim.body['one_time_keys'], {}, 'no one-time key left to claim');
+    await server.mx.backupPurger.drain();
+    assert.deepEqual(await backupRows(server, carol.userId), { versions: 0, keys: 0 }, 'the key backups are deleted, versions and keys');
 
     const shown = await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}`);
     assert.equal(shown.body['deactivated'], true);
@@ -315,12 +336,22 @@ describeEachBackend('mxkeys users (command line)', (backend) => {
     writeFileSync(pw, 'from the cli\n');
     const reset = runCli(['users', 'reset-password', '--config', config, '--user', 'carol', '--password-file', pw]);
     assert.equal(reset.code, 0, reset.stderr);
+    const logged = reset.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Json);
+    assert.deepEqual(
+      logged.map((l) => [l['msg'], l['by'], l['user']]),
+      [['password reset by an administrator', 'command line', carol.userId]],
+      'the action is logged on standard error, as JSON lines',
+    );
+    assert.doesNotMatch(reset.stdout, /"msg"/, 'standard output holds only the answer');
     expectMatrixError(await http(server.url, 'GET', `${C}/account/whoami`, { token: carol.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     await login(server, 'carol', 'from the cli');
 
+    await withBackup(server, dave);
     const deactivate = runCli(['users', 'deactivate', '--config', config, '--user', '@dave:test.local']);
     assert.equal(deactivate.code, 0, deactivate.stderr);
     assert.match(deactivate.stdout, /deactivated @dave:test\.local/);
+    assert.match(deactivate.stderr, /"by":"command line".*"msg":"user deactivated by an administrator"|"msg":"user deactivated by an administrator".*"by":"command line"/);
+    assert.deepEqual(await backupRows(server, dave.userId), { versions: 0, keys: 0 }, 'the command purged the key backups before exiting');
     expectMatrixError(await http(server.url, 'GET', `${C}/account/whoami`, { token: dave.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     const after = runCli(['users', 'list', '--config', config]);
     assert.doesNotMatch(after.stdout, /@dave/);
