@@ -16,6 +16,7 @@ import { KeyBackup } from './backup/service.js';
 import { BackupPurger } from './backup/purge.js';
 import { accessSync, constants as fsConstants, existsSync, readFileSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { createPrivateKey, X509Certificate, type KeyObject } from 'node:crypto';
 import { Admin, type AdminActor } from './accounts/admin.js';
 import { FederationClient } from './federation/client.js';
 import { KeyRing } from './federation/key-ring.js';
@@ -427,6 +428,36 @@ export function administer<T>(config: Readonly<Config>, fn: (admin: Admin, actor
   return withServices(config, ({ admin }) => fn(admin, 'command line'));
 }
 
+/** What is wrong with the listener's TLS certificate and key files, as `serve` would find it. */
+function checkTlsFiles(config: Readonly<Config>): string[] {
+  let tls;
+  try {
+    tls = readTls(config);
+  } catch (e) {
+    return [(e as Error).message];
+  }
+  if (tls === undefined) return [];
+  const certPath = config.tls_certificate_path!;
+  const keyPath = config.tls_private_key_path!;
+  let cert: X509Certificate | undefined;
+  let key: KeyObject | undefined;
+  const problems: string[] = [];
+  try {
+    cert = new X509Certificate(tls.cert);
+  } catch {
+    problems.push(`config key "tls_certificate_path": ${certPath} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`);
+  }
+  try {
+    key = createPrivateKey(tls.key);
+  } catch {
+    problems.push(`config key "tls_private_key_path": ${keyPath} holds no unencrypted PEM private key ("-----BEGIN PRIVATE KEY-----")`);
+  }
+  if (cert && key && !cert.checkPrivateKey(key)) {
+    problems.push(`config keys "tls_certificate_path" and "tls_private_key_path": the key in ${keyPath} does not belong to the certificate in ${certPath}`);
+  }
+  return problems;
+}
+
 /**
  * What `serve` would trip over in the files the configuration names, found without starting:
  * `problems` stop a start, `notes` say what a start will do.
@@ -456,6 +487,7 @@ export function checkConfigFiles(config: Readonly<Config>): { problems: string[]
       problems.push((e as Error).message);
     }
   }
+  problems.push(...checkTlsFiles(config));
   const sqlite = config.database.sqlite;
   if (sqlite !== undefined && sqlite !== ':memory:') {
     const target = existsSync(sqlite) ? sqlite : dirname(sqlite);
