@@ -8,7 +8,7 @@
 import { MatrixError } from '../matrix/errors.js';
 import { isValidDeviceId, parseUserId } from '../matrix/ids.js';
 import type { AccountsStore, KeysStore, UserAccount, UserListQuery } from '../storage/store.js';
-import { deviceToJson, MAX_DEVICES_PER_DELETE } from './service.js';
+import { checkDisplayName, deviceToJson, MAX_DEVICES_PER_DELETE } from './service.js';
 
 export interface AdminOptions {
   readonly accounts: AccountsStore;
@@ -223,6 +223,7 @@ export class Admin {
     const name = body['display_name'];
     if (name === undefined) return {};
     if (name !== null && typeof name !== 'string') throw new MatrixError('M_BAD_JSON', '"display_name" must be a string');
+    checkDisplayName(name);
     await this.options.accounts.setDeviceDisplayName(userId, deviceId, name);
     return {};
   }

@@ -91,8 +91,9 @@ function requiredString(body: Body, key: string): string {
   return v;
 }
 
-function checkDisplayName(name: string | undefined): void {
-  if (name !== undefined && name.length > MAX_DEVICE_DISPLAY_NAME_LENGTH) {
+/** A device display name longer than Synapse allows is refused (400 M_TOO_LARGE), wherever it comes from. */
+export function checkDisplayName(name: string | null | undefined): void {
+  if (typeof name === 'string' && name.length > MAX_DEVICE_DISPLAY_NAME_LENGTH) {
     throw new MatrixError('M_TOO_LARGE', `A device display name may be at most ${MAX_DEVICE_DISPLAY_NAME_LENGTH} characters`, 400);
   }
 }

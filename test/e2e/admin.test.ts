@@ -229,6 +229,8 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     assert.equal(one.body['user_id'], carol.userId);
     assert.equal((await as(server, admin, 'PUT', `${base}/${second.deviceId}`, { display_name: 'old phone' })).status, 200);
     assert.equal((await as(server, admin, 'GET', `${base}/${second.deviceId}`)).body['display_name'], 'old phone');
+    expectMatrixError(await as(server, admin, 'PUT', `${base}/${second.deviceId}`, { display_name: 'x'.repeat(101) }), 400, 'M_TOO_LARGE', /at most 100 characters/);
+    assert.equal((await as(server, admin, 'GET', `${base}/${second.deviceId}`)).body['display_name'], 'old phone', 'a name too long changes nothing');
 
     assert.equal((await as(server, admin, 'DELETE', `${base}/${second.deviceId}`)).status, 200);
     expectMatrixError(await as(server, second, 'GET', `${C}/account/whoami`), 401, 'M_UNKNOWN_TOKEN');
