@@ -283,6 +283,12 @@ export interface KeysTransaction {
   /** The cached cross-signing keys of a remote user (from their server; see RemoteDeviceListsStore). */
   getRemoteCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]>;
   putCrossSigningKey(key: StoredCrossSigningKey): Promise<void>;
+  /**
+   * Uses up the permission to replace the user's cross-signing keys without user-interactive auth
+   * (KeysStore.allowMasterKeyReplacementWithoutUia): true, and the permission is gone, if it was
+   * open at `now`. Concurrent callers cannot both get true.
+   */
+  takeReplacementWithoutUia(userId: string, now: number): Promise<boolean>;
   /** Drops signatures made by, or made on, one of the user's keys (`publicKey` of a replaced key). */
   deleteSignaturesOfKey(userId: string, publicKey: string): Promise<void>;
   /** The user's device IDs. */
@@ -336,8 +342,9 @@ export interface KeysStore {
   /** Which of these users are deactivated accounts of this server. */
   deactivatedUsers(userIds: readonly string[]): Promise<string[]>;
   /**
-   * Lets the user replace their master key without user-interactive auth until `untilTs` (Synapse's
-   * admin API); false when the user has no master key. Replacing the key ends the permission.
+   * Lets the user replace their cross-signing keys without user-interactive auth until `untilTs`
+   * (Synapse's admin API); false when the user has no master key. The first replacement uses the
+   * permission up (KeysTransaction.takeReplacementWithoutUia).
    */
   allowMasterKeyReplacementWithoutUia(userId: string, untilTs: number): Promise<boolean>;
   /** Until when the user's master key may be replaced without user-interactive auth (0: not). */

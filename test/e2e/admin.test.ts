@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { describeEachBackend, tempDir } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
-import { TestCrossSigning, TestDevice } from '../support/keys.js';
+import { TestCrossSigning, TestDevice, TestSigningKey } from '../support/keys.js';
 import { runCli } from '../support/process.js';
 import type { SqlDatabase } from '../../src/storage/sql.js';
 
@@ -315,6 +315,50 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     assert.equal(replaced.status, 200, `replaced without a password: ${replaced.text}`);
     const again = await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload());
     assert.equal(again.status, 401, 'the permission ended with the replacement');
+  });
+
+  test('replacing only the self-signing key uses up the permission too', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    const cs = new TestCrossSigning(carol.userId);
+    assert.equal((await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, cs.upload())).status, 200);
+    assert.equal((await as(server, admin, 'POST', `${A1}/users/${enc(carol.userId)}/_allow_cross_signing_replacement_without_uia`, {})).status, 200);
+
+    const newSelfSigning = new TestSigningKey();
+    const selfSigningKey = cs.master.sign(
+      { user_id: carol.userId, usage: ['self_signing'], keys: { [`ed25519:${newSelfSigning.publicKey}`]: newSelfSigning.publicKey } },
+      carol.userId,
+      `ed25519:${cs.master.publicKey}`,
+    );
+    const replaced = await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, { self_signing_key: selfSigningKey });
+    assert.equal(replaced.status, 200, replaced.text);
+    const master = await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload());
+    assert.equal(master.status, 401, 'the master key cannot be replaced without a password afterwards');
+  });
+
+  test('of two uploads racing in the window, only one replaces the keys without user-interactive auth', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    assert.equal((await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload())).status, 200);
+    assert.equal((await as(server, admin, 'POST', `${A1}/users/${enc(carol.userId)}/_allow_cross_signing_replacement_without_uia`, {})).status, 200);
+    // Both uploads see the window open before either stores its keys.
+    const keys = server.mx.store.keys;
+    const read = keys.masterKeyReplaceableWithoutUiaUntil.bind(keys);
+    let arrived = 0;
+    let allArrived!: () => void;
+    const barrier = new Promise<void>((resolve) => (allArrived = resolve));
+    keys.masterKeyReplaceableWithoutUiaUntil = async (userId) => {
+      const until = await read(userId);
+      if (++arrived === 2) allArrived();
+      await barrier;
+      return until;
+    };
+    const uploads = await Promise.all(
+      Array.from({ length: 2 }, () => as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload())),
+    );
+    assert.deepEqual(uploads.map((r) => r.status).sort(), [200, 401]);
   });
 });
 
