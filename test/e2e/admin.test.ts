@@ -38,6 +38,16 @@ async function backupRows(s: TestServer, userId: string): Promise<{ versions: nu
   return { versions: await count('e2e_room_keys_versions'), keys: await count('e2e_room_keys') };
 }
 
+/** Carol with cross-signing keys, which an admin has just let her replace without user-interactive auth. */
+async function crossSigningReplaceableWithoutUia(s: TestServer): Promise<{ carol: Session; cs: TestCrossSigning }> {
+  const admin = await registerUser(s, 'admin', 'pw', true);
+  const carol = await registerUser(s, 'carol');
+  const cs = new TestCrossSigning(carol.userId);
+  assert.equal((await as(s, carol, 'POST', `${C}/keys/device_signing/upload`, cs.upload())).status, 200);
+  assert.equal((await as(s, admin, 'POST', `${A1}/users/${enc(carol.userId)}/_allow_cross_signing_replacement_without_uia`, {})).status, 200);
+  return { carol, cs };
+}
+
 async function withKeys(s: TestServer, who: Session): Promise<TestDevice> {
   const device = new TestDevice(who.userId, who.deviceId);
   const r = await as(s, who, 'POST', `${C}/keys/upload`, { device_keys: device.deviceKeys(), one_time_keys: device.oneTimeKeys(3) });
@@ -169,31 +179,31 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc('@nobody:test.local')}`, { new_password: 'x' }), 404, 'M_NOT_FOUND');
   });
 
+  /** Carol logs in; while her password is being checked, the admin does `meanwhile`. Her login must be refused. */
+  async function loginRacing(server: TestServer, admin: Session, carol: Session, meanwhile: () => Promise<{ status: number }>): Promise<void> {
+    const hold = holdNextPasswordHashing(server, 'verify');
+    const loggingIn = http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password, device_id: 'RACER' } });
+    await hold.reached;
+    assert.equal((await meanwhile()).status, 200);
+    hold.release();
+    expectMatrixError(await loggingIn, 403, 'M_FORBIDDEN', /Invalid username or password/);
+    const devices = (await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['devices'] as Json[];
+    assert.ok(!devices.some((d) => d['device_id'] === 'RACER'), 'no device was created');
+  }
+
   test('a login whose password was checked just before the account was deactivated gets no token and no device', async () => {
     const server = await start();
     const admin = await registerUser(server, 'admin', 'pw', true);
     const carol = await registerUser(server, 'carol');
-    const hold = holdNextPasswordHashing(server, 'verify');
-    const loggingIn = http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password, device_id: 'RACER' } });
-    await hold.reached;
-    assert.equal((await as(server, admin, 'POST', `${A1}/deactivate/${enc(carol.userId)}`, {})).status, 200);
-    hold.release();
-    expectMatrixError(await loggingIn, 403, 'M_FORBIDDEN', /Invalid username or password/);
-    assert.equal((await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['total'], 0, 'no device was created');
+    await loginRacing(server, admin, carol, () => as(server, admin, 'POST', `${A1}/deactivate/${enc(carol.userId)}`, {}));
+    assert.equal((await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['total'], 0);
   });
 
   test('a login with the old password that was checked just before an admin reset it is refused', async () => {
     const server = await start();
     const admin = await registerUser(server, 'admin', 'pw', true);
     const carol = await registerUser(server, 'carol');
-    const hold = holdNextPasswordHashing(server, 'verify');
-    const loggingIn = http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password, device_id: 'RACER' } });
-    await hold.reached;
-    assert.equal((await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'new one' })).status, 200);
-    hold.release();
-    expectMatrixError(await loggingIn, 403, 'M_FORBIDDEN', /Invalid username or password/);
-    const devices = (await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['devices'] as Json[];
-    assert.ok(!devices.some((d) => d['device_id'] === 'RACER'), 'no device was created');
+    await loginRacing(server, admin, carol, () => as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'new one' }));
     await login(server, 'carol', 'new one');
   });
 
@@ -319,11 +329,7 @@ describeEachBackend("Synapse's user admin API", (backend) => {
 
   test('replacing only the self-signing key uses up the permission too', async () => {
     const server = await start();
-    const admin = await registerUser(server, 'admin', 'pw', true);
-    const carol = await registerUser(server, 'carol');
-    const cs = new TestCrossSigning(carol.userId);
-    assert.equal((await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, cs.upload())).status, 200);
-    assert.equal((await as(server, admin, 'POST', `${A1}/users/${enc(carol.userId)}/_allow_cross_signing_replacement_without_uia`, {})).status, 200);
+    const { carol, cs } = await crossSigningReplaceableWithoutUia(server);
 
     const newSelfSigning = new TestSigningKey();
     const selfSigningKey = cs.master.sign(
@@ -339,10 +345,7 @@ describeEachBackend("Synapse's user admin API", (backend) => {
 
   test('of two uploads racing in the window, only one replaces the keys without user-interactive auth', async () => {
     const server = await start();
-    const admin = await registerUser(server, 'admin', 'pw', true);
-    const carol = await registerUser(server, 'carol');
-    assert.equal((await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload())).status, 200);
-    assert.equal((await as(server, admin, 'POST', `${A1}/users/${enc(carol.userId)}/_allow_cross_signing_replacement_without_uia`, {})).status, 200);
+    const { carol } = await crossSigningReplaceableWithoutUia(server);
     // Both uploads see the window open before either stores its keys.
     const keys = server.mx.store.keys;
     const read = keys.masterKeyReplaceableWithoutUiaUntil.bind(keys);
