@@ -74,7 +74,10 @@ export class BackupPurger {
         }
       } while (this.again && !this.stopped);
     } catch (e) {
-      this.options.log?.('could not remove the keys of deleted key backup versions; trying again at the next sweep', { reason: (e as Error).message });
+      // A database outage is logged once by the storage layer, not again on every sweep.
+      if ((e as Error).name !== 'DatabaseUnavailableError') {
+        this.options.log?.('could not remove the keys of deleted key backup versions; trying again at the next sweep', { reason: (e as Error).message });
+      }
       throw e;
     }
   }
