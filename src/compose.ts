@@ -411,8 +411,9 @@ async function withServices<T>(config: Readonly<Config>, fn: (services: { accoun
   try {
     const accounts = accountsFor(config, store, keysFor(config, store));
     // No server runs here to purge a deactivated user's key backups later: purge before exiting.
+    // Should that fail (it is logged), the deactivation stands and a server's sweep finishes it.
     const purger = new BackupPurger({ store: store.backup, log: (message, details) => logger.warn(details, message) });
-    return await fn({ accounts, admin: adminFor(config, store, accounts, logger, () => purger.drain()) });
+    return await fn({ accounts, admin: adminFor(config, store, accounts, logger, () => purger.drain().catch(() => undefined)) });
   } finally {
     await store.close();
   }
