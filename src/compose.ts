@@ -13,8 +13,10 @@ import { Accounts } from './accounts/service.js';
 import { Keys } from './keys/service.js';
 import { CrossSigning } from './keys/cross-signing.js';
 import { KeyBackup } from './backup/service.js';
+import { BackupPurger } from './backup/purge.js';
 import { accessSync, constants as fsConstants, existsSync, readFileSync, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
+import { createPrivateKey, X509Certificate, type KeyObject } from 'node:crypto';
 import { Admin, type AdminActor } from './accounts/admin.js';
 import { FederationClient } from './federation/client.js';
 import { KeyRing } from './federation/key-ring.js';
@@ -55,6 +57,8 @@ export interface Mxkeys {
    * its rooms adds and removes the servers sharing them (these never lapse).
    */
   readonly deviceListSubscriptions: DeviceListSubscriptions;
+  /** Removes the keys of deleted backup versions in the background (drain() waits for it). */
+  readonly backupPurger: BackupPurger;
   /** The federation machinery, for embedding and tests. */
   readonly federation: {
     readonly sender: FederationSender;
@@ -157,34 +161,35 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?
   });
 }
 
-function adminFor(config: Readonly<Config>, store: Store, accounts: Accounts, logger?: Logger): Admin {
+function adminFor(config: Readonly<Config>, store: Store, accounts: Accounts, logger: Logger, afterDeactivation: () => Promise<void> | void): Admin {
   return new Admin({
     accounts: store.accounts,
     hashPassword: (password) => accounts.passwords.hash(password),
     keys: store.keys,
     serverName: config.server_name,
-    ...(logger ? { log: (message: string, details: Record<string, unknown>) => logger.info(details, message) } : {}),
+    afterDeactivation,
+    log: (message: string, details: Record<string, unknown>) => logger.info(details, message),
   });
 }
 
 /**
- * JSON log lines on standard output, written synchronously. When the reader of our output goes
- * away (EPIPE), logging stops instead of blocking the process: pino's default destination can
- * then hang on exit while it retries the flush.
+ * JSON log lines on standard output (or standard error: `fd` 2), written synchronously. When the
+ * reader of our output goes away (EPIPE), logging stops instead of blocking the process: pino's
+ * default destination can then hang on exit while it retries the flush.
  */
-export function createLogger(config: Readonly<Config>): Logger {
+export function createLogger(config: Readonly<Config>, fd: 1 | 2 = 1): Logger {
   let broken = false;
-  const stdout = {
+  const out = {
     write(line: string): void {
       if (broken) return;
       try {
-        writeSync(1, line);
+        writeSync(fd, line);
       } catch {
         broken = true;
       }
     },
   };
-  return pino({ level: config.log_level, base: { service: 'mxkeys' } }, stdout);
+  return pino({ level: config.log_level, base: { service: 'mxkeys' } }, out);
 }
 
 export async function createMxkeys(config: Readonly<Config>, options: CreateOptions = {}): Promise<Mxkeys> {
@@ -240,7 +245,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   const remoteKeys = new RemoteKeys({ client: federationClient, destinations, cache: remoteDeviceLists, store: store.remoteDeviceLists, log });
   const keys = keysFor(config, store, remoteKeys);
   const accounts = accountsFor(config, store, keys, logger);
-  const admin = adminFor(config, store, accounts, logger);
+  const backupPurger = new BackupPurger({ store: store.backup, log: (message, details) => logger.warn(details, message) });
+  const admin = adminFor(config, store, accounts, logger, () => backupPurger.kick());
   const crossSigning = new CrossSigning({
     store: store.keys,
     serverName: config.server_name,
@@ -250,6 +256,9 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     store: store.backup,
     maxSessionsPerRequest: config.key_backup.max_sessions_per_request,
     maxSessionsPerUser: config.key_backup.max_sessions_per_user,
+    maxBytesPerUser: config.key_backup.max_bytes_per_user,
+    maxVersionsPerUser: config.key_backup.max_versions_per_user,
+    onVersionDeleted: () => backupPurger.kick(),
   });
   const keyRing = new KeyRing({
     serverName: config.server_name,
@@ -363,6 +372,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     keyRing,
     logger,
     deviceListSubscriptions: subscriptions,
+    backupPurger,
     federation: { sender, maintenance, remoteDeviceLists, destinations, transactions },
     reloadTls() {
       const tls = readTls(config);
@@ -378,6 +388,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       const address = config.tls_certificate_path === undefined ? listening : listening.replace(/^http:/, 'https:');
       await sender.start();
       maintenance.start();
+      backupPurger.start();
       if (metrics) {
         let m: Awaited<ReturnType<typeof metrics.listen>>;
         try {
@@ -405,19 +416,27 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       const closer = setInterval(() => app.server.closeIdleConnections(), 25);
       const appClosed = app.close().finally(() => clearInterval(closer));
       federationClient.close();
-      await Promise.all([maintenance.stop(), sender.stop(), appClosed]);
+      await Promise.all([maintenance.stop(), sender.stop(), backupPurger.stop(), appClosed]);
       remoteDeviceLists.stop();
       await store.close();
     },
   };
 }
 
-/** Runs `fn` with the services of the configured database, then closes it (command-line tools). */
+/**
+ * Runs `fn` with the services of the configured database, then closes it (command-line tools).
+ * What they log goes to standard error as JSON lines, like the server's: standard output is the
+ * command's answer.
+ */
 async function withServices<T>(config: Readonly<Config>, fn: (services: { accounts: Accounts; admin: Admin }) => Promise<T>): Promise<T> {
   const store = await openStore(config.database, storeOptions(config));
+  const logger = createLogger(config, 2);
   try {
     const accounts = accountsFor(config, store, keysFor(config, store));
-    return await fn({ accounts, admin: adminFor(config, store, accounts) });
+    // No server runs here to purge a deactivated user's key backups later: purge before exiting.
+    // Should that fail (it is logged), the deactivation stands and a server's sweep finishes it.
+    const purger = new BackupPurger({ store: store.backup, log: (message, details) => logger.warn(details, message) });
+    return await fn({ accounts, admin: adminFor(config, store, accounts, logger, () => purger.drain().catch(() => undefined)) });
   } finally {
     await store.close();
   }
@@ -431,6 +450,36 @@ export function registerUser(config: Readonly<Config>, localpart: string, passwo
 /** Runs an administration task on the configured database (`mxkeys users …`), as the operator. */
 export function administer<T>(config: Readonly<Config>, fn: (admin: Admin, actor: AdminActor) => Promise<T>): Promise<T> {
   return withServices(config, ({ admin }) => fn(admin, 'command line'));
+}
+
+/** What is wrong with the listener's TLS certificate and key files, as `serve` would find it. */
+function checkTlsFiles(config: Readonly<Config>): string[] {
+  let tls;
+  try {
+    tls = readTls(config);
+  } catch (e) {
+    return [(e as Error).message];
+  }
+  if (tls === undefined) return [];
+  const certPath = config.tls_certificate_path!;
+  const keyPath = config.tls_private_key_path!;
+  let cert: X509Certificate | undefined;
+  let key: KeyObject | undefined;
+  const problems: string[] = [];
+  try {
+    cert = new X509Certificate(tls.cert);
+  } catch {
+    problems.push(`config key "tls_certificate_path": ${certPath} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`);
+  }
+  try {
+    key = createPrivateKey(tls.key);
+  } catch {
+    problems.push(`config key "tls_private_key_path": ${keyPath} holds no unencrypted PEM private key ("-----BEGIN PRIVATE KEY-----")`);
+  }
+  if (cert && key && !cert.checkPrivateKey(key)) {
+    problems.push(`config keys "tls_certificate_path" and "tls_private_key_path": the key in ${keyPath} does not belong to the certificate in ${certPath}`);
+  }
+  return problems;
 }
 
 /**
@@ -462,6 +511,7 @@ export function checkConfigFiles(config: Readonly<Config>): { problems: string[]
       problems.push((e as Error).message);
     }
   }
+  problems.push(...checkTlsFiles(config));
   const sqlite = config.database.sqlite;
   if (sqlite !== undefined && sqlite !== ':memory:') {
     const target = existsSync(sqlite) ? sqlite : dirname(sqlite);

@@ -8,7 +8,7 @@
 import { MatrixError } from '../matrix/errors.js';
 import { isValidDeviceId, parseUserId } from '../matrix/ids.js';
 import type { AccountsStore, KeysStore, UserAccount, UserListQuery } from '../storage/store.js';
-import { deviceToJson, MAX_DEVICES_PER_DELETE } from './service.js';
+import { checkDisplayName, deviceToJson, MAX_DEVICES_PER_DELETE } from './service.js';
 
 export interface AdminOptions {
   readonly accounts: AccountsStore;
@@ -16,6 +16,11 @@ export interface AdminOptions {
   readonly hashPassword: (password: string) => Promise<string>;
   readonly keys: KeysStore;
   readonly serverName: string;
+  /**
+   * Called after a deactivation: the user's key backups were marked deleted and wait to be purged
+   * (the server purges in the background, the command line before it exits).
+   */
+  readonly afterDeactivation?: () => Promise<void> | void;
   /** Records what an administrator did (who, to whom). */
   readonly log?: (message: string, details: Record<string, unknown>) => void;
   readonly now?: () => number;
@@ -177,8 +182,10 @@ export class Admin {
     }
     const logout = optionalBoolean(body, 'logout_devices', true);
     const user = await this.existingUser(userId, 'reset passwords of');
-    if (user.deactivated) throw new MatrixError('M_INVALID_PARAM', `${userId} is deactivated; a deactivated account cannot be given a password again`);
-    await this.options.accounts.setPasswordHash(userId, await this.options.hashPassword(password), logout);
+    const deactivated = () => new MatrixError('M_INVALID_PARAM', `${userId} is deactivated; a deactivated account cannot be given a password again`);
+    if (user.deactivated) throw deactivated();
+    // The store refuses, too, if the account was deactivated while the hash was being made.
+    if (!(await this.options.accounts.setPasswordHash(userId, await this.options.hashPassword(password), logout))) throw deactivated();
     this.record(actor, 'password reset by an administrator', { user: userId, logout_devices: logout });
     return {};
   }
@@ -190,6 +197,7 @@ export class Admin {
     await this.existingUser(userId, 'deactivate');
     await this.options.accounts.deactivateUser(userId);
     this.record(actor, 'user deactivated by an administrator', { user: userId });
+    await this.options.afterDeactivation?.();
     // Synapse's answer; mxkeys binds nothing at identity servers, so there is nothing to unbind.
     return { id_server_unbind_result: 'success' };
   }
@@ -215,6 +223,7 @@ export class Admin {
     const name = body['display_name'];
     if (name === undefined) return {};
     if (name !== null && typeof name !== 'string') throw new MatrixError('M_BAD_JSON', '"display_name" must be a string');
+    checkDisplayName(name);
     await this.options.accounts.setDeviceDisplayName(userId, deviceId, name);
     return {};
   }

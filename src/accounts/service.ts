@@ -73,6 +73,11 @@ const PASSWORD_FLOWS = [['m.login.password']] as const;
 
 type Body = Readonly<Record<string, unknown>>;
 
+/** A password check: on success, the stored hash it matched, and how to replace an outdated one. */
+type PasswordCheckResult =
+  | { readonly ok: false }
+  | { readonly ok: true; readonly hash: string; readonly rehash?: () => Promise<string> };
+
 function optionalString(body: Body, key: string): string | undefined {
   const v = body[key];
   if (v === undefined || v === null) return undefined;
@@ -86,8 +91,9 @@ function requiredString(body: Body, key: string): string {
   return v;
 }
 
-function checkDisplayName(name: string | undefined): void {
-  if (name !== undefined && name.length > MAX_DEVICE_DISPLAY_NAME_LENGTH) {
+/** A device display name longer than Synapse allows is refused (400 M_TOO_LARGE), wherever it comes from. */
+export function checkDisplayName(name: string | null | undefined): void {
+  if (typeof name === 'string' && name.length > MAX_DEVICE_DISPLAY_NAME_LENGTH) {
     throw new MatrixError('M_TOO_LARGE', `A device display name may be at most ${MAX_DEVICE_DISPLAY_NAME_LENGTH} characters`, 400);
   }
 }
@@ -173,7 +179,7 @@ export class Accounts {
    * Checks a password, rate limiting failures per user and per address. An unknown user costs the
    * same time and gets the same answer as a wrong password.
    */
-  private async checkPassword(userId: string | undefined, password: unknown, ip: string | undefined): Promise<{ ok: boolean; rehash?: () => Promise<void> }> {
+  private async checkPassword(userId: string | undefined, password: unknown, ip: string | undefined): Promise<PasswordCheckResult> {
     if (typeof password !== 'string') throw new MatrixError('M_MISSING_PARAM', 'Missing "password"');
     const userKey = userId === undefined ? undefined : `user:${userId}`;
     const ipKey = ip === undefined ? undefined : `ip:${ip}`;
@@ -197,12 +203,21 @@ export class Accounts {
       // parallel guesses at one account from many addresses cannot all slip past the limit.
       if (userKey) this.failedLogins.record(userKey);
       const user = userId === undefined ? undefined : await this.store.getUser(userId);
-      const { ok, outdated } = await this.passwords.verify(password, user?.passwordHash);
+      // A deactivated account has no password; should one be left, it is not checked either.
+      const hash = user && !user.deactivated ? user.passwordHash : null;
+      const { ok, outdated } = await this.passwords.verify(password, hash);
       if (ok && userKey) this.failedLogins.refund(userKey);
       if (!ok && ipKey) this.failedLogins.record(ipKey);
-      if (!ok || !outdated || !user?.passwordHash) return { ok };
-      const old = user.passwordHash;
-      return { ok, rehash: async () => void (await this.store.replacePasswordHash(user.userId, old, await this.passwords.hash(password))) };
+      if (!ok || hash === null) return { ok: false };
+      if (!outdated) return { ok, hash };
+      return {
+        ok,
+        hash,
+        rehash: async () => {
+          const fresh = await this.passwords.hash(password);
+          return (await this.store.replacePasswordHash(user!.userId, hash, fresh)) ? fresh : hash;
+        },
+      };
     } finally {
       release?.();
     }
@@ -240,12 +255,16 @@ export class Accounts {
     }
     // A hash made with another scrypt cost (an older mxkeys, or a changed setting) is replaced now
     // that the password is known.
-    await check.rehash?.();
+    const passwordHash = (await check.rehash?.()) ?? check.hash;
     const deviceId = await this.deviceIdFor(userId!, requestedDevice);
     const accessToken = newAccessToken();
     const max = this.options.maxDevicesPerUser;
-    const result = await this.store.loginDevice(userId!, { tokenHash: hashAccessToken(accessToken), deviceId, displayName: displayName ?? null, ts: this.now(), ip: ip ?? null }, max);
-    if (result.tooManyDevices) {
+    const session = { tokenHash: hashAccessToken(accessToken), deviceId, displayName: displayName ?? null, ts: this.now(), ip: ip ?? null };
+    // The store checks again, in the transaction that creates the device, that the account was
+    // neither deactivated nor given another password since the (slow) check above.
+    const result = await this.store.loginDevice(userId!, session, { passwordHash, maxDevices: max });
+    if (result.refused === 'credentials') throw new MatrixError('M_FORBIDDEN', 'Invalid username or password');
+    if (result.refused === 'too many devices') {
       throw new MatrixError(
         'ORG_MATRIX_MSC4342_M_TOO_MANY_DEVICES',
         `You already have ${max} devices, the most this server allows (max_devices_per_user): log out a device you no longer use, or log in again with the device_id of an existing one`,

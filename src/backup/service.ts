@@ -6,7 +6,7 @@
  * HTTP, no driver. The encrypted data is opaque here and comes back as it was uploaded.
  */
 import { MatrixError } from '../matrix/errors.js';
-import type { BackupStore, RoomKeyMetadata, RoomKeyScope, StoredBackupVersion, StoredRoomKey } from '../storage/store.js';
+import type { BackupStore, RoomKeyMetadata, RoomKeyScope, StoredBackupVersion, StoredRoomKey, StoredRoomKeyMetadata } from '../storage/store.js';
 import { parseRoomKeys, parseVersionBody } from './validate.js';
 
 export interface KeyBackupOptions {
@@ -15,6 +15,12 @@ export interface KeyBackupOptions {
   readonly maxSessionsPerRequest: number;
   /** Most sessions all of a user's backup versions may hold together. */
   readonly maxSessionsPerUser: number;
+  /** Most bytes of `session_data` all of a user's backup versions may hold together. */
+  readonly maxBytesPerUser: number;
+  /** Most backup versions (not deleted) a user may have. */
+  readonly maxVersionsPerUser: number;
+  /** Called after a version was deleted: its keys wait to be purged (BackupPurger). */
+  readonly onVersionDeleted?: () => void;
 }
 
 /** The answer to a change of keys (RoomKeysUpdateResponse). */
@@ -73,7 +79,16 @@ export class KeyBackup {
   /** POST /room_keys/version: a new version, which becomes the current one. */
   async createVersion(userId: string, body: unknown): Promise<{ version: string }> {
     const { algorithm, authData } = parseVersionBody(body);
-    const version = await this.store.transaction(userId, (tx) => tx.createVersion(algorithm, authData));
+    const max = this.options.maxVersionsPerUser;
+    const version = await this.store.transaction(userId, async (tx) => {
+      if ((await tx.usage()).versions >= max) {
+        throw new MatrixError(
+          'M_FORBIDDEN',
+          `You already have ${max} backup versions, the most this server keeps per user (key_backup.max_versions_per_user); delete one you no longer use with DELETE /room_keys/version/{version}`,
+        );
+      }
+      return tx.createVersion(algorithm, authData);
+    });
     return { version: String(version) };
   }
 
@@ -110,6 +125,8 @@ export class KeyBackup {
   /**
    * DELETE /room_keys/version/{version}: the version and its keys. Deleting a version deleted
    * before succeeds, as the spec asks; Synapse does the same, and 404s only versions that never were.
+   * The version and its keys are gone for the client when this returns; the rows of the keys are
+   * removed afterwards in the background, a batch at a time (BackupPurger).
    */
   async deleteVersion(userId: string, version: string): Promise<void> {
     const n = versionNumber(version);
@@ -117,6 +134,7 @@ export class KeyBackup {
       if (n === undefined || !(await tx.versionExists(n))) throw unknownVersion(version);
       await tx.deleteVersion(n);
     });
+    this.options.onVersionDeleted?.();
   }
 
   /**
@@ -140,27 +158,39 @@ export class KeyBackup {
           current_version: String(current.version),
         });
       }
-      const stored = new Map<string, RoomKeyMetadata>();
+      const stored = new Map<string, StoredRoomKeyMetadata>();
       for (const k of await tx.getRoomKeyMetadata(current.version, keys)) stored.set(`${k.roomId}\0${k.sessionId}`, k);
       const writes: StoredRoomKey[] = [];
       let added = 0;
+      let addedBytes = 0;
       for (const k of keys) {
         const old = stored.get(`${k.roomId}\0${k.sessionId}`);
         if (old === undefined) added++;
-        if (old === undefined || isBetterRoomKey(k, old)) writes.push(k);
+        if (old === undefined || isBetterRoomKey(k, old)) {
+          writes.push(k);
+          addedBytes += Buffer.byteLength(k.sessionData) - (old?.bytes ?? 0);
+        }
       }
-      if (added > 0) {
-        const total = await tx.countAllRoomKeys();
-        if (total + added > this.options.maxSessionsPerUser) {
+      if (added > 0 || addedBytes > 0) {
+        const usage = await tx.usage();
+        const { maxSessionsPerUser, maxBytesPerUser } = this.options;
+        if (usage.sessions + added > maxSessionsPerUser) {
           throw new MatrixError(
             'M_TOO_LARGE',
-            `Your key backups hold ${total} sessions; this request would add ${added}, more than the ${this.options.maxSessionsPerUser} this server keeps per user. Delete old backup versions, or ask the server's administrator`,
+            `Your key backups hold ${usage.sessions} sessions; this request would add ${added}, more than the ${maxSessionsPerUser} this server keeps per user. Delete old backup versions, or ask the server's administrator`,
+            413,
+          );
+        }
+        if (addedBytes > 0 && usage.bytes + addedBytes > maxBytesPerUser) {
+          throw new MatrixError(
+            'M_TOO_LARGE',
+            `Your key backups hold ${usage.bytes} bytes of session data; this request would add ${addedBytes}, more than the ${maxBytesPerUser} this server keeps per user. Delete old backup versions, or ask the server's administrator`,
             413,
           );
         }
       }
       if (writes.length === 0) return update(current);
-      await tx.putRoomKeys(current.version, writes, added);
+      await tx.putRoomKeys(current.version, writes, added, addedBytes);
       return update((await tx.getVersion(current.version))!);
     });
   }

@@ -11,8 +11,19 @@ type JsonObject = Record<string, unknown>;
 
 /** Room IDs, session IDs and algorithm names longer than this are not IDs. */
 export const MAX_ID_BYTES = 255;
-/** `auth_data` and one `session_data`: a few hundred bytes in practice. */
-export const MAX_OPAQUE_JSON_BYTES = 65_536;
+/**
+ * One `session_data`, as JSON text. matrix-sdk-crypto uploads about 750 bytes for a session
+ * (m.megolm_backup.v1.curve25519-aes-sha2: a 43-character ephemeral key, an 11-character MAC and
+ * the ciphertext of a ~550-byte session export); each forwarding hop in the session's history adds
+ * about 60. 4 KiB leaves five times that: room for dozens of hops or a newer algorithm's extra
+ * fields, while a user's budget (key_backup.max_bytes_per_user) counts what is really stored.
+ */
+export const MAX_SESSION_DATA_BYTES = 4096;
+/**
+ * A version's `auth_data`: about 200 bytes with one signature (a public key and a signature per
+ * signing device or key); 16 KiB leaves room for a hundred signatures.
+ */
+export const MAX_AUTH_DATA_BYTES = 16_384;
 
 const isObject = (v: unknown): v is JsonObject => typeof v === 'object' && v !== null && !Array.isArray(v);
 const badJson = (message: string) => new MatrixError('M_BAD_JSON', message);
@@ -45,10 +56,10 @@ export function checkSessionId(sessionId: string, path: string): void {
   }
 }
 
-/** An opaque object (auth_data, session_data) as JSON text, refused beyond MAX_OPAQUE_JSON_BYTES. */
-function opaqueJson(value: unknown, path: string): string {
+/** An opaque object (auth_data, session_data) as JSON text, refused beyond `maxBytes`. */
+function opaqueJson(value: unknown, path: string, maxBytes: number): string {
   const json = JSON.stringify(requireObject(value, path));
-  if (Buffer.byteLength(json) > MAX_OPAQUE_JSON_BYTES) throw new MatrixError('M_INVALID_PARAM', `${path} is larger than ${MAX_OPAQUE_JSON_BYTES} bytes`);
+  if (Buffer.byteLength(json) > maxBytes) throw new MatrixError('M_INVALID_PARAM', `${path} is larger than ${maxBytes} bytes (as JSON)`);
   return json;
 }
 
@@ -71,7 +82,7 @@ export function parseVersionBody(body: unknown): VersionBody {
   const algorithm = requireField(obj, 'algorithm', 'the request body');
   // The spec's enum lists one algorithm; like Synapse we accept any name, so newer algorithms work.
   if (typeof algorithm !== 'string' || !isPlainId(algorithm)) throw badJson(`"algorithm" must be a string of 1–${MAX_ID_BYTES} bytes, e.g. "m.megolm_backup.v1.curve25519-aes-sha2"`);
-  const authData = opaqueJson(requireField(obj, 'auth_data', 'the request body'), '"auth_data"');
+  const authData = opaqueJson(requireField(obj, 'auth_data', 'the request body'), '"auth_data"', MAX_AUTH_DATA_BYTES);
   const version = obj['version'];
   if (version !== undefined && typeof version !== 'string') throw badJson('"version" must be a string');
   return { algorithm, authData, ...(version !== undefined ? { version } : {}) };
@@ -84,7 +95,7 @@ function parseKeyBackupData(value: unknown, roomId: string, sessionId: string, p
   const forwardedCount = nonNegativeInteger(requireField(obj, 'forwarded_count', path), `${path}.forwarded_count`);
   const isVerified = requireField(obj, 'is_verified', path);
   if (typeof isVerified !== 'boolean') throw badJson(`${path}.is_verified must be true or false`);
-  const sessionData = opaqueJson(requireField(obj, 'session_data', path), `${path}.session_data`);
+  const sessionData = opaqueJson(requireField(obj, 'session_data', path), `${path}.session_data`, MAX_SESSION_DATA_BYTES);
   return { roomId, sessionId, firstMessageIndex, forwardedCount, isVerified, sessionData };
 }
 

@@ -281,8 +281,9 @@ commands['users reset-password'] = {
   usage: `mxkeys users reset-password --config FILE --user NAME [--password-file F | --password P] [--keep-devices]
 
 Sets the password of @NAME:<server_name> (asked for on the terminal without --password-file or
---password). The user's access tokens are revoked (every device must log in again; devices and
-their keys stay) unless --keep-devices is given. As POST /_synapse/admin/v1/reset_password.`,
+--password). Every device of the user is deleted with its keys and access tokens (each client
+must log in again, as a new device) unless --keep-devices is given.
+As POST /_synapse/admin/v1/reset_password.`,
   options: { ...configOption, user: { type: 'string', short: 'u' }, ...passwordOptions, 'keep-devices': { type: 'boolean' } },
   async run(values, io) {
     const config = configFrom(values, io, true);
@@ -293,7 +294,7 @@ their keys stay) unless --keep-devices is given. As POST /_synapse/admin/v1/rese
     } catch (e) {
       throw commandErrorFrom(e, userId);
     }
-    io.stdout(`password of ${userId} changed${values['keep-devices'] ? '' : '; its devices must log in again'}\n`);
+    io.stdout(`password of ${userId} changed${values['keep-devices'] ? '' : '; its devices are deleted and must log in again'}\n`);
     return EXIT_OK;
   },
 };
@@ -303,8 +304,9 @@ commands['users deactivate'] = {
   usage: `mxkeys users deactivate --config FILE --user NAME
 
 Deactivates @NAME:<server_name>: logs out and deletes every device with its keys, deletes the
-cross-signing keys and the password, and tells the users who track the account (it appears in
-"left" of their /keys/changes). The user ID stays taken. As POST /_synapse/admin/v1/deactivate.`,
+cross-signing keys, the key backups and the password, and tells the users who track the account
+(it appears in "left" of their /keys/changes). The user ID stays taken.
+As POST /_synapse/admin/v1/deactivate.`,
   options: { ...configOption, user: { type: 'string', short: 'u' } },
   async run(values, io) {
     const config = configFrom(values, io, true);

@@ -113,6 +113,8 @@ export const ConfigSchema = Type.Object(
       {
         max_sessions_per_request: Type.Integer({ minimum: 1, default: 10_000 }),
         max_sessions_per_user: Type.Integer({ minimum: 1, default: 1_000_000 }),
+        max_bytes_per_user: Type.Integer({ minimum: 4096, default: 1024 ** 3, description: "bytes of session_data all of a user's backup versions may hold" }),
+        max_versions_per_user: Type.Integer({ minimum: 1, default: 100, description: 'backup versions (not deleted) a user may have' }),
       },
       { ...strict, default: {} },
     ),

@@ -84,16 +84,16 @@ export class CrossSigning {
     CrossSigning.checkSignedByMaster(userId, keys, uploadedMaster ?? stored.find((k) => k.keyType === 'master')?.publicKey);
 
     let authenticated = false;
-    if (CrossSigning.needsAuth(stored, keys)) {
-      // An admin may have allowed a replacement without UIA for a while (Synapse's admin API).
-      if ((await this.options.store.masterKeyReplaceableWithoutUiaUntil(userId)) <= this.now()) {
-        await this.options.requireUserInteractiveAuth(requester, { ...request, body });
-      }
+    // An admin may have allowed one replacement without UIA for a while (Synapse's admin API):
+    // then the permission is used up inside the transaction that replaces the keys, so two
+    // uploads cannot both get in; without it, UIA comes first.
+    if (CrossSigning.needsAuth(stored, keys) && (await this.options.store.masterKeyReplaceableWithoutUiaUntil(userId)) <= this.now()) {
+      await this.options.requireUserInteractiveAuth(requester, { ...request, body });
       authenticated = true;
     }
     const store = async (tx: KeysTransaction): Promise<void> => {
       const current = await tx.getCrossSigningKeys(userId);
-      if (!authenticated && CrossSigning.needsAuth(current, keys)) throw new NeedsAuthNow();
+      if (!authenticated && CrossSigning.needsAuth(current, keys) && !(await tx.takeReplacementWithoutUia(userId, this.now()))) throw new NeedsAuthNow();
       // The stored master key may have changed since the check above.
       if (uploadedMaster === undefined) CrossSigning.checkSignedByMaster(userId, keys, current.find((k) => k.keyType === 'master')?.publicKey);
       const devices = new Set(await tx.deviceIds(userId));

@@ -1,7 +1,7 @@
 /** AccountsStore on the driver-neutral SQL surface (same SQL on both backends). */
 import { placeholders, type Queryable, type SqlDatabase } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
-import type { AccountsStore, NewSession, StoredDevice, StoredUser, UiaSession, UserAccount, UserListQuery } from './store.js';
+import type { AccountsStore, LoginOptions, LoginOutcome, NewSession, StoredDevice, StoredUser, UiaSession, UserAccount, UserListQuery } from './store.js';
 import type { DeviceListWriter } from './device-lists.js';
 
 interface UserRow {
@@ -185,8 +185,10 @@ export class SqlAccountsStore implements AccountsStore {
 
   async setPasswordHash(userId: string, passwordHash: string, logout: boolean): Promise<boolean> {
     return this.db.transaction(async (tx) => {
-      if ((await tx.run('UPDATE users SET password_hash = ? WHERE user_id = ?', [passwordHash, userId])) === 0) return false;
-      if (logout) await tx.run('DELETE FROM access_tokens WHERE user_id = ?', [userId]);
+      // A deactivation that committed while the new hash was being made wins: no password again.
+      if ((await tx.run('UPDATE users SET password_hash = ? WHERE user_id = ? AND deactivated = ?', [passwordHash, userId, false])) === 0) return false;
+      // Synapse's set_password with logout_devices deletes every device, as a logout would.
+      if (logout) await deleteDevicesIn(tx, this.deviceLists, userId, 'all');
       return true;
     });
   }
@@ -201,6 +203,11 @@ export class SqlAccountsStore implements AccountsStore {
       await tx.run('DELETE FROM access_tokens WHERE user_id = ?', [userId]);
       // They follow nobody any more (those following them keep their rows: they are told in `left`).
       await tx.run('DELETE FROM e2e_tracked_users WHERE user_id = ?', [userId]);
+      // Their key backups go, as Synapse deletes them: versions without keys now, the others are
+      // marked deleted (invisible from now on) and their keys purged in batches afterwards, the
+      // way a deleted version's are (storage/backup.ts), so a big backup never holds the database.
+      await tx.run('DELETE FROM e2e_room_keys_versions WHERE user_id = ? AND key_count = 0', [userId]);
+      await tx.run('UPDATE e2e_room_keys_versions SET deleted = ? WHERE user_id = ?', [true, userId]);
       // One change for the user as a whole, so those tracking a user without devices see it too.
       await this.deviceLists.record(tx, userId, [null], Date.now());
       return true;
@@ -211,15 +218,21 @@ export class SqlAccountsStore implements AccountsStore {
     return (await this.db.run('UPDATE users SET password_hash = ? WHERE user_id = ? AND password_hash = ?', [newHash, userId, oldHash])) > 0;
   }
 
-  async loginDevice(userId: string, session: NewSession, maxDevices?: number): Promise<{ created: boolean; tooManyDevices?: boolean }> {
+  async loginDevice(userId: string, session: NewSession, options: LoginOptions): Promise<LoginOutcome> {
     return this.db.transaction(async (tx) => {
-      // The user's row lock serialises this user's logins, so parallel ones cannot all pass the
-      // device count (SQLite transactions are serial anyway).
-      if (tx.dialect === 'postgres') await tx.get('SELECT 1 FROM users WHERE user_id = ? FOR UPDATE', [userId]);
+      // The user's row lock serialises this user's logins with each other and with deactivation
+      // and password changes, so parallel logins cannot all pass the device count, and a login
+      // cannot outlive a deactivation or password reset that committed after its password check
+      // (SQLite transactions are serial anyway).
+      const user = await tx.get<{ password_hash: string | null; deactivated: number | boolean }>(
+        `SELECT password_hash, deactivated FROM users WHERE user_id = ?${tx.dialect === 'postgres' ? ' FOR UPDATE' : ''}`,
+        [userId],
+      );
+      if (!user || Boolean(user.deactivated) || user.password_hash !== options.passwordHash) return { created: false, refused: 'credentials' };
       const existing = await tx.get('SELECT device_id FROM devices WHERE user_id = ? AND device_id = ?', [userId, session.deviceId]);
-      if (!existing && maxDevices !== undefined) {
+      if (!existing && options.maxDevices !== undefined) {
         const row = await tx.get<{ n: number }>('SELECT COUNT(*) AS n FROM devices WHERE user_id = ?', [userId]);
-        if ((row?.n ?? 0) >= maxDevices) return { created: false, tooManyDevices: true };
+        if ((row?.n ?? 0) >= options.maxDevices) return { created: false, refused: 'too many devices' };
       }
       if (existing) {
         await tx.run('DELETE FROM access_tokens WHERE user_id = ? AND device_id = ?', [userId, session.deviceId]);

@@ -136,6 +136,15 @@ class SqlKeysTransaction implements KeysTransaction {
     );
   }
 
+  async takeReplacementWithoutUia(userId: string, now: number): Promise<boolean> {
+    // One statement: on PostgreSQL a concurrent caller waits for the row and then finds it used.
+    const n = await this.tx.run(
+      "UPDATE e2e_cross_signing_keys SET updatable_without_uia_before_ms = NULL WHERE user_id = ? AND key_type = 'master' AND updatable_without_uia_before_ms > ?",
+      [userId, now],
+    );
+    return n > 0;
+  }
+
   async deleteSignaturesOfKey(userId: string, publicKey: string): Promise<void> {
     await this.tx.run(
       `DELETE FROM e2e_cross_signing_signatures

@@ -104,6 +104,19 @@ export interface UiaSession {
   readonly createdTs: number;
 }
 
+export interface LoginOptions {
+  /** The stored hash the password was verified against. */
+  readonly passwordHash: string;
+  readonly maxDevices?: number | undefined;
+}
+
+export interface LoginOutcome {
+  /** Whether the device was created (false: an existing device was logged in again). */
+  readonly created: boolean;
+  /** Why nothing was stored, if the login was refused. */
+  readonly refused?: 'credentials' | 'too many devices';
+}
+
 /** Users, devices, access tokens, registration nonces and user-interactive auth sessions. */
 export interface AccountsStore {
   /**
@@ -116,15 +129,19 @@ export interface AccountsStore {
   /** A page of users in the order asked for (ties by user ID), and how many match in all. */
   listUsers(query: UserListQuery): Promise<{ users: UserAccount[]; total: number }>;
   /**
-   * Replaces the user's password hash; with `logout`, also revokes all the user's access tokens
-   * (devices and their keys stay, as Synapse does). False when the user does not exist.
+   * Replaces the user's password hash; with `logout`, also deletes all the user's devices the way
+   * deleteDevices does (access tokens, keys, signatures; device-list changes recorded), as
+   * Synapse's set_password with logout_devices does. One transaction. False (and nothing changes)
+   * when the user does not exist or is deactivated.
    */
   setPasswordHash(userId: string, passwordHash: string, logout: boolean): Promise<boolean>;
   /**
    * Deactivates a user in one transaction: every device goes the way deleteDevices takes it
    * (access tokens, device keys, one-time and fallback keys, signatures; device-list changes
-   * recorded), the cross-signing keys and signatures by or on them go too, the password is
-   * removed and the user is marked deactivated. The user ID stays taken. False when the user does
+   * recorded), the cross-signing keys and signatures by or on them go too, every key backup
+   * version is deleted (as BackupTransaction.deleteVersion: gone at once, its keys purged
+   * afterwards by BackupStore.purgeDeletedKeys, which then drops the version rows), the password
+   * is removed and the user is marked deactivated. The user ID stays taken. False when the user does
    * not exist.
    */
   deactivateUser(userId: string): Promise<boolean>;
@@ -136,11 +153,13 @@ export interface AccountsStore {
   /**
    * Logs a device in: creates the device if the user does not have it (recording a device-list
    * change), otherwise keeps it and its keys but revokes its earlier access tokens; then stores the
-   * new token. One transaction. Returns whether the device was created. A new device is refused
-   * (nothing changes, `tooManyDevices` is set) when the user already has `maxDevices` devices;
-   * concurrent logins of one user are serialised for that count.
+   * new token. One transaction, which first reads the user again (locking the row on PostgreSQL):
+   * the login is refused (`refused: 'credentials'`, nothing changes) when the user is gone or
+   * deactivated, or their password hash is no longer `options.passwordHash`, the one the password
+   * was checked against. A new device is refused (`refused: 'too many devices'`) when the user
+   * already has `maxDevices` devices; concurrent logins of one user are serialised for that count.
    */
-  loginDevice(userId: string, session: NewSession, maxDevices?: number): Promise<{ created: boolean; tooManyDevices?: boolean }>;
+  loginDevice(userId: string, session: NewSession, options: LoginOptions): Promise<LoginOutcome>;
   /** The user and device an access token belongs to, if the token is live. */
   getAccessToken(tokenHash: string): Promise<{ userId: string; deviceId: string } | undefined>;
   getDevice(userId: string, deviceId: string): Promise<StoredDevice | undefined>;
@@ -265,6 +284,12 @@ export interface KeysTransaction {
   /** The cached cross-signing keys of a remote user (from their server; see RemoteDeviceListsStore). */
   getRemoteCrossSigningKeys(userId: string): Promise<StoredCrossSigningKey[]>;
   putCrossSigningKey(key: StoredCrossSigningKey): Promise<void>;
+  /**
+   * Uses up the permission to replace the user's cross-signing keys without user-interactive auth
+   * (KeysStore.allowMasterKeyReplacementWithoutUia): true, and the permission is gone, if it was
+   * open at `now`. Concurrent callers cannot both get true.
+   */
+  takeReplacementWithoutUia(userId: string, now: number): Promise<boolean>;
   /** Drops signatures made by, or made on, one of the user's keys (`publicKey` of a replaced key). */
   deleteSignaturesOfKey(userId: string, publicKey: string): Promise<void>;
   /** The user's device IDs. */
@@ -318,8 +343,9 @@ export interface KeysStore {
   /** Which of these users are deactivated accounts of this server. */
   deactivatedUsers(userIds: readonly string[]): Promise<string[]>;
   /**
-   * Lets the user replace their master key without user-interactive auth until `untilTs` (Synapse's
-   * admin API); false when the user has no master key. Replacing the key ends the permission.
+   * Lets the user replace their cross-signing keys without user-interactive auth until `untilTs`
+   * (Synapse's admin API); false when the user has no master key. The first replacement uses the
+   * permission up (KeysTransaction.takeReplacementWithoutUia).
    */
   allowMasterKeyReplacementWithoutUia(userId: string, untilTs: number): Promise<boolean>;
   /** Until when the user's master key may be replaced without user-interactive auth (0: not). */
@@ -353,6 +379,19 @@ export interface StoredRoomKey {
 /** The metadata of a stored room key, which decides whether an upload replaces it. */
 export type RoomKeyMetadata = Omit<StoredRoomKey, 'sessionData'>;
 
+export interface StoredRoomKeyMetadata extends RoomKeyMetadata {
+  /** The size of its `session_data` (JSON text) in bytes. */
+  readonly bytes: number;
+}
+
+/** What a user's backup versions that are not deleted hold together. */
+export interface BackupUsage {
+  readonly versions: number;
+  readonly sessions: number;
+  /** Bytes of `session_data`. */
+  readonly bytes: number;
+}
+
 /** Which keys of a version a read or a deletion covers: all, one room's, or one session's. */
 export interface RoomKeyScope {
   readonly roomId?: string | undefined;
@@ -371,19 +410,23 @@ export interface BackupTransaction {
   /** Creates the next version (one more than any version the user ever had) and returns its number. */
   createVersion(algorithm: string, authData: string): Promise<number>;
   setAuthData(version: number, authData: string): Promise<void>;
-  /** Deletes the version's keys and marks it deleted (kept, so its number is not reused). */
-  deleteVersion(version: number): Promise<void>;
-  /** The stored metadata of those of the given sessions the version holds. */
-  getRoomKeyMetadata(version: number, ids: readonly { roomId: string; sessionId: string }[]): Promise<RoomKeyMetadata[]>;
   /**
-   * Inserts the keys, replacing stored keys of the same sessions; `added` of them are new. Moves
-   * the version's etag on and keeps its count.
+   * Marks the version deleted: from the commit on, it and its keys are gone for every reader. The
+   * keys themselves are removed afterwards by BackupStore.purgeDeletedKeys, a batch at a time.
    */
-  putRoomKeys(version: number, keys: readonly StoredRoomKey[], added: number): Promise<void>;
+  deleteVersion(version: number): Promise<void>;
+  /** The stored metadata (and size) of those of the given sessions the version holds. */
+  getRoomKeyMetadata(version: number, ids: readonly { roomId: string; sessionId: string }[]): Promise<StoredRoomKeyMetadata[]>;
+  /**
+   * Inserts the keys, replacing stored keys of the same sessions; `added` of them are new, and
+   * the version's `session_data` grows by `addedBytes` (negative when it shrinks). Moves the
+   * version's etag on and keeps its count and size.
+   */
+  putRoomKeys(version: number, keys: readonly StoredRoomKey[], added: number, addedBytes: number): Promise<void>;
   /** Deletes the keys in `scope`; when any existed, moves the etag on and keeps the count. Returns how many. */
   deleteRoomKeys(version: number, scope: RoomKeyScope): Promise<number>;
-  /** Keys held by all of the user's versions together. */
-  countAllRoomKeys(): Promise<number>;
+  /** What the user's versions that are not deleted hold together. */
+  usage(): Promise<BackupUsage>;
 }
 
 /** Server-side key backups: the `e2e_room_keys*` tables. Every user's data is apart from every other's. */
@@ -396,11 +439,19 @@ export interface BackupStore {
   /** The newest version that is not deleted, or the given version if it is not deleted. */
   getVersion(userId: string, version: number | 'current'): Promise<StoredBackupVersion | undefined>;
   /**
-   * The keys in `scope`, ordered by room and session, `limit` at a time: pass the last key of
+   * The keys in `scope` (none if the version is deleted), ordered by room and session, `limit` at a time: pass the last key of
    * one page as `after` to get the next. Pages are read one by one, so memory stays bounded
    * whatever the size of the backup.
    */
   getRoomKeys(userId: string, version: number, scope: RoomKeyScope, limit: number, after?: { roomId: string; sessionId: string }): Promise<StoredRoomKey[]>;
+  /** Deleted versions whose keys are still in the database, waiting for purgeDeletedKeys. */
+  deletedVersionsWithKeys(limit: number): Promise<{ userId: string; version: number }[]>;
+  /**
+   * Removes up to `limit` keys of a deleted version in one short transaction, and returns how many
+   * (0 when the version is not deleted). Once none are left, the version's row goes too, unless
+   * it is the user's newest (version numbers are never reused) and the user is not deactivated.
+   */
+  purgeDeletedKeys(userId: string, version: number, limit: number): Promise<number>;
 }
 
 /** A to-device message for local devices: one device, or `*` for every device of the user. */

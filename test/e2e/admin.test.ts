@@ -9,8 +9,9 @@ import { join } from 'node:path';
 import { describeEachBackend, tempDir } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
-import { TestCrossSigning, TestDevice } from '../support/keys.js';
+import { TestCrossSigning, TestDevice, TestSigningKey } from '../support/keys.js';
 import { runCli } from '../support/process.js';
+import type { SqlDatabase } from '../../src/storage/sql.js';
 
 const C = '/_matrix/client/v3';
 const A1 = '/_synapse/admin/v1';
@@ -21,11 +22,59 @@ const enc = encodeURIComponent;
 const as = (s: TestServer, who: Session, method: string, path: string, body?: unknown) =>
   http(s.url, method, path, { token: who.accessToken, ...(body !== undefined ? { body } : {}) });
 
+/** Gives the user a new backup version holding two room keys. */
+async function withBackup(s: TestServer, who: Session): Promise<void> {
+  const created = await as(s, who, 'POST', `${C}/room_keys/version`, { algorithm: 'm.megolm_backup.v1.curve25519-aes-sha2', auth_data: { public_key: 'pk' } });
+  assert.equal(created.status, 200, created.text);
+  const key = { first_message_index: 0, forwarded_count: 0, is_verified: false, session_data: { ciphertext: 'ct', ephemeral: 'e', mac: 'm' } };
+  const put = await as(s, who, 'PUT', `${C}/room_keys/keys?version=${created.body['version'] as string}`, { rooms: { '!r:test.local': { sessions: { a: key, b: key } } } });
+  assert.equal(put.status, 200, put.text);
+}
+
+/** How many backup versions and keys of the user are in the database, deleted or not. */
+async function backupRows(s: TestServer, userId: string): Promise<{ versions: number; keys: number }> {
+  const db = (s.mx.store as unknown as { db: SqlDatabase }).db;
+  const count = async (table: string) => Number((await db.get<{ n: number }>(`SELECT COUNT(*) AS n FROM ${table} WHERE user_id = ?`, [userId]))!.n);
+  return { versions: await count('e2e_room_keys_versions'), keys: await count('e2e_room_keys') };
+}
+
+/** Carol with cross-signing keys, which an admin has just let her replace without user-interactive auth. */
+async function crossSigningReplaceableWithoutUia(s: TestServer): Promise<{ carol: Session; cs: TestCrossSigning }> {
+  const admin = await registerUser(s, 'admin', 'pw', true);
+  const carol = await registerUser(s, 'carol');
+  const cs = new TestCrossSigning(carol.userId);
+  assert.equal((await as(s, carol, 'POST', `${C}/keys/device_signing/upload`, cs.upload())).status, 200);
+  assert.equal((await as(s, admin, 'POST', `${A1}/users/${enc(carol.userId)}/_allow_cross_signing_replacement_without_uia`, {})).status, 200);
+  return { carol, cs };
+}
+
 async function withKeys(s: TestServer, who: Session): Promise<TestDevice> {
   const device = new TestDevice(who.userId, who.deviceId);
   const r = await as(s, who, 'POST', `${C}/keys/upload`, { device_keys: device.deviceKeys(), one_time_keys: device.oneTimeKeys(3) });
   assert.equal(r.status, 200, r.text);
   return device;
+}
+
+/**
+ * Holds the next password check (`verify`) or new password hash (`hash`) once it is computed and
+ * before the caller goes on: the window in which an admin may deactivate the account or reset
+ * its password.
+ */
+function holdNextPasswordHashing(s: TestServer, step: 'verify' | 'hash'): { reached: Promise<void>; release: () => void } {
+  const passwords = s.mx.accounts.passwords as unknown as Record<typeof step, (...args: unknown[]) => Promise<unknown>>;
+  const real = passwords[step];
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => (release = resolve));
+  let reached!: () => void;
+  const reachedP = new Promise<void>((resolve) => (reached = resolve));
+  passwords[step] = async (...args: unknown[]) => {
+    const result = await real.apply(s.mx.accounts.passwords, args);
+    delete passwords[step];
+    reached();
+    await gate;
+    return result;
+  };
+  return { reached: reachedP, release };
 }
 
 describeEachBackend("Synapse's user admin API", (backend) => {
@@ -95,28 +144,81 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     expectMatrixError(await as(server, admin, 'GET', `${A2}/users/${enc('@carol:elsewhere.example')}`), 400, 'M_INVALID_PARAM', /local users/);
   });
 
-  test('resetting a password logs the user out everywhere unless logout_devices is false; devices and keys stay', async () => {
+  test('resetting a password deletes every device of the user (as Synapse) unless logout_devices is false, and those tracking the user hear of it', async () => {
     const server = await start();
     const admin = await registerUser(server, 'admin', 'pw', true);
     const carol = await registerUser(server, 'carol');
+    const carolPhone = await login(server, 'carol', carol.password);
     await withKeys(server, carol);
+    await withKeys(server, carolPhone);
+    const dave = await registerUser(server, 'dave');
+    await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
+    const since = (await as(server, dave, 'GET', `${C}/sync`)).body['next_batch'] as string;
 
     const r = await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'new one' });
     assert.equal(r.status, 200, r.text);
     assert.deepEqual(r.body, {});
-    expectMatrixError(await as(server, carol, 'GET', `${C}/account/whoami`), 401, 'M_UNKNOWN_TOKEN');
+    for (const s of [carol, carolPhone]) expectMatrixError(await as(server, s, 'GET', `${C}/account/whoami`), 401, 'M_UNKNOWN_TOKEN');
     expectMatrixError(await http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password } }), 403, 'M_FORBIDDEN');
-    const again = await login(server, 'carol', 'new one', { device_id: carol.deviceId });
-    const keys = await as(server, again, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
-    assert.ok((keys.body['device_keys'] as Record<string, Json>)[carol.userId]![carol.deviceId], 'the device kept its keys');
+    assert.equal((await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['total'], 0, 'every device is gone');
+    const seen = await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
+    assert.deepEqual((seen.body['device_keys'] as Json)[carol.userId], {}, 'with their keys');
+    const changes = await as(server, dave, 'GET', `${C}/keys/changes?from=${since}`);
+    assert.deepEqual(changes.body['changed'], [carol.userId], 'a tracker hears of the deleted devices');
 
+    const again = await login(server, 'carol', 'new one', { device_id: carol.deviceId });
+    await withKeys(server, again);
     const keep = await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'third', logout_devices: false });
     assert.equal(keep.status, 200, keep.text);
     assert.equal((await as(server, again, 'GET', `${C}/account/whoami`)).status, 200, 'still logged in');
+    const kept = await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
+    assert.ok((kept.body['device_keys'] as Record<string, Json>)[carol.userId]![carol.deviceId], 'the device kept its keys');
 
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, {}), 400, 'M_MISSING_PARAM', /new_password/);
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'x', logout_devices: 'yes' }), 400, 'M_BAD_JSON');
     expectMatrixError(await as(server, admin, 'POST', `${A1}/reset_password/${enc('@nobody:test.local')}`, { new_password: 'x' }), 404, 'M_NOT_FOUND');
+  });
+
+  /** Carol logs in; while her password is being checked, the admin does `meanwhile`. Her login must be refused. */
+  async function loginRacing(server: TestServer, admin: Session, carol: Session, meanwhile: () => Promise<{ status: number }>): Promise<void> {
+    const hold = holdNextPasswordHashing(server, 'verify');
+    const loggingIn = http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: carol.password, device_id: 'RACER' } });
+    await hold.reached;
+    assert.equal((await meanwhile()).status, 200);
+    hold.release();
+    expectMatrixError(await loggingIn, 403, 'M_FORBIDDEN', /Invalid username or password/);
+    const devices = (await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['devices'] as Json[];
+    assert.ok(!devices.some((d) => d['device_id'] === 'RACER'), 'no device was created');
+  }
+
+  test('a login whose password was checked just before the account was deactivated gets no token and no device', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    await loginRacing(server, admin, carol, () => as(server, admin, 'POST', `${A1}/deactivate/${enc(carol.userId)}`, {}));
+    assert.equal((await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}/devices`)).body['total'], 0);
+  });
+
+  test('a login with the old password that was checked just before an admin reset it is refused', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    await loginRacing(server, admin, carol, () => as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'new one' }));
+    await login(server, 'carol', 'new one');
+  });
+
+  test('a password reset whose hash was made just before the account was deactivated leaves it without a password', async () => {
+    const server = await start();
+    const admin = await registerUser(server, 'admin', 'pw', true);
+    const carol = await registerUser(server, 'carol');
+    const hold = holdNextPasswordHashing(server, 'hash');
+    const resetting = as(server, admin, 'POST', `${A1}/reset_password/${enc(carol.userId)}`, { new_password: 'back again' });
+    await hold.reached;
+    assert.equal((await as(server, admin, 'POST', `${A1}/deactivate/${enc(carol.userId)}`, {})).status, 200);
+    hold.release();
+    expectMatrixError(await resetting, 400, 'M_INVALID_PARAM', /deactivated/);
+    expectMatrixError(await http(server.url, 'POST', `${C}/login`, { body: { type: 'm.login.password', user: 'carol', password: 'back again' } }), 403, 'M_FORBIDDEN');
+    assert.equal((await server.mx.store.accounts.getUser(carol.userId))?.passwordHash, null);
   });
 
   test("a user's devices: list, show, rename, delete one, delete several", async () => {
@@ -137,6 +239,8 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     assert.equal(one.body['user_id'], carol.userId);
     assert.equal((await as(server, admin, 'PUT', `${base}/${second.deviceId}`, { display_name: 'old phone' })).status, 200);
     assert.equal((await as(server, admin, 'GET', `${base}/${second.deviceId}`)).body['display_name'], 'old phone');
+    expectMatrixError(await as(server, admin, 'PUT', `${base}/${second.deviceId}`, { display_name: 'x'.repeat(101) }), 400, 'M_TOO_LARGE', /at most 100 characters/);
+    assert.equal((await as(server, admin, 'GET', `${base}/${second.deviceId}`)).body['display_name'], 'old phone', 'a name too long changes nothing');
 
     assert.equal((await as(server, admin, 'DELETE', `${base}/${second.deviceId}`)).status, 200);
     expectMatrixError(await as(server, second, 'GET', `${C}/account/whoami`), 401, 'M_UNKNOWN_TOKEN');
@@ -158,6 +262,8 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     await withKeys(server, carolPhone);
     const cs = new TestCrossSigning(carol.userId);
     assert.equal((await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, cs.upload())).status, 200);
+    await withBackup(server, carol);
+    await withBackup(server, carol);
     // Dave tracks carol (by querying her keys) and remembers where he is in the stream.
     const dave = await registerUser(server, 'dave');
     await as(server, dave, 'POST', `${C}/keys/query`, { device_keys: { [carol.userId]: [] } });
@@ -180,6 +286,8 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     assert.equal((keys.body['master_keys'] as Json)[carol.userId], undefined, 'no cross-signing keys left');
     const claim = await as(server, dave, 'POST', `${C}/keys/claim`, { one_time_keys: { [carol.userId]: { [carol.deviceId]: 'signed_curve25519' } } });
     assert.deepEqual(claim.body['one_time_keys'], {}, 'no one-time key left to claim');
+    await server.mx.backupPurger.drain();
+    assert.deepEqual(await backupRows(server, carol.userId), { versions: 0, keys: 0 }, 'the key backups are deleted, versions and keys');
 
     const shown = await as(server, admin, 'GET', `${A2}/users/${enc(carol.userId)}`);
     assert.equal(shown.body['deactivated'], true);
@@ -218,6 +326,43 @@ describeEachBackend("Synapse's user admin API", (backend) => {
     const again = await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload());
     assert.equal(again.status, 401, 'the permission ended with the replacement');
   });
+
+  test('replacing only the self-signing key uses up the permission too', async () => {
+    const server = await start();
+    const { carol, cs } = await crossSigningReplaceableWithoutUia(server);
+
+    const newSelfSigning = new TestSigningKey();
+    const selfSigningKey = cs.master.sign(
+      { user_id: carol.userId, usage: ['self_signing'], keys: { [`ed25519:${newSelfSigning.publicKey}`]: newSelfSigning.publicKey } },
+      carol.userId,
+      `ed25519:${cs.master.publicKey}`,
+    );
+    const replaced = await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, { self_signing_key: selfSigningKey });
+    assert.equal(replaced.status, 200, replaced.text);
+    const master = await as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload());
+    assert.equal(master.status, 401, 'the master key cannot be replaced without a password afterwards');
+  });
+
+  test('of two uploads racing in the window, only one replaces the keys without user-interactive auth', async () => {
+    const server = await start();
+    const { carol } = await crossSigningReplaceableWithoutUia(server);
+    // Both uploads see the window open before either stores its keys.
+    const keys = server.mx.store.keys;
+    const read = keys.masterKeyReplaceableWithoutUiaUntil.bind(keys);
+    let arrived = 0;
+    let allArrived!: () => void;
+    const barrier = new Promise<void>((resolve) => (allArrived = resolve));
+    keys.masterKeyReplaceableWithoutUiaUntil = async (userId) => {
+      const until = await read(userId);
+      if (++arrived === 2) allArrived();
+      await barrier;
+      return until;
+    };
+    const uploads = await Promise.all(
+      Array.from({ length: 2 }, () => as(server, carol, 'POST', `${C}/keys/device_signing/upload`, new TestCrossSigning(carol.userId).upload())),
+    );
+    assert.deepEqual(uploads.map((r) => r.status).sort(), [200, 401]);
+  });
 });
 
 describeEachBackend('mxkeys users (command line)', (backend) => {
@@ -240,12 +385,22 @@ describeEachBackend('mxkeys users (command line)', (backend) => {
     writeFileSync(pw, 'from the cli\n');
     const reset = runCli(['users', 'reset-password', '--config', config, '--user', 'carol', '--password-file', pw]);
     assert.equal(reset.code, 0, reset.stderr);
+    const logged = reset.stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Json);
+    assert.deepEqual(
+      logged.map((l) => [l['msg'], l['by'], l['user']]),
+      [['password reset by an administrator', 'command line', carol.userId]],
+      'the action is logged on standard error, as JSON lines',
+    );
+    assert.doesNotMatch(reset.stdout, /"msg"/, 'standard output holds only the answer');
     expectMatrixError(await http(server.url, 'GET', `${C}/account/whoami`, { token: carol.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     await login(server, 'carol', 'from the cli');
 
+    await withBackup(server, dave);
     const deactivate = runCli(['users', 'deactivate', '--config', config, '--user', '@dave:test.local']);
     assert.equal(deactivate.code, 0, deactivate.stderr);
     assert.match(deactivate.stdout, /deactivated @dave:test\.local/);
+    assert.match(deactivate.stderr, /"by":"command line".*"msg":"user deactivated by an administrator"|"msg":"user deactivated by an administrator".*"by":"command line"/);
+    assert.deepEqual(await backupRows(server, dave.userId), { versions: 0, keys: 0 }, 'the command purged the key backups before exiting');
     expectMatrixError(await http(server.url, 'GET', `${C}/account/whoami`, { token: dave.accessToken }), 401, 'M_UNKNOWN_TOKEN');
     const after = runCli(['users', 'list', '--config', config]);
     assert.doesNotMatch(after.stdout, /@dave/);

@@ -6,6 +6,7 @@ import { createServer } from 'node:net';
 import { childEnv, MAIN, runCli } from '../support/process.js';
 import { spawn } from 'node:child_process';
 import { tempDir } from '../support/backends.js';
+import { testCa } from '../support/tls.js';
 import { parseSigningKeys } from '../../src/federation/signing-key-file.js';
 import { SqliteDatabase } from '../../src/storage/sqlite/driver.js';
 
@@ -207,6 +208,30 @@ describe('the mxkeys command line', () => {
     const notPem = runCli(['check-config', '--config', configIn(dir, `federation: { tls_ca_file: ${join(dir, 'not-a-ca.pem')} }\n`)]);
     assert.equal(notPem.code, 2);
     assert.match(notPem.stderr, /holds no PEM certificate/);
+
+    // The listener's certificate and key: missing, not PEM, or not a pair.
+    const ca = testCa();
+    const one = ca.leaf('one', 'DNS:one.example');
+    const two = ca.leaf('two', 'DNS:two.example');
+    const tls = (cert: string, key: string) => runCli(['check-config', '--config', configIn(dir, `tls_certificate_path: ${cert}\ntls_private_key_path: ${key}\n`)]);
+    const missingCert = tls(join(dir, 'no-such-cert.pem'), one.keyPath);
+    assert.equal(missingCert.code, 2);
+    assert.match(missingCert.stderr, /tls_certificate_path.*no-such-cert\.pem: ENOENT/);
+    const missingKey = tls(one.certPath, join(dir, 'no-such-key.pem'));
+    assert.equal(missingKey.code, 2);
+    assert.match(missingKey.stderr, /tls_private_key_path.*no-such-key\.pem: ENOENT/);
+    const notPemCert = tls(join(dir, 'not-a-ca.pem'), one.keyPath);
+    assert.equal(notPemCert.code, 2);
+    assert.match(notPemCert.stderr, /"tls_certificate_path": .*not-a-ca\.pem holds no PEM certificate/);
+    const swapped = tls(one.keyPath, one.certPath);
+    assert.equal(swapped.code, 2);
+    assert.match(swapped.stderr, /"tls_certificate_path": .*one\.key holds no PEM certificate/);
+    assert.match(swapped.stderr, /"tls_private_key_path": .*one\.pem holds no unencrypted PEM private key/);
+    const mismatched = tls(one.certPath, two.keyPath);
+    assert.equal(mismatched.code, 2);
+    assert.match(mismatched.stderr, /the key in .*two\.key does not belong to the certificate in .*one\.pem/);
+    const pair = tls(one.certPath, one.keyPath);
+    assert.doesNotMatch(pair.stderr, /tls_/, 'a matching pair passes');
 
     const typo = runCli(['check-config', '--config', configIn(dir)], { env: { MXKEYS_SIGNING_KEY_PATH: join(dir, 'typo', 'signing.key') } });
     assert.equal(typo.code, 2);

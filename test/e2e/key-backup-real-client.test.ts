@@ -5,6 +5,7 @@ import { http, startServer } from '../support/server.js';
 import { login, registerUser, SHARED_SECRET } from '../support/client.js';
 import { OlmClient, sdk } from '../support/olm.js';
 import { canonicalJson } from '../../src/matrix/canonical-json.js';
+import { MAX_SESSION_DATA_BYTES } from '../../src/backup/validate.js';
 
 const C = '/_matrix/client/v3';
 type Json = Record<string, unknown>;
@@ -47,6 +48,11 @@ describeEachBackend('key backup with a real Matrix client (matrix-sdk-crypto-was
     const backup = await alice.machine.backupRoomKeys();
     assert.ok(backup, 'the machine has room keys to back up');
     assert.equal(backup.version, version);
+    // What the SDK uploads for a session leaves MAX_SESSION_DATA_BYTES a wide margin (validate.ts says why).
+    const uploaded = JSON.parse(backup.body) as { rooms: Record<string, { sessions: Record<string, { session_data: Json }> }> };
+    for (const room of Object.values(uploaded.rooms)) {
+      for (const key of Object.values(room.sessions)) assert.ok(Buffer.byteLength(JSON.stringify(key.session_data)) * 4 < MAX_SESSION_DATA_BYTES);
+    }
     const stored = await alice.send('PUT', `${C}/room_keys/keys?version=${encodeURIComponent(backup.version)}`, backup.body);
     assert.equal((JSON.parse(stored) as Json)['count'], 1);
     await alice.machine.markRequestAsSent(backup.id, backup.type, stored);

@@ -5,6 +5,9 @@ import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import type { SqlDatabase } from '../../src/storage/sql.js';
 import { responseValidator } from '../support/spec-schema.js';
+import { PURGE_BATCH } from '../../src/backup/purge.js';
+import { MAX_SESSION_DATA_BYTES } from '../../src/backup/validate.js';
+import { openStore } from '../../src/storage/index.js';
 
 const C = '/_matrix/client/v3';
 const ALGORITHM = 'm.megolm_backup.v1.curve25519-aes-sha2';
@@ -120,6 +123,7 @@ describeEachBackend('server-side key backup: versions', (backend) => {
     expectMatrixError(await call(server, alice, 'GET', '/room_keys/version'), 404, 'M_NOT_FOUND');
     expectMatrixError(await call(server, alice, 'GET', `/room_keys/version/${v1}`), 404, 'M_NOT_FOUND');
     expectMatrixError(await call(server, alice, 'GET', `/room_keys/keys?version=${v1}`), 404, 'M_NOT_FOUND');
+    await server.mx.backupPurger.drain();
     const db = (server.mx.store as unknown as { db: SqlDatabase }).db;
     assert.deepEqual(await db.all('SELECT session_id FROM e2e_room_keys WHERE user_id = ?', [alice.userId]), [], 'the keys are gone from the database');
 
@@ -127,6 +131,28 @@ describeEachBackend('server-side key backup: versions', (backend) => {
     expectMatrixError(await call(server, alice, 'DELETE', '/room_keys/version/7'), 404, 'M_NOT_FOUND');
     expectMatrixError(await call(server, alice, 'PUT', `/room_keys/version/${v1}`, { algorithm: ALGORITHM, auth_data: {} }), 404, 'M_NOT_FOUND');
     assert.equal(await createVersion(server, alice), '2');
+  });
+
+  test('a deleted version of more keys than one purge batch is gone for the client at once, and its keys leave the database in batches afterwards', async () => {
+    const { server, alice, bob } = await setup(backend);
+    const v1 = await createVersion(server, alice);
+    const many = Object.fromEntries(Array.from({ length: PURGE_BATCH + 500 }, (_, i) => [`s${i}`, keyData(i, 0, false)]));
+    assert.equal((await putKeys(server, alice, v1, { '!big:test.local': many })).body['count'], PURGE_BATCH + 500);
+    const bobs = await createVersion(server, bob);
+    assert.equal((await putKeys(server, bob, bobs, { '!big:test.local': { s0: keyData(0, 0, false) } })).status, 200);
+
+    assert.equal((await call(server, alice, 'DELETE', `/room_keys/version/${v1}`)).status, 200);
+    expectMatrixError(await call(server, alice, 'GET', `/room_keys/keys?version=${v1}`), 404, 'M_NOT_FOUND');
+    expectMatrixError(await call(server, alice, 'GET', `/room_keys/keys/${enc('!big:test.local')}/s1?version=${v1}`), 404, 'M_NOT_FOUND');
+    const v2 = await createVersion(server, alice);
+    assert.deepEqual((await versionInfo(server, alice))['count'], 0, 'the new version starts empty');
+    await server.mx.backupPurger.drain();
+    const db = (server.mx.store as unknown as { db: SqlDatabase }).db;
+    assert.deepEqual(await db.all('SELECT version FROM e2e_room_keys WHERE user_id = ?', [alice.userId]), [], "the deleted version's keys are gone from the database");
+    assert.deepEqual(await db.all('SELECT version FROM e2e_room_keys_versions WHERE user_id = ?', [alice.userId]), [{ version: Number(v2) }], 'and so is its row');
+    assert.equal((await versionInfo(server, bob))['count'], 1, "bob's backup is untouched");
+    assert.equal((await call(server, alice, 'DELETE', `/room_keys/version/${v1}`)).status, 200, 'deleting it again still succeeds');
+    assert.equal(await createVersion(server, alice), '3', 'and its number is not reused');
   });
 
   test('when the current version is deleted, the newest remaining one becomes current again', async () => {
@@ -283,7 +309,7 @@ describeEachBackend('server-side key backup: keys', (backend) => {
       [{ rooms: { '!r:x': {} } }, 'M_BAD_JSON', /sessions/],
       [{ rooms: { 'no-bang:x': { sessions: { s: good } } } }, 'M_INVALID_PARAM', /room ID/],
       [{ rooms: { '!r:x': { sessions: { ['x'.repeat(300)]: good } } } }, 'M_INVALID_PARAM', /session ID/],
-      [{ rooms: { '!r:x': { sessions: { s: { ...good, session_data: { big: 'x'.repeat(70_000) } } } } } }, 'M_INVALID_PARAM', /session_data/],
+      [{ rooms: { '!r:x': { sessions: { s: { ...good, session_data: { big: 'x'.repeat(MAX_SESSION_DATA_BYTES) } } } } } }, 'M_INVALID_PARAM', /session_data is larger than 4096 bytes/],
       [{}, 'M_BAD_JSON', /rooms/],
     ];
     for (const [body, errcode, message] of cases) {
@@ -342,6 +368,35 @@ describeEachBackend('server-side key backup: keys', (backend) => {
     assert.equal((await putKeys(server, alice, v2, { '!c:x': sessions('c', 3) })).body['count'], 3);
   });
 
+  test('limits: a user keeps at most max_versions_per_user versions and max_bytes_per_user bytes of session data', async () => {
+    const { server, alice, bob } = await setup(backend, { key_backup: { max_versions_per_user: 2, max_bytes_per_user: 4096 } });
+    const v1 = await createVersion(server, alice);
+    await createVersion(server, alice);
+    expectMatrixError(await call(server, alice, 'POST', '/room_keys/version', { algorithm: ALGORITHM, auth_data: {} }), 403, 'M_FORBIDDEN', /2 backup versions.*DELETE \/room_keys\/version/);
+    assert.equal((await versionInfo(server, alice))['version'], '2', 'no version was created');
+    assert.equal(await createVersion(server, bob), '1', 'the limit is per user');
+    assert.equal((await call(server, alice, 'DELETE', `/room_keys/version/${v1}`)).status, 200);
+    const v3 = await createVersion(server, alice);
+    assert.equal(v3, '3', 'a deleted version no longer counts');
+
+    // Sessions of known size: 20 fit in 4096 bytes, the 21st does not.
+    const size = (k: KeyData) => Buffer.byteLength(JSON.stringify(k.session_data));
+    const tag = (i: number) => `t${String(i).padStart(2, '0')}${'p'.repeat(48)}`;
+    const sessions = (n: number) => Object.fromEntries(Array.from({ length: n }, (_, i) => [`s${i}`, keyData(7, 0, false, tag(i))]));
+    const each = size(keyData(7, 0, false, tag(0)));
+    assert.ok(each * 20 <= 4096 && each * 21 > 4096, `${each} bytes per session`);
+    assert.equal((await putKeys(server, alice, v3, { '!r:x': sessions(20) })).body['count'], 20);
+    expectMatrixError(await putKeys(server, alice, v3, { '!r:x': { extra: keyData(7, 0, false, 'xx') } }), 413, 'M_TOO_LARGE', /bytes of session data/);
+    const bigger = keyData(0, 0, true, `t00-${'x'.repeat(200)}`);
+    // A better but larger key counts its growth.
+    expectMatrixError(await putKeys(server, alice, v3, { '!r:x': { s0: bigger } }), 413, 'M_TOO_LARGE', /bytes/);
+    const smaller = { ...keyData(0, 0, true), session_data: { c: 'x' } };
+    assert.equal((await putKeys(server, alice, v3, { '!r:x': { s0: smaller } })).status, 200, 'a better, smaller key frees room');
+    assert.equal((await putKeys(server, alice, v3, { '!r:x': { extra: keyData(7, 0, false, 'xx') } })).body['count'], 21);
+    assert.equal((await call(server, alice, 'DELETE', `/room_keys/keys/${enc('!r:x')}?version=${v3}`)).body['count'], 0);
+    assert.equal((await putKeys(server, alice, v3, { '!r:x': sessions(20) })).body['count'], 20, 'deleted keys free their bytes');
+  });
+
   test('a backup larger than one read page comes back whole, per room and overall', async () => {
     const { server, alice } = await setup(backend);
     const v = await createVersion(server, alice);
@@ -374,5 +429,38 @@ describeEachBackend('server-side key backup: keys', (backend) => {
     const created = await Promise.all(Array.from({ length: 8 }, () => call(server, alice, 'POST', '/room_keys/version', { algorithm: ALGORITHM, auth_data: {} })));
     for (const r of created) assert.equal(r.status, 200, r.text);
     assert.deepEqual(created.map((r) => Number(r.body['version'])).sort((a, b) => a - b), [2, 3, 4, 5, 6, 7, 8, 9]);
+  });
+});
+
+describeEachBackend('server-side key backup: storage', (backend) => {
+  test('a deleted version is invisible at once, and its keys are purged at most a batch per transaction, then its row', async () => {
+    const store = await openStore(await backend.freshDatabase());
+    try {
+      const user = '@alice:test.local';
+      const keys = Array.from({ length: 25 }, (_, i) => ({ roomId: '!r:x', sessionId: `s${i}`, firstMessageIndex: 0, forwardedCount: 0, isVerified: false, sessionData: '{"c":"x"}' }));
+      const v1 = await store.backup.transaction(user, async (tx) => {
+        const v = await tx.createVersion(ALGORITHM, '{}');
+        await tx.putRoomKeys(v, keys, keys.length, keys.length * 9);
+        return v;
+      });
+      const v2 = await store.backup.transaction(user, (tx) => tx.createVersion(ALGORITHM, '{}'));
+      assert.deepEqual(await store.backup.transaction(user, (tx) => tx.usage()), { versions: 2, sessions: 25, bytes: 225 });
+
+      await store.backup.transaction(user, (tx) => tx.deleteVersion(v1));
+      assert.equal(await store.backup.getVersion(user, v1), undefined);
+      assert.deepEqual(await store.backup.getRoomKeys(user, v1, {}, 100), [], 'its keys are gone for readers');
+      assert.deepEqual(await store.backup.transaction(user, (tx) => tx.usage()), { versions: 1, sessions: 0, bytes: 0 });
+      assert.deepEqual(await store.backup.deletedVersionsWithKeys(10), [{ userId: user, version: v1 }]);
+      assert.equal(await store.backup.purgeDeletedKeys(user, v2, 10), 0, 'a version that is not deleted is never purged');
+
+      const batches: number[] = [];
+      for (let n; (n = await store.backup.purgeDeletedKeys(user, v1, 10)) > 0; ) batches.push(n);
+      assert.deepEqual(batches, [10, 10, 5]);
+      assert.deepEqual(await store.backup.deletedVersionsWithKeys(10), []);
+      assert.equal(await store.backup.transaction(user, (tx) => tx.versionExists(v1)), true, 'its number stays taken');
+      assert.equal(await store.backup.transaction(user, (tx) => tx.createVersion(ALGORITHM, '{}')), v2 + 1);
+    } finally {
+      await store.close();
+    }
   });
 });

@@ -133,6 +133,11 @@ describe('the log', () => {
     try {
       const alice = await registerUser({ url } as TestServer, 'alice');
       await http(url, 'GET', `${C}/account/whoami?access_token=${alice.accessToken}`);
+      // Percent-encoded names are still the token parameter.
+      for (const name of ['access%5Ftoken', '%61ccess_token', 'access_t%6Fken']) {
+        const r = await http(url, 'GET', `${C}/account/whoami?from=1&${name}=${alice.accessToken}`);
+        assert.equal(r.status, 200, `${name} is taken as the access token`);
+      }
       await http(url, 'POST', `${C}/keys/query`, { token: alice.accessToken, body: { device_keys: {} } });
       await new Promise((r) => setTimeout(r, 50)); // the line is written when the connection reports the response done
       const requests = lines.filter((l) => l.msg === 'request');
@@ -143,6 +148,7 @@ describe('the log', () => {
       assert.equal(whoami['method'], 'GET');
       assert.equal(whoami['address'], '127.0.0.1');
       assert.ok(requests.some((l) => l['url'] === `${C}/keys/query` && l['status'] === 200), 'the direct key routes are logged too');
+      assert.ok(requests.some((l) => l['url'] === `${C}/account/whoami?from=1&access%5Ftoken=<redacted>`), JSON.stringify(requests));
       assert.ok(!JSON.stringify(lines).includes(alice.accessToken), 'the token appears nowhere in the log');
     } finally {
       await mx.close();

@@ -5,11 +5,14 @@
  */
 import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { execFile, spawnSync } from 'node:child_process';
+import { createServer } from 'node:http';
+import type { AddressInfo } from 'node:net';
 import { copyFileSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { tempDir } from '../support/backends.js';
+import { loadConfig } from '../../src/config/load.js';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const read = (path: string) => readFileSync(join(ROOT, path), 'utf8');
@@ -111,6 +114,44 @@ describe('Dockerfile', () => {
     assert.match(last('ENTRYPOINT') ?? '', /^\["node", "\/opt\/mxkeys\/dist\/main\.js"\]$/, 'exec form, node itself');
     assert.equal(last('STOPSIGNAL'), 'SIGTERM');
     assert.ok(!final.some((i) => i.op === 'COPY' && !i.arg.startsWith('--from=')), 'the run stage copies only from the build stage');
+  });
+
+  test('listens through a config file of its own, not MXKEYS_LISTEN_* variables that would override a mounted one', () => {
+    const envLines = final.filter((i) => i.op === 'ENV').map((i) => i.arg).join(' ');
+    assert.doesNotMatch(envLines, /MXKEYS_LISTEN/);
+    assert.match(envLines, /MXKEYS_CONFIG=\/etc\/mxkeys\/mxkeys\.yaml/);
+    // Write the image's file as its RUN step does, here, and read it as serve would.
+    const writes = final.filter((i) => i.op === 'RUN').flatMap((i) => i.arg.split('&&')).find((c) => c.includes('> /etc/mxkeys/mxkeys.yaml'));
+    assert.ok(writes, 'a RUN step writes /etc/mxkeys/mxkeys.yaml');
+    const file = join(tempDir(), 'mxkeys.yaml');
+    const r = spawnSync('sh', ['-c', writes.replace('/etc/mxkeys/mxkeys.yaml', file)], { encoding: 'utf8' });
+    assert.equal(r.status, 0, r.stderr);
+    // The server name comes from MXKEYS_SERVER_NAME, as docs/operations.md shows.
+    const env = { MXKEYS_SERVER_NAME: 'example.org' };
+    const config = loadConfig({ file, env });
+    assert.deepEqual([config.listen.host, config.listen.port], ['0.0.0.0', 8008]);
+    assert.equal(loadConfig({ file, env: { ...env, MXKEYS_LISTEN_PORT: '9000' } }).listen.port, 9000, 'variables still override it');
+  });
+
+  test('the health check asks GET /health on the port the configuration names', async () => {
+    const argv = JSON.parse(last('HEALTHCHECK')!.replace(/^.*?CMD /, '')) as string[];
+    assert.equal(argv[0], 'node');
+    const script = argv.slice(1).map((a) => a.replace('/opt/mxkeys/dist/', join(ROOT, 'dist/')));
+    const health = createServer((req, res) => res.writeHead(req.url === '/health' ? 200 : 404).end());
+    await new Promise<void>((resolve) => health.listen(0, '127.0.0.1', resolve));
+    try {
+      const port = (health.address() as AddressInfo).port;
+      const file = join(tempDir(), 'mxkeys.yaml');
+      writeFileSync(file, `server_name: example.org\nlisten: { host: 0.0.0.0, port: ${port} }\n`);
+      const check = (env: Record<string, string>) =>
+        new Promise<number | null>((resolve) => execFile(process.execPath, script, { env: { PATH: process.env['PATH'] ?? '', ...env } }, (e) => resolve(e ? (e.code as number) : 0)));
+      assert.equal(await check({ MXKEYS_CONFIG: file }), 0, "the mounted file's port");
+      writeFileSync(file, 'server_name: example.org\nlisten: { host: 0.0.0.0, port: 1 }\n');
+      assert.equal(await check({ MXKEYS_CONFIG: file }), 1, 'nothing listens there');
+      assert.equal(await check({ MXKEYS_CONFIG: file, MXKEYS_LISTEN_PORT: String(port) }), 0, 'a variable overrides the file, as for serve');
+    } finally {
+      health.close();
+    }
   });
 
   test('copies only files that exist and that .dockerignore lets through', () => {

@@ -174,6 +174,33 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
+  test('the key backup size migration counts the bytes of session data each existing version holds', async () => {
+    const config = await backend.freshDatabase();
+    const db = rawDatabase(config);
+    const all = config.postgres ? postgresMigrations : sqliteMigrations;
+    try {
+      const sized = all.find((m) => m.sql.includes('ADD COLUMN key_bytes'))!.version;
+      await migrate(db, all.filter((m) => m.version < sized));
+      const insertVersion = 'INSERT INTO e2e_room_keys_versions (user_id, version, algorithm, auth_data, key_count, created_ts) VALUES (?, ?, ?, ?, ?, ?)';
+      await db.run(insertVersion, ['@a:x', 1, 'alg', '{}', 2, 1]);
+      await db.run(insertVersion, ['@a:x', 2, 'alg', '{}', 0, 1]);
+      await db.run(insertVersion, ['@b:x', 1, 'alg', '{}', 1, 1]);
+      const insertKey = 'INSERT INTO e2e_room_keys (user_id, version, room_id, session_id, first_message_index, forwarded_count, is_verified, session_data, ts) VALUES (?, ?, ?, ?, 0, 0, ?, ?, 1)';
+      await db.run(insertKey, ['@a:x', 1, '!r:x', 's1', false, '{"c":"x"}']);
+      await db.run(insertKey, ['@a:x', 1, '!r:x', 's2', false, '{"c":"é"}']);
+      await db.run(insertKey, ['@b:x', 1, '!r:x', 's1', false, '{}']);
+      await migrate(db, all);
+      const rows = await db.all<{ user_id: string; version: number; key_bytes: number }>('SELECT user_id, version, key_bytes FROM e2e_room_keys_versions ORDER BY user_id, version');
+      assert.deepEqual(rows.map((r) => [r.user_id, Number(r.version), Number(r.key_bytes)]), [
+        ['@a:x', 1, 9 + Buffer.byteLength('{"c":"é"}')],
+        ['@a:x', 2, 0],
+        ['@b:x', 1, 2],
+      ]);
+    } finally {
+      await db.close();
+    }
+  });
+
   test('server keys round-trip; a later response keeps old keys and their responses, but retires the current ones it no longer lists', async () => {
     const store = await openStore(await backend.freshDatabase());
     try {

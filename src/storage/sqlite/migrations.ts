@@ -295,4 +295,15 @@ export const migrations: readonly Migration[] = [
       CREATE INDEX to_device_txns_by_ts ON to_device_txns (received_ts);
     `,
   },
+  {
+    version: 9,
+    name: 'key backup: the bytes of session data each backup version holds, for the per-user budget',
+    sql: `
+      ALTER TABLE e2e_room_keys_versions ADD COLUMN key_bytes BIGINT NOT NULL DEFAULT 0;
+      UPDATE e2e_room_keys_versions SET key_bytes = (
+        SELECT COALESCE(SUM(length(CAST(k.session_data AS BLOB))), 0) FROM e2e_room_keys k
+        WHERE k.user_id = e2e_room_keys_versions.user_id AND k.version = e2e_room_keys_versions.version
+      );
+    `,
+  },
 ];
