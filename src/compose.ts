@@ -21,7 +21,8 @@ import { KeyRing } from './federation/key-ring.js';
 import { federationKeyFetcher, Notary } from './federation/notary.js';
 import { RequestAuthenticator } from './federation/request-auth.js';
 import { ConfigError } from './config/load.js';
-import { MxkeysMetrics } from './metrics/mxkeys.js';
+import { MxkeysMetrics, serveMetrics } from './metrics/mxkeys.js';
+import { answerSupervisor } from './metrics/cluster.js';
 import type { Server } from 'node:http';
 import type { Server as TlsServer } from 'node:https';
 import { Destinations } from './federation/destinations.js';
@@ -62,7 +63,7 @@ export interface Mxkeys {
   reloadTls(): void;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
-  /** Where metrics are served once listening, when `metrics.enabled`. */
+  /** Where metrics are served once listening, when `metrics.enabled` (undefined in a cluster worker). */
   metricsUrl(): string | undefined;
   /** Stops accepting requests, lets in-flight ones finish, closes the database. */
   close(): Promise<void>;
@@ -70,6 +71,11 @@ export interface Mxkeys {
 
 export interface CreateOptions {
   readonly logger?: Logger;
+  /**
+   * Set in a worker of `mxkeys serve --workers N`: the supervisor serves the metrics of all
+   * workers on the metrics listener, so this process hands its metrics to the supervisor instead.
+   */
+  readonly clusterWorker?: boolean;
 }
 
 function readCaFile(path: string | undefined): string | undefined {
@@ -167,7 +173,7 @@ function adminFor(config: Readonly<Config>, store: Store, accounts: Accounts, lo
  * away (EPIPE), logging stops instead of blocking the process: pino's default destination can
  * then hang on exit while it retries the flush.
  */
-export function createLogger(config: Readonly<Config>): Logger {
+export function createLogger(config: Readonly<Config>, fields: Readonly<Record<string, unknown>> = {}): Logger {
   let broken = false;
   const stdout = {
     write(line: string): void {
@@ -179,7 +185,7 @@ export function createLogger(config: Readonly<Config>): Logger {
       }
     },
   };
-  return pino({ level: config.log_level, base: { service: 'mxkeys' } }, stdout);
+  return pino({ level: config.log_level, base: { service: 'mxkeys', ...fields } }, stdout);
 }
 
 export async function createMxkeys(config: Readonly<Config>, options: CreateOptions = {}): Promise<Mxkeys> {
@@ -355,10 +361,11 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       const address = config.tls_certificate_path === undefined ? listening : listening.replace(/^http:/, 'https:');
       await sender.start();
       maintenance.start();
-      if (metrics) {
-        let m: Awaited<ReturnType<typeof metrics.listen>>;
+      if (metrics && options.clusterWorker) answerSupervisor(metrics.registry);
+      else if (metrics) {
+        let m: Awaited<ReturnType<typeof serveMetrics>>;
         try {
-          m = await metrics.listen(config.metrics.host, config.metrics.port);
+          m = await serveMetrics(config.metrics.host, config.metrics.port, () => metrics.render());
         } catch (e) {
           throw new ListenError('metrics', config.metrics.host, config.metrics.port, e);
         }

@@ -68,7 +68,7 @@ const toDevice = (r: DeviceRow): StoredDevice => ({
  * references a device must be listed here (a test checks that no row of a deleted device remains
  * in any table).
  */
-const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices'] as const;
+const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_one_time_key_counts', 'e2e_fallback_keys', 'devices'] as const;
 
 /**
  * Deletes devices and everything keyed to them inside a transaction, recording a device-list

@@ -15,6 +15,7 @@ import { SqlKeysStore } from './keys.js';
 import { SqlFederationStore } from './federation.js';
 import { SqlRemoteDeviceListsStore } from './remote-device-lists.js';
 import { SqlBackupStore } from './backup.js';
+import { SqlStatsStore } from './stats.js';
 import { claimServerName } from './server-name.js';
 import { DatabaseStartupError, describePostgresError, describeSqliteError } from './startup-errors.js';
 
@@ -87,6 +88,7 @@ class SqlStore implements Store {
   readonly federation;
   readonly remoteDeviceLists;
   readonly backup;
+  readonly stats;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
@@ -98,6 +100,7 @@ class SqlStore implements Store {
     this.federation = new SqlFederationStore(db);
     this.remoteDeviceLists = new SqlRemoteDeviceListsStore(db, deviceListWriter);
     this.backup = new SqlBackupStore(db);
+    this.stats = new SqlStatsStore(db);
   }
 
   statementCount(): number {

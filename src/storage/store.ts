@@ -402,6 +402,15 @@ export interface BackupStore {
   getRoomKeys(userId: string, version: number, scope: RoomKeyScope, limit: number, after?: { roomId: string; sessionId: string }): Promise<StoredRoomKey[]>;
 }
 
+/** Figures read for metrics: each one statement, cheap enough to run at every scrape. */
+export interface StatsStore {
+  /**
+   * For each limit, how many devices have fewer than that many unclaimed one-time keys. Devices
+   * count once they have uploaded device keys or one-time keys, until they are deleted.
+   */
+  devicesWithFewOneTimeKeys(limits: readonly number[]): Promise<number[]>;
+}
+
 export interface Store {
   readonly backend: 'sqlite' | 'postgres';
   readonly keys: KeysStore;
@@ -411,6 +420,7 @@ export interface Store {
   readonly federation: FederationStore;
   readonly remoteDeviceLists: RemoteDeviceListsStore;
   readonly backup: BackupStore;
+  readonly stats: StatsStore;
   /** Database statements this process has run (a metric; tests use it to count round trips). */
   statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */
