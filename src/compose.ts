@@ -29,7 +29,7 @@ import { Destinations } from './federation/destinations.js';
 import { RemoteDeviceListCache } from './federation/device-list-cache.js';
 import { RemoteKeys } from './federation/remote-keys.js';
 import { DeviceListSubscriptions } from './federation/subscriptions.js';
-import { FederationSender } from './federation/sender.js';
+import { FederationSender, newLeaseOwner } from './federation/sender.js';
 import { DeviceListEdus } from './federation/device-list-edus.js';
 import { InboundTransactions } from './federation/transactions.js';
 import { FederationMaintenance } from './federation/maintenance.js';
@@ -143,7 +143,7 @@ const SENDER_POLL_MS = 1000;
 /** How often federation housekeeping runs (in one process of those sharing the database). */
 const MAINTENANCE_INTERVAL_MS = 60_000;
 
-function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?: Logger): Accounts {
+function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?: Logger, leaseOwner?: string): Accounts {
   return new Accounts({
     store: store.accounts,
     serverName: config.server_name,
@@ -153,6 +153,8 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?
     maxDevicesPerUser: config.max_devices_per_user,
     scryptLogN: config.password_hashing.scrypt_log_n,
     isReservedDeviceId: (userId, deviceId) => keys.isReservedDeviceId(userId, deviceId),
+    // One process of those sharing the database sweeps: it keeps the lease as long as it runs.
+    ...(leaseOwner ? { takeSweep: (now: number, intervalMs: number) => store.federation.takeLease('job:auth-state-sweep', leaseOwner, now + 2 * intervalMs, now) } : {}),
     // At info, one line per failure with user and address, for fail2ban-style tools (operations.md).
     ...(logger ? { onFailedLogin: (user: string, address: string | undefined) => logger.info({ user, address: address ?? null }, 'failed login') } : {}),
   });
@@ -240,7 +242,9 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   });
   const remoteKeys = new RemoteKeys({ client: federationClient, destinations, cache: remoteDeviceLists, store: store.remoteDeviceLists, log });
   const keys = keysFor(config, store, remoteKeys);
-  const accounts = accountsFor(config, store, keys, logger);
+  // This process's name in the leases that make one process of those sharing the database do a job.
+  const leaseOwner = newLeaseOwner();
+  const accounts = accountsFor(config, store, keys, logger, leaseOwner);
   const admin = adminFor(config, store, accounts, logger);
   const crossSigning = new CrossSigning({
     store: store.keys,
@@ -266,6 +270,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     store: store.federation,
     destinations,
     sources: [new DeviceListEdus({ store: store.federation, keys, displayNames: config.federation.allow_device_name_lookup })],
+    owner: leaseOwner,
     pollIntervalMs: SENDER_POLL_MS,
     log,
   });

@@ -139,11 +139,15 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
     });
   };
 
+  // A stop signal during start-up stops the workers started so far.
+  let stopSignal: string | undefined;
+  const stopped = options.stopSignal().then((signal) => (stopSignal = signal));
   // The first worker alone (it applies migrations, and creates the signing key if there is none),
   // then the others together.
   try {
     await new Promise<void>((resolve, reject) => {
       startupFailure = reject;
+      void stopped.then(() => resolve());
       void fork(1)
         .then(() => Promise.all(Array.from({ length: options.workers - 1 }, (_, i) => fork(i + 2))))
         .then(() => resolve());
@@ -157,6 +161,11 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
   }
   starting = false;
   startupFailure = undefined;
+  if (stopSignal !== undefined) {
+    stopping = true;
+    logger.info({ signal: stopSignal }, 'asked to stop while starting: stopping the workers');
+    return (await stopAll()) ? 0 : 1;
+  }
 
   let metricsServer: Awaited<ReturnType<typeof serveMetrics>> | undefined;
   if (config.metrics.enabled) {
@@ -182,7 +191,7 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
     }
   });
 
-  const signal = await options.stopSignal();
+  const signal = await stopped;
   stopping = true;
   logger.info({ signal, workers: serving.size }, 'shutting down: every worker finishes its in-flight requests');
   metricsServer?.server.close();

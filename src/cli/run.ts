@@ -129,6 +129,8 @@ async function serveProcess(
     await mx.close().catch(() => undefined);
     throw e;
   }
+  // Listening for the stop signal before saying we listen: whoever waits for that line may stop us at once.
+  const stopped = options.stopSignal();
   options.onReload?.(() => {
     if (config.tls_certificate_path === undefined) return;
     try {
@@ -144,7 +146,7 @@ async function serveProcess(
   } else {
     mx.logger.info({ url, server_name: config.server_name, database: config.database.postgres ? 'postgres' : 'sqlite', version: VERSION }, 'mxkeys is listening');
   }
-  const signal = await options.stopSignal();
+  const signal = await stopped;
   mx.logger.info({ signal }, 'shutting down: finishing in-flight requests');
   await mx.close();
   mx.logger.info('stopped');
@@ -174,7 +176,9 @@ processes").`,
       const slot = workerSlot();
       if (slot !== undefined) {
         const logger = createLogger(config, { worker: slot, pid: process.pid });
-        return serveProcess(config, { logger, stopSignal: workerStopSignal, onReload: io.onReload, clusterWorker: true });
+        // From the start: the supervisor may stop a worker that is still starting.
+        const stop = workerStopSignal();
+        return serveProcess(config, { logger, stopSignal: () => stop, onReload: io.onReload, clusterWorker: true });
       }
       if (workers > 1) return superviseWorkers({ config, workers, logger: createLogger(config, { pid: process.pid }), stopSignal: io.stopSignal, onReload: io.onReload });
       return serveProcess(config, { stopSignal: io.stopSignal, onReload: io.onReload });
