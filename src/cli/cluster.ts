@@ -13,6 +13,7 @@ import type { Config } from '../config/schema.js';
 import { ListenError } from '../compose.js';
 import { ClusterMetrics } from '../metrics/cluster.js';
 import { serveMetrics } from '../metrics/mxkeys.js';
+import { VERSION } from '../version.js';
 
 /** Set by the supervisor in each worker's environment: its slot, 1…N (kept by a replacement). */
 export const WORKER_ENV = 'MXKEYS_WORKER';
@@ -178,7 +179,7 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
     }
   }
   logger.info(
-    { url, workers: options.workers, server_name: config.server_name, database: config.database.postgres ? 'postgres' : 'sqlite' },
+    { url, workers: options.workers, server_name: config.server_name, database: config.database.postgres ? 'postgres' : 'sqlite', version: VERSION },
     'mxkeys is listening',
   );
   if (metricsServer) logger.info({ url: metricsServer.url }, 'serving metrics');
