@@ -134,13 +134,10 @@ export class MxkeysMetrics {
       if (typeof v === 'number') set({}, v);
       else for (const [labels, n] of v) set(labels, n);
     };
+    const common = { name, help, labelNames, registers: [this.registry], aggregator };
     if (type === 'counter') {
       new Counter({
-        name,
-        help,
-        labelNames,
-        registers: [this.registry],
-        aggregator,
+        ...common,
         collect() {
           this.reset();
           apply((labels, value) => this.inc(labels, value));
@@ -148,11 +145,7 @@ export class MxkeysMetrics {
       });
     } else {
       new Gauge({
-        name,
-        help,
-        labelNames,
-        registers: [this.registry],
-        aggregator,
+        ...common,
         collect() {
           this.reset();
           apply((labels, value) => this.set(labels, value));
