@@ -23,14 +23,15 @@ import { KeyRing } from './federation/key-ring.js';
 import { federationKeyFetcher, Notary } from './federation/notary.js';
 import { RequestAuthenticator } from './federation/request-auth.js';
 import { ConfigError } from './config/load.js';
-import { MxkeysMetrics } from './metrics/mxkeys.js';
+import { MxkeysMetrics, serveMetrics } from './metrics/mxkeys.js';
+import { answerSupervisor } from './metrics/cluster.js';
 import type { Server } from 'node:http';
 import type { Server as TlsServer } from 'node:https';
 import { Destinations } from './federation/destinations.js';
 import { RemoteDeviceListCache } from './federation/device-list-cache.js';
 import { RemoteKeys } from './federation/remote-keys.js';
 import { DeviceListSubscriptions } from './federation/subscriptions.js';
-import { FederationSender } from './federation/sender.js';
+import { FederationSender, newLeaseOwner } from './federation/sender.js';
 import { DeviceListEdus } from './federation/device-list-edus.js';
 import { ToDeviceEdus } from './federation/to-device-edus.js';
 import { ToDevice } from './todevice/service.js';
@@ -71,7 +72,7 @@ export interface Mxkeys {
   reloadTls(): void;
   /** Starts listening; resolves to the base URL, e.g. http://127.0.0.1:8008. */
   listen(): Promise<string>;
-  /** Where metrics are served once listening, when `metrics.enabled`. */
+  /** Where metrics are served once listening, when `metrics.enabled` (undefined in a cluster worker). */
   metricsUrl(): string | undefined;
   /** Stops accepting requests, lets in-flight ones finish, closes the database. */
   close(): Promise<void>;
@@ -79,6 +80,11 @@ export interface Mxkeys {
 
 export interface CreateOptions {
   readonly logger?: Logger;
+  /**
+   * Set in a worker of `mxkeys serve --workers N`: the supervisor serves the metrics of all
+   * workers on the metrics listener, so this process hands its metrics to the supervisor instead.
+   */
+  readonly clusterWorker?: boolean;
 }
 
 function readCaFile(path: string | undefined): string | undefined {
@@ -146,7 +152,7 @@ const SENDER_POLL_MS = 1000;
 /** How often federation housekeeping runs (in one process of those sharing the database). */
 const MAINTENANCE_INTERVAL_MS = 60_000;
 
-function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?: Logger): Accounts {
+function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?: Logger, leaseOwner?: string): Accounts {
   return new Accounts({
     store: store.accounts,
     serverName: config.server_name,
@@ -156,6 +162,8 @@ function accountsFor(config: Readonly<Config>, store: Store, keys: Keys, logger?
     maxDevicesPerUser: config.max_devices_per_user,
     scryptLogN: config.password_hashing.scrypt_log_n,
     isReservedDeviceId: (userId, deviceId) => keys.isReservedDeviceId(userId, deviceId),
+    // One process of those sharing the database sweeps: it keeps the lease as long as it runs.
+    ...(leaseOwner ? { takeSweep: (now: number, intervalMs: number) => store.federation.takeLease('job:auth-state-sweep', leaseOwner, now + 2 * intervalMs, now) } : {}),
     // At info, one line per failure with user and address, for fail2ban-style tools (operations.md).
     ...(logger ? { onFailedLogin: (user: string, address: string | undefined) => logger.info({ user, address: address ?? null }, 'failed login') } : {}),
   });
@@ -177,7 +185,8 @@ function adminFor(config: Readonly<Config>, store: Store, accounts: Accounts, lo
  * reader of our output goes away (EPIPE), logging stops instead of blocking the process: pino's
  * default destination can then hang on exit while it retries the flush.
  */
-export function createLogger(config: Readonly<Config>, fd: 1 | 2 = 1): Logger {
+export function createLogger(config: Readonly<Config>, options: { readonly fields?: Readonly<Record<string, unknown>>; readonly fd?: 1 | 2 } = {}): Logger {
+  const fd = options.fd ?? 1;
   let broken = false;
   const out = {
     write(line: string): void {
@@ -189,7 +198,7 @@ export function createLogger(config: Readonly<Config>, fd: 1 | 2 = 1): Logger {
       }
     },
   };
-  return pino({ level: config.log_level, base: { service: 'mxkeys' } }, out);
+  return pino({ level: config.log_level, base: { service: 'mxkeys', ...options.fields } }, out);
 }
 
 export async function createMxkeys(config: Readonly<Config>, options: CreateOptions = {}): Promise<Mxkeys> {
@@ -244,7 +253,9 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   });
   const remoteKeys = new RemoteKeys({ client: federationClient, destinations, cache: remoteDeviceLists, store: store.remoteDeviceLists, log });
   const keys = keysFor(config, store, remoteKeys);
-  const accounts = accountsFor(config, store, keys, logger);
+  // This process's name in the leases that make one process of those sharing the database do a job.
+  const leaseOwner = newLeaseOwner();
+  const accounts = accountsFor(config, store, keys, logger, leaseOwner);
   const backupPurger = new BackupPurger({ store: store.backup, log: (message, details) => logger.warn(details, message) });
   const admin = adminFor(config, store, accounts, logger, () => backupPurger.kick());
   const crossSigning = new CrossSigning({
@@ -283,6 +294,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     destinations,
     // To-device messages first, as Synapse sends them: encryption channels depend on them.
     sources: [new ToDeviceEdus(store.toDevice), new DeviceListEdus({ store: store.federation, keys, displayNames: config.federation.allow_device_name_lookup })],
+    owner: leaseOwner,
     pollIntervalMs: SENDER_POLL_MS,
     log,
   });
@@ -389,10 +401,11 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
       await sender.start();
       maintenance.start();
       backupPurger.start();
-      if (metrics) {
-        let m: Awaited<ReturnType<typeof metrics.listen>>;
+      if (metrics && options.clusterWorker) answerSupervisor(metrics.registry);
+      else if (metrics) {
+        let m: Awaited<ReturnType<typeof serveMetrics>>;
         try {
-          m = await metrics.listen(config.metrics.host, config.metrics.port);
+          m = await serveMetrics(config.metrics.host, config.metrics.port, () => metrics.render());
         } catch (e) {
           throw new ListenError('metrics', config.metrics.host, config.metrics.port, e);
         }
@@ -430,7 +443,7 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
  */
 async function withServices<T>(config: Readonly<Config>, fn: (services: { accounts: Accounts; admin: Admin }) => Promise<T>): Promise<T> {
   const store = await openStore(config.database, storeOptions(config));
-  const logger = createLogger(config, 2);
+  const logger = createLogger(config, { fd: 2 });
   try {
     const accounts = accountsFor(config, store, keysFor(config, store));
     // No server runs here to purge a deactivated user's key backups later: purge before exiting.

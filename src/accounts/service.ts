@@ -43,8 +43,16 @@ export interface AccountsOptions {
   readonly isReservedDeviceId?: (userId: string, deviceId: string) => Promise<boolean>;
   /** Told of every failed password login: the user as given, and the client's address. */
   readonly onFailedLogin?: (user: string, address: string | undefined) => void;
+  /**
+   * With several processes on one database: true when this process is the one to delete expired
+   * nonces and user-interactive auth sessions now (a lease), so the sweep runs once per interval
+   * for all of them. Left out, every process sweeps.
+   */
+  readonly takeSweep?: (now: number, intervalMs: number) => Promise<boolean>;
 }
 
+/** Expired nonces and user-interactive auth sessions are deleted at most this often. */
+const SWEEP_INTERVAL_MS = 60_000;
 /** Synapse's limit for device display names. */
 export const MAX_DEVICE_DISPLAY_NAME_LENGTH = 100;
 /** Most devices one /delete_devices request may name. */
@@ -234,8 +242,9 @@ export class Accounts {
 
   private async sweep(): Promise<void> {
     const now = this.now();
-    if (now - this.lastSweep < 60_000) return;
+    if (now - this.lastSweep < SWEEP_INTERVAL_MS) return;
     this.lastSweep = now;
+    if (this.options.takeSweep && !(await this.options.takeSweep(now, SWEEP_INTERVAL_MS))) return;
     await this.store.deleteExpiredAuthState(now - 24 * 3_600_000, now - NONCE_LIFETIME_MS);
   }
 

@@ -9,7 +9,9 @@ import { parseUserId, userIdFor } from '../matrix/ids.js';
 import { stringify as toYaml } from 'yaml';
 import { ConfigError, durationMs, loadConfig, maskSecrets } from '../config/load.js';
 import type { Config } from '../config/schema.js';
-import { administer, checkConfigFiles, createMxkeys, registerUser } from '../compose.js';
+import { administer, checkConfigFiles, createLogger, createMxkeys, registerUser } from '../compose.js';
+import type { Logger } from 'pino';
+import { parseWorkers, reportReady, superviseWorkers, workerSlot, workerStopSignal } from './cluster.js';
 import { migrateDatabase, ServerNameMismatchError } from '../storage/index.js';
 import { formatPublicKeys, formatSigningKeys, readSigningKeys, SigningKeyFileError, writeNewSigningKeyFile } from '../federation/signing-key-file.js';
 import { PromptCancelled, readSecretFromTerminal } from './terminal.js';
@@ -110,43 +112,76 @@ function commandErrorFrom(e: unknown, userId: string): unknown {
   return new CommandError(e.message, e.errcode === 'M_USER_IN_USE' || e.errcode === 'M_NOT_FOUND' ? EXIT_FAILURE : EXIT_USAGE);
 }
 
+/**
+ * One serving process (`mxkeys serve`, or one worker of `--workers N`): listens, reloads the TLS
+ * certificate on SIGHUP, drains and closes on the stop signal.
+ */
+async function serveProcess(
+  config: Readonly<Config>,
+  options: { logger?: Logger; clusterWorker?: boolean; stopSignal: () => Promise<string>; onReload?: ((handler: () => void) => void) | undefined },
+): Promise<number> {
+  const mx = await createMxkeys(config, { ...(options.logger ? { logger: options.logger } : {}), clusterWorker: options.clusterWorker ?? false });
+  let url: string;
+  try {
+    url = await mx.listen();
+  } catch (e) {
+    // A ListenError names the listener that failed and the setting to change.
+    await mx.close().catch(() => undefined);
+    throw e;
+  }
+  // Listening for the stop signal before saying we listen: whoever waits for that line may stop us at once.
+  const stopped = options.stopSignal();
+  options.onReload?.(() => {
+    if (config.tls_certificate_path === undefined) return;
+    try {
+      mx.reloadTls();
+      mx.logger.info({ certificate: config.tls_certificate_path }, 'reloaded the TLS certificate and key');
+    } catch (e) {
+      mx.logger.error({ reason: (e as Error).message }, 'could not reload the TLS certificate and key; still serving the previous ones');
+    }
+  });
+  if (options.clusterWorker) {
+    mx.logger.info({ url }, 'worker is listening');
+    reportReady(url);
+  } else {
+    mx.logger.info({ url, server_name: config.server_name, database: config.database.postgres ? 'postgres' : 'sqlite', version: VERSION }, 'mxkeys is listening');
+  }
+  const signal = await stopped;
+  mx.logger.info({ signal }, 'shutting down: finishing in-flight requests');
+  await mx.close();
+  mx.logger.info('stopped');
+  return EXIT_OK;
+}
+
 const commands: Record<string, Command> = {
   serve: {
     summary: 'run the server',
-    usage: `mxkeys serve [--config FILE]
+    usage: `mxkeys serve [--config FILE] [--workers N|auto]
 
 Runs mxkeys until SIGTERM or SIGINT, then ends open /sync long-polls, lets in-flight requests
 finish and closes the database. Without --config (or MXKEYS_CONFIG) it serves "localhost" on
 127.0.0.1:8008 with SQLite and a signing key under ./data (the directory must exist). MXKEYS_*
 environment variables override the file (docs/configuration.md). In production start it as
-"node dist/main.js serve", not through npm or npx, so that signals reach it.`,
-    options: configOption,
+"node dist/main.js serve", not through npm or npx, so that signals reach it.
+
+--workers N runs N worker processes sharing the listening port (auto: one per CPU core; default
+1, a single process), under a supervisor that replaces a worker that dies, passes SIGHUP on,
+drains them all on SIGTERM and serves their metrics together (docs/operations.md, "Several
+processes").`,
+    options: { ...configOption, workers: { type: 'string', short: 'w' } },
     async run(values, io) {
+      const workers = parseWorkers(values['workers'] as string | undefined);
+      if (workers === undefined) throw new UsageError(`--workers ${String(values['workers'])}: give a number of worker processes (1 or more) or "auto" (one per CPU core)`);
       const config = configFrom(values, io, false);
-      const mx = await createMxkeys(config);
-      let url: string;
-      try {
-        url = await mx.listen();
-      } catch (e) {
-        // A ListenError names the listener that failed and the setting to change.
-        await mx.close().catch(() => undefined);
-        throw e;
+      const slot = workerSlot();
+      if (slot !== undefined) {
+        const logger = createLogger(config, { fields: { worker: slot, pid: process.pid } });
+        // From the start: the supervisor may stop a worker that is still starting.
+        const stop = workerStopSignal();
+        return serveProcess(config, { logger, stopSignal: () => stop, onReload: io.onReload, clusterWorker: true });
       }
-      mx.logger.info({ url, server_name: config.server_name, database: config.database.postgres ? 'postgres' : 'sqlite', version: VERSION }, 'mxkeys is listening');
-      io.onReload?.(() => {
-        if (config.tls_certificate_path === undefined) return;
-        try {
-          mx.reloadTls();
-          mx.logger.info({ certificate: config.tls_certificate_path }, 'reloaded the TLS certificate and key');
-        } catch (e) {
-          mx.logger.error({ reason: (e as Error).message }, 'could not reload the TLS certificate and key; still serving the previous ones');
-        }
-      });
-      const signal = await io.stopSignal();
-      mx.logger.info({ signal }, 'shutting down: finishing in-flight requests');
-      await mx.close();
-      mx.logger.info('stopped');
-      return EXIT_OK;
+      if (workers > 1) return superviseWorkers({ config, workers, logger: createLogger(config, { fields: { pid: process.pid } }), stopSignal: io.stopSignal, onReload: io.onReload });
+      return serveProcess(config, { stopSignal: io.stopSignal, onReload: io.onReload });
     },
   },
   'generate-key': {

@@ -23,7 +23,8 @@ export class ConfigError extends Error {
 export const DEFAULT_SQLITE_PATH = './data/mxkeys.db';
 const ENV_PREFIX = 'MXKEYS_';
 /** Environment variables with our prefix that are not configuration keys. */
-const NON_CONFIG_ENV = /^MXKEYS_(CONFIG|TEST_.*)$/;
+// MXKEYS_WORKER is set by `mxkeys serve --workers N` in each worker (cli/cluster.ts).
+const NON_CONFIG_ENV = /^MXKEYS_(CONFIG|WORKER|TEST_.*)$/;
 
 export interface EnvVariable {
   readonly name: string;

@@ -1,9 +1,10 @@
 /**
- * Periodic federation housekeeping, done by one process of those sharing a database at a time (a
- * lease), with other stores' cleanup (`housekeeping`): refetching cached remote device lists that
- * are stale or due for a refresh, and dropping those nobody here follows any more; dropping lapsed
- * subscriptions (with their queued updates and chains) and old transaction records; and, for a
- * destination that has taken no
+ * Periodic federation housekeeping, done by one process of those sharing a database (a lease that
+ * the process doing it keeps from round to round, so N processes do one round per interval, not
+ * N; another takes over once it lapses), with other stores' cleanup (`housekeeping`): refetching
+ * cached remote device lists that are stale or due for a refresh, and dropping those nobody here
+ * follows any more; dropping lapsed subscriptions (with their queued updates and chains) and old
+ * transaction records; and, for a destination that has taken no
  * transaction for `maxUndeliveredAgeMs`, keeping only the newest queued change per user and
  * breaking its EDU chains, so when it comes back it resyncs instead of replaying a long backlog.
  */
@@ -16,6 +17,7 @@ import type { RemoteDeviceListCache } from './device-list-cache.js';
 const INBOUND_TRANSACTION_RETENTION_MS = 24 * 3_600_000;
 /** Remote lists refetched per round, at most. */
 const REFRESH_BATCH = 200;
+const LEASE = 'job:federation-maintenance';
 
 export interface MaintenanceOptions {
   readonly store: Pick<FederationStore, 'takeLease' | 'releaseLease' | 'cleanup' | 'compressPokes'>;
@@ -51,10 +53,10 @@ export class FederationMaintenance {
   }
 
   private async round(): Promise<void> {
-    const { store, owner, log } = this.options;
-    const lease = 'job:federation-maintenance';
+    const { store, owner, log, intervalMs } = this.options;
     try {
-      if (!(await store.takeLease(lease, owner, this.now() + 2 * this.options.intervalMs + 60_000, this.now()))) return;
+      // Held generously while the round runs (it may wait on other servers)…
+      if (!(await store.takeLease(LEASE, owner, this.now() + 2 * intervalMs + 60_000, this.now()))) return;
       try {
         const now = this.now();
         const { subscriptionsExpired } = await store.cleanup(now, now - INBOUND_TRANSACTION_RETENTION_MS);
@@ -70,15 +72,19 @@ export class FederationMaintenance {
         for (const job of this.options.housekeeping ?? []) await job();
         await this.options.cache.refreshDue(REFRESH_BATCH);
       } finally {
-        await store.releaseLease(lease, owner);
+        // …then kept until a little after this process's next round is due, so no other process
+        // runs one meanwhile; it lapses if this process stops without releasing it.
+        await store.takeLease(LEASE, owner, this.now() + Math.round(1.5 * intervalMs), this.now());
       }
     } catch (e) {
       if (!isDatabaseOutage(e)) log?.('warn', 'federation housekeeping failed; it will run again', { reason: (e as Error).message });
     }
   }
 
+  /** Stops; lets another process take the housekeeping over at its next round. */
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     await this.running;
+    await this.options.store.releaseLease(LEASE, this.options.owner).catch(() => undefined);
   }
 }

@@ -57,6 +57,8 @@ export interface SenderOptions {
   readonly store: Pick<FederationStore, 'takeLease' | 'releaseLease' | 'leaseOwners' | 'releaseLeasesOf'>;
   readonly destinations: Destinations;
   readonly sources: readonly EduSource[];
+  /** The lease owner name of this process (newLeaseOwner()); a new one when left out. */
+  readonly owner?: string;
   /** How often to look for work queued by other processes (and retries that are due). */
   readonly pollIntervalMs: number;
   readonly now?: () => number;
@@ -79,7 +81,7 @@ interface DestinationQueue {
 }
 
 /** Lease owners are `<host>/<pid>/<random>`, so a restarted process can free its dead predecessor's leases. */
-function newOwner(): string {
+export function newLeaseOwner(): string {
   return `${hostname()}/${process.pid}/${randomBytes(4).toString('hex')}`;
 }
 
@@ -93,7 +95,8 @@ function processIsAlive(pid: number): boolean {
 }
 
 export class FederationSender {
-  readonly owner = newOwner();
+  /** This process's name in `leases` (other jobs of the process may hold leases under it too). */
+  readonly owner: string;
   private readonly queues = new Map<string, DestinationQueue>();
   private readonly now: () => number;
   private pollTimer: NodeJS.Timeout | undefined;
@@ -109,6 +112,7 @@ export class FederationSender {
 
   constructor(private readonly options: SenderOptions) {
     this.now = options.now ?? Date.now;
+    this.owner = options.owner ?? newLeaseOwner();
   }
 
   private log(level: 'info' | 'warn', message: string, details: Record<string, unknown>): void {

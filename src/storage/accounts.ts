@@ -70,7 +70,7 @@ const toDevice = (r: DeviceRow): StoredDevice => ({
  * meanwhile holds a key-share lock on that row (PostgreSQL), so its messages are committed, and seen
  * here, before the device row can be deleted.
  */
-const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_fallback_keys', 'devices', 'device_inbox', 'to_device_txns'] as const;
+const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_keys', 'e2e_one_time_key_counts', 'e2e_fallback_keys', 'devices', 'device_inbox', 'to_device_txns'] as const;
 
 /**
  * Deletes devices and everything keyed to them inside a transaction, recording a device-list

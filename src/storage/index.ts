@@ -16,6 +16,7 @@ import { SqlFederationStore } from './federation.js';
 import { SqlRemoteDeviceListsStore } from './remote-device-lists.js';
 import { SqlBackupStore } from './backup.js';
 import { SqlToDeviceStore } from './to-device.js';
+import { SqlStatsStore } from './stats.js';
 import { claimServerName } from './server-name.js';
 import { DatabaseStartupError, describePostgresError, describeSqliteError } from './startup-errors.js';
 
@@ -89,6 +90,7 @@ class SqlStore implements Store {
   readonly remoteDeviceLists;
   readonly backup;
   readonly toDevice;
+  readonly stats;
 
   constructor(readonly db: SqlDatabase) {
     this.backend = db.dialect;
@@ -101,6 +103,7 @@ class SqlStore implements Store {
     this.remoteDeviceLists = new SqlRemoteDeviceListsStore(db, deviceListWriter);
     this.backup = new SqlBackupStore(db);
     this.toDevice = new SqlToDeviceStore(db);
+    this.stats = new SqlStatsStore(db);
   }
 
   statementCount(): number {

@@ -531,6 +531,15 @@ export interface ToDeviceStore {
   cleanup(txnsBeforeTs: number, messageIdsBeforeTs: number): Promise<void>;
 }
 
+/** Figures read for metrics: each one statement, cheap enough to run at every scrape. */
+export interface StatsStore {
+  /**
+   * For each limit, how many devices have fewer than that many unclaimed one-time keys. Devices
+   * count once they have uploaded device keys or one-time keys, until they are deleted.
+   */
+  devicesWithFewOneTimeKeys(limits: readonly number[]): Promise<number[]>;
+}
+
 export interface Store {
   readonly backend: 'sqlite' | 'postgres';
   readonly keys: KeysStore;
@@ -541,6 +550,7 @@ export interface Store {
   readonly remoteDeviceLists: RemoteDeviceListsStore;
   readonly backup: BackupStore;
   readonly toDevice: ToDeviceStore;
+  readonly stats: StatsStore;
   /** Database statements this process has run (a metric; tests use it to count round trips). */
   statementCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */

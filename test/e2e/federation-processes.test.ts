@@ -1,7 +1,7 @@
 /**
  * The EDU sender across processes: its queue (device-list updates, to-device messages) survives
- * kill -9, and several processes sharing one database send each update to a destination once,
- * not once per process.
+ * kill -9, and several processes sharing one database (separate processes, and the workers of
+ * `mxkeys serve --workers`) send each update to a destination once, not once per process.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -12,6 +12,7 @@ import { http, startServer, type TestServer } from '../support/server.js';
 import { login, registerUser, SHARED_SECRET, type Session } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
 import { startServerProcess, type ServerProcess } from '../support/process.js';
+import { freshRequest, writeClusterConfig } from '../support/cluster.js';
 import { FakeHomeserver } from '../support/fake-homeserver.js';
 import { CountingProxy, eventually, freePort, QUICK_FEDERATION } from '../support/federation.js';
 import type { DatabaseConfig } from '../../src/storage/index.js';
@@ -133,30 +134,8 @@ describeEachBackend('the federation sender across processes', (backend) => {
     assert.equal(await hs1.exited, 0, hs1.output());
   });
 
-  test('two processes sharing one database send each update to a destination once, not once per process', async () => {
-    const fake = await FakeHomeserver.start();
-    const database = await backend.freshDatabase();
-    const signingKeyPath = join(tempDir(), 'signing.key');
-    const config = { registration_shared_secret: SHARED_SECRET, federation: { ...QUICK_FEDERATION, resolve: { [fake.serverName]: fake.url } } };
-    const a = await startServer({ backend, database: database as Record<string, unknown>, signingKeyPath, config });
-    const b = await startServer({ backend, database: database as Record<string, unknown>, signingKeyPath, config });
-    const received: Json[] = [];
-    fake.onRequest = (method, url, body) => {
-      if (method !== 'PUT' || !url.startsWith(`${F}/send/`)) return undefined;
-      for (const edu of ((body as Json)['edus'] as Json[] | undefined) ?? []) if (edu['edu_type'] === 'm.device_list_update') received.push(edu['content'] as Json);
-      return { status: 200, body: { pdus: {} } };
-    };
-
-    const bob = await registerUser(a, 'bob');
-    // The fake reads bob's list: it subscribes, and its chain starts at the stream_id it got.
-    const read = await fake.request(a.url, 'test.local', 'GET', `${F}/user/devices/${encodeURIComponent(bob.userId)}`);
-    assert.equal(read.status, 200, read.text);
-    let previous = read.body['stream_id'] as number;
-
-    const names = Array.from({ length: 12 }, (_, i) => `DEV${i}`);
-    for (const [i, name] of names.entries()) await newDeviceWithKeys((i % 2 === 0 ? a : b).url, bob, name);
-    await eventually('every new device at the fake', async () => (names.every((n) => received.some((c) => c['device_id'] === n && c['keys'])) ? true : undefined));
-
+  /** Checks the device-list updates the fake received: each once, in one unbroken chain from `previous`. */
+  function assertSentOnce(received: readonly Json[], previous: number): void {
     const streamIds = received.map((c) => c['stream_id'] as number);
     assert.equal(new Set(streamIds).size, streamIds.length, `no update was sent twice: ${JSON.stringify(streamIds)}`);
     // The chain is continuous: each prev_id is the stream_id sent before it.
@@ -164,5 +143,61 @@ describeEachBackend('the federation sender across processes', (backend) => {
       assert.deepEqual(c['prev_id'], [previous], JSON.stringify(received));
       previous = c['stream_id'] as number;
     }
+  }
+
+  /** A fake destination that records the device-list updates it is sent. */
+  async function recordingFake(): Promise<{ fake: FakeHomeserver; received: Json[] }> {
+    const fake = await FakeHomeserver.start();
+    const received: Json[] = [];
+    fake.onRequest = (method, url, body) => {
+      if (method !== 'PUT' || !url.startsWith(`${F}/send/`)) return undefined;
+      for (const edu of ((body as Json)['edus'] as Json[] | undefined) ?? []) if (edu['edu_type'] === 'm.device_list_update') received.push(edu['content'] as Json);
+      return { status: 200, body: { pdus: {} } };
+    };
+    return { fake, received };
+  }
+
+  test('three processes sharing one database send each update to a destination once, not once per process', async () => {
+    const { fake, received } = await recordingFake();
+    const database = await backend.freshDatabase();
+    const signingKeyPath = join(tempDir(), 'signing.key');
+    const config = { registration_shared_secret: SHARED_SECRET, federation: { ...QUICK_FEDERATION, resolve: { [fake.serverName]: fake.url } } };
+    const servers = [];
+    for (let i = 0; i < 3; i++) servers.push(await startServer({ backend, database: database as Record<string, unknown>, signingKeyPath, config }));
+
+    const bob = await registerUser(servers[0]!, 'bob');
+    // The fake reads bob's list: it subscribes, and its chain starts at the stream_id it got.
+    const read = await fake.request(servers[0]!.url, 'test.local', 'GET', `${F}/user/devices/${encodeURIComponent(bob.userId)}`);
+    assert.equal(read.status, 200, read.text);
+
+    const names = Array.from({ length: 12 }, (_, i) => `DEV${i}`);
+    for (const [i, name] of names.entries()) await newDeviceWithKeys(servers[i % 3]!.url, bob, name);
+    await eventually('every new device at the fake', async () => (names.every((n) => received.some((c) => c['device_id'] === n && c['keys'])) ? true : undefined));
+    assertSentOnce(received, read.body['stream_id'] as number);
+  });
+
+  test('a cluster of two workers and another process on the same database send each update to a destination once', async () => {
+    const { fake, received } = await recordingFake();
+    const database = await backend.freshDatabase();
+    const dir = tempDir();
+    const federation = { ...QUICK_FEDERATION, resolve: { [fake.serverName]: fake.url } };
+    const cluster = await startServerProcess(['--config', writeClusterConfig(database, { federation }, dir), '--workers', '2']);
+    const other = await startServer({ backend, database: database as Record<string, unknown>, signingKeyPath: join(dir, 'signing.key'), config: { registration_shared_secret: SHARED_SECRET, federation } });
+
+    const bob = await registerUser(other, 'bob');
+    const read = await fake.request(cluster.url, 'test.local', 'GET', `${F}/user/devices/${encodeURIComponent(bob.userId)}`);
+    assert.equal(read.status, 200, read.text);
+    // Devices added through both workers (new connections go to each in turn) and the other process.
+    const names = Array.from({ length: 12 }, (_, i) => `DEV${i}`);
+    for (const [i, name] of names.entries()) {
+      const url = i % 3 === 2 ? other.url : cluster.url;
+      const s = await login(at(url), bob.userId, bob.password, { device_id: name });
+      const r = await freshRequest(url, 'POST', `${C}/keys/upload`, { token: s.accessToken, body: { device_keys: new TestDevice(s.userId, name).deviceKeys() } });
+      assert.equal(r.status, 200, r.text);
+    }
+    await eventually('every new device at the fake', async () => (names.every((n) => received.some((c) => c['device_id'] === n && c['keys'])) ? true : undefined));
+    assertSentOnce(received, read.body['stream_id'] as number);
+    cluster.child.kill('SIGTERM');
+    assert.equal(await cluster.exited, 0, cluster.output());
   });
 });

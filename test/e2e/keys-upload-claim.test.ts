@@ -229,6 +229,8 @@ describeEachBackend('POST /keys/claim', (backend) => {
       await upload(server, s, { one_time_keys: new TestDevice(s.userId, s.deviceId).oneTimeKeys(1) });
       sessions.push(s);
     }
+    // Background work (the federation sender's polling, housekeeping) would run statements of its own.
+    await Promise.all([server.mx.federation.sender.stop(), server.mx.federation.maintenance.stop(), server.mx.backupPurger.stop()]);
     const statementsFor = async (body: Json) => {
       const before = server.mx.store.statementCount();
       const r = await claim(server, alice, body);

@@ -25,6 +25,9 @@ test('with metrics enabled, a Prometheus endpoint on its own port counts request
   assert.match(text, /mxkeys_keys_claimed_total\{result="one_time_key"\} 1/);
   assert.match(text, /mxkeys_keys_claimed_total\{result="fallback_key"\} 1/);
   assert.match(text, /mxkeys_db_statements_total [1-9]\d*/);
+  // Alice's device has used up its one key: it is among the devices with none left.
+  assert.match(text, /mxkeys_devices_with_few_one_time_keys\{fewer_than="1"\} 1\n/);
+  assert.match(text, /mxkeys_devices_with_few_one_time_keys\{fewer_than="50"\} 1\n/);
   assert.match(text, /process_resident_memory_bytes \d+/);
   assert.equal((await http(server.url, 'GET', '/metrics')).status, 404, 'not served on the main listener');
 });

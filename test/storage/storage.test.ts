@@ -201,6 +201,43 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
+  test('devices with few one-time keys are counted from keys stored before the upgrade, then through uploads, claims and device deletion', async () => {
+    const config = await backend.freshDatabase();
+    const db = rawDatabase(config);
+    const all = config.postgres ? postgresMigrations : sqliteMigrations;
+    const counted = all.find((m) => m.sql.includes('CREATE TABLE e2e_one_time_key_counts'))!.version;
+    const otk = "INSERT INTO e2e_one_time_keys (user_id, device_id, algorithm, key_id, key_json, ts) VALUES (?, ?, 'signed_curve25519', ?, '{}', 0)";
+    try {
+      await migrate(db, all.filter((m) => m.version < counted));
+      // Before the upgrade: A has device keys and 3 one-time keys, B device keys only, C 2 one-time keys only.
+      for (const d of ['A', 'B']) await db.run("INSERT INTO e2e_device_keys (user_id, device_id, key_json, ts) VALUES ('@u:x', ?, '{}', 0)", [d]);
+      for (const [d, n] of [['A', 3], ['C', 2]] as const) for (let i = 0; i < n; i++) await db.run(otk, ['@u:x', d, `k${i}`]);
+      await migrate(db, all);
+    } finally {
+      await db.close();
+    }
+    const store = await openStore(config);
+    try {
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 3, 10]), [1, 2, 3], 'fewer than 1: B; fewer than 3: B and C; fewer than 10: all three');
+
+      assert.equal(await store.accounts.createUser({ userId: '@d:x', passwordHash: null, admin: false, createdTs: 0 }, { tokenHash: 'h', deviceId: 'D', displayName: null, ts: 0, ip: null }), true);
+      await store.keys.transaction(async (tx) => {
+        await tx.putDeviceKeys('@d:x', 'D', '{}');
+        await tx.addOneTimeKeys('@d:x', 'D', Array.from({ length: 60 }, (_, i) => ({ algorithm: 'signed_curve25519', keyId: `AAAA${i}`, json: '{}' })));
+      });
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 10, 50]), [1, 3, 3], 'D, with 60 keys, is in no bucket');
+      const claim = { userId: '@d:x', deviceId: 'D', algorithm: 'signed_curve25519' };
+      // Claims naming D with other devices, concurrently (on PostgreSQL they lock the same rows).
+      const claimed = await Promise.all(Array.from({ length: 15 }, () => store.keys.claimKeys([{ ...claim, userId: '@u:x', deviceId: 'A' }, claim, { ...claim, userId: '@u:x', deviceId: 'C' }])));
+      assert.equal(claimed.flat().filter((k) => k.deviceId === 'D').length, 15);
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 10, 50]), [3, 3, 4], '45 left on D; A and C are empty now');
+      await store.accounts.deleteDevices('@d:x', ['D']);
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 10, 50]), [3, 3, 3], 'a deleted device is no longer counted');
+    } finally {
+      await store.close();
+    }
+  });
+
   test('server keys round-trip; a later response keeps old keys and their responses, but retires the current ones it no longer lists', async () => {
     const store = await openStore(await backend.freshDatabase());
     try {

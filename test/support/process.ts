@@ -48,7 +48,7 @@ export async function startServerProcess(args: readonly string[], options: { cwd
   const url = await new Promise<string>((resolve, reject) => {
     const onData = (d: Buffer) => {
       out += d.toString();
-      const m = /"url":"(http:\/\/[^"]+)"[^\n]*mxkeys is listening/.exec(out);
+      const m = /"url":"(https?:\/\/[^"]+)"[^\n]*mxkeys is listening/.exec(out);
       if (m) resolve(m[1]!);
     };
     child.stdout!.on('data', onData);

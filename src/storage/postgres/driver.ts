@@ -66,7 +66,18 @@ function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commit
     const values = params ? [...params] : [];
     // Statements built for a list of N values exist once per N; preparing each of them on every
     // connection would pile up without bound, so only short parameter lists are named.
-    return db.watch(client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values }));
+    const run = () => db.watch(client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values }));
+    if (commitCallbacks) return run();
+    // A statement of its own (autocommit) that lost a deadlock or serialization conflict was
+    // rolled back whole, so it is run again, as transactions are.
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await run();
+      } catch (e) {
+        const code = (e as { code?: string }).code;
+        if (code === undefined || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) throw e;
+      }
+    }
   };
   return {
     dialect: 'postgres',

@@ -306,4 +306,49 @@ export const migrations: readonly Migration[] = [
       );
     `,
   },
+  {
+    version: 10,
+    name: 'one-time keys left per device, kept by triggers (the metric of devices running out)',
+    // As on SQLite. An upload adds to its device's row once per statement; a claim takes one
+    // from each device's row (a row trigger: a few microseconds, where a statement trigger's
+    // transition table costs more than the claim itself). A claim naming several devices may lock
+    // their rows in another order than a concurrent one: PostgreSQL then ends one of them with a
+    // deadlock error, and the driver runs that statement again (postgres/driver.ts).
+    sql: `
+      CREATE TABLE e2e_one_time_key_counts (
+        user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL,
+        n BIGINT NOT NULL,
+        PRIMARY KEY (user_id, device_id)
+      );
+      INSERT INTO e2e_one_time_key_counts (user_id, device_id, n)
+        SELECT user_id, device_id, COUNT(*) FROM e2e_one_time_keys GROUP BY user_id, device_id;
+      INSERT INTO e2e_one_time_key_counts (user_id, device_id, n)
+        SELECT user_id, device_id, 0 FROM e2e_device_keys ON CONFLICT DO NOTHING;
+      CREATE FUNCTION e2e_one_time_keys_added() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        INSERT INTO e2e_one_time_key_counts AS c (user_id, device_id, n)
+          SELECT user_id, device_id, COUNT(*) FROM added GROUP BY user_id, device_id ORDER BY user_id, device_id
+          ON CONFLICT (user_id, device_id) DO UPDATE SET n = c.n + excluded.n;
+        RETURN NULL;
+      END $$;
+      CREATE TRIGGER e2e_one_time_keys_added AFTER INSERT ON e2e_one_time_keys
+        REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION e2e_one_time_keys_added();
+      CREATE FUNCTION e2e_one_time_keys_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        UPDATE e2e_one_time_key_counts SET n = n - 1 WHERE user_id = OLD.user_id AND device_id = OLD.device_id;
+        RETURN NULL;
+      END $$;
+      CREATE TRIGGER e2e_one_time_keys_removed AFTER DELETE ON e2e_one_time_keys
+        FOR EACH ROW EXECUTE FUNCTION e2e_one_time_keys_removed();
+      CREATE FUNCTION e2e_device_keys_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        INSERT INTO e2e_one_time_key_counts (user_id, device_id, n)
+          SELECT user_id, device_id, 0 FROM added ON CONFLICT DO NOTHING;
+        RETURN NULL;
+      END $$;
+      CREATE TRIGGER e2e_device_keys_counted AFTER INSERT ON e2e_device_keys
+        REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION e2e_device_keys_counted();
+    `,
+  },
 ];
