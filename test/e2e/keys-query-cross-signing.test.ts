@@ -29,6 +29,16 @@ const uploadCrossSigning = async (s: TestServer, u: User, body: Json = u.cs.uplo
   const r = await post(s, u.session, '/keys/device_signing/upload', body);
   assert.equal(r.status, 200, r.text);
 };
+/** A pattern matching exactly `text`. */
+const exactly = (text: string) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
+
+/** Asserts that a /keys/signatures/upload answer lists exactly this failure for the item. */
+function expectFailure(r: { status: number; body: Json; text: string }, userId: string, keyId: string, errcode: string, message: RegExp, what = ''): void {
+  assert.equal(r.status, 200, r.text);
+  const f = (r.body['failures'] as Record<string, Record<string, Json>>)[userId]?.[keyId];
+  assert.equal(f?.['errcode'], errcode, `${what} ${r.text}`);
+  assert.match(String(f['error']), message, what);
+}
 const nextBatch = async (s: TestServer, who: Session) => (await http(s.url, 'GET', `${C}/sync`, { token: who.accessToken })).body['next_batch'] as string;
 
 describeEachBackend('POST /keys/query', (backend) => {
@@ -236,6 +246,115 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
     const altered = alice.cs.selfSigning.sign(alice.device.deviceKeys({ algorithms: ['something.else'] }), a, ssk);
     const r = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [alice.session.deviceId]: altered } });
     assert.equal((r.body['failures'] as Record<string, Record<string, Json>>)[a]![alice.session.deviceId]!['errcode'], 'M_INVALID_SIGNATURE');
+  });
+
+  test("a device's signature on its user's master key must verify, be by one of the user's devices, and cover the stored master key", async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const carol = await user(server, 'carol');
+    await uploadCrossSigning(server, alice);
+    const a = alice.session.userId;
+    const masterId = alice.cs.master.publicKey;
+    const deviceKeyId = `ed25519:${alice.session.deviceId}`;
+    const signMaster = (master: Json, key = alice.device.ed25519, keyId = deviceKeyId) => key.sign(master, a, keyId);
+    const forged = signMaster(alice.cs.masterKey());
+    (forged['signatures'] as Record<string, Json>)[a]![deviceKeyId] = 'A'.repeat(86);
+    // A second device that signs correctly does not make up for a bad signature by the first.
+    const laptop = await login(server, 'alice', alice.session.password);
+    const laptopDevice = new TestDevice(a, laptop.deviceId);
+    assert.equal((await post(server, laptop, '/keys/upload', { device_keys: laptopDevice.deviceKeys() })).status, 200);
+    const oneBad = signMaster(forged, laptopDevice.ed25519, `ed25519:${laptop.deviceId}`);
+    const cases: [string, Json, RegExp][] = [
+      ['forged', forged, exactly(`The signature by device ${alice.session.deviceId} does not verify`)],
+      ['one of two forged', oneBad, exactly(`The signature by device ${alice.session.deviceId} does not verify`)],
+      ['signed by a key that is not the device key', signMaster(alice.cs.masterKey(), alice.cs.selfSigning), /does not verify/],
+      ['signed only by the master key itself', alice.cs.master.sign(alice.cs.masterKey(), a, `ed25519:${masterId}`), /^No signature by one of your devices was found on your master key$/],
+      ['signed by an unknown device', signMaster(alice.cs.masterKey(), new TestDevice(a, 'NOSUCHDEVICE').ed25519, 'ed25519:NOSUCHDEVICE'), /^No signature by one of your devices/],
+      ['signed under a key ID that is not ed25519', signMaster(alice.cs.masterKey(), alice.device.ed25519, `curve25519:${alice.session.deviceId}`), /^No signature by one of your devices/],
+      ['not signed', alice.cs.masterKey(), /^No signature by one of your devices/],
+      ['altered (an added field)', signMaster({ ...alice.cs.masterKey(), 'org.example.note': 'x' }), /^The signed object is not your current master key$/],
+      ['altered (another usage)', signMaster({ ...alice.cs.masterKey(), usage: ['master', 'self_signing'] }), /^The signed object is not your current master key$/],
+      ['altered (another user)', signMaster({ ...alice.cs.masterKey(), user_id: carol.session.userId }), /^The signed object is not your current master key$/],
+    ];
+    for (const [what, signed, message] of cases) {
+      const r = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: signed } });
+      assert.equal(r.status, 200, r.text);
+      const f = (r.body['failures'] as Record<string, Record<string, Json>>)[a]?.[masterId];
+      assert.equal(f?.['errcode'], 'M_INVALID_SIGNATURE', `${what}: ${r.text}`);
+      assert.match(String(f['error']), message, what);
+    }
+    const seen = await query(server, carol.session, { [a]: [] });
+    assert.deepEqual((seen.body['master_keys'] as Json)[a], alice.cs.masterKey(), 'no signature was stored on the master key');
+
+    // The refusals are per item: a valid device signature in the same request is stored.
+    const good = signMaster(alice.cs.masterKey());
+    const mixed = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: good, NOSUCHDEVICE: good } });
+    assert.deepEqual(Object.keys((mixed.body['failures'] as Record<string, Json>)[a] as Json), ['NOSUCHDEVICE']);
+    const after = await query(server, carol.session, { [a]: [] });
+    assert.deepEqual((after.body['master_keys'] as Json)[a], good);
+  });
+
+  test("a user-signing signature on another user's master key must be by the signer's user-signing key, verify, and cover that user's stored master key", async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    await uploadCrossSigning(server, alice);
+    await uploadCrossSigning(server, bob);
+    const a = alice.session.userId;
+    const b = bob.session.userId;
+    const bobMaster = bob.cs.master.publicKey;
+    const uskId = `ed25519:${alice.cs.userSigning.publicKey}`;
+    const signBob = (master: Json, key = alice.cs.userSigning) => key.sign(master, a, uskId);
+    const forged = signBob(bob.cs.masterKey());
+    (forged['signatures'] as Record<string, Json>)[a]![uskId] = 'A'.repeat(86);
+    const cases: [string, Json, RegExp][] = [
+      ['forged', forged, /^The user-signing signature does not verify$/],
+      ["made with alice's self-signing key", signBob(bob.cs.masterKey(), alice.cs.selfSigning), /^The user-signing signature does not verify$/],
+      ["made with alice's master key", alice.cs.master.sign(bob.cs.masterKey(), a, `ed25519:${alice.cs.master.publicKey}`), exactly(`The master key is not signed by your user-signing key ${uskId}`)],
+      ['signed by bob instead of alice', alice.cs.userSigning.sign(bob.cs.masterKey(), b, uskId), /is not signed by your user-signing key/],
+      ['not signed', bob.cs.masterKey(), /is not signed by your user-signing key/],
+      ['altered (an added field)', signBob({ ...bob.cs.masterKey(), 'org.example.note': 'x' }), exactly(`The signed object is not the stored master key of ${b}`)],
+      ['altered (another usage)', signBob({ ...bob.cs.masterKey(), usage: ['master', 'user_signing'] }), /is not the stored master key/],
+    ];
+    for (const [what, signed, message] of cases) {
+      const r = await post(server, alice.session, '/keys/signatures/upload', { [b]: { [bobMaster]: signed } });
+      assert.equal(r.status, 200, r.text);
+      const f = (r.body['failures'] as Record<string, Record<string, Json>>)[b]?.[bobMaster];
+      assert.equal(f?.['errcode'], 'M_INVALID_SIGNATURE', `${what}: ${r.text}`);
+      assert.match(String(f['error']), message, what);
+    }
+    const seen = await query(server, alice.session, { [b]: [] });
+    assert.deepEqual((seen.body['master_keys'] as Json)[b], bob.cs.masterKey(), 'no signature was stored, not even one only alice would see');
+
+    // Bob's self-signing key is not his master key, and carol has no user-signing key to sign with.
+    const notMaster = await post(server, alice.session, '/keys/signatures/upload', { [b]: { [bob.cs.selfSigning.publicKey]: signBob(bob.cs.selfSigningKey()) } });
+    expectFailure(notMaster, b, bob.cs.selfSigning.publicKey, 'M_NOT_FOUND', exactly(`${bob.cs.selfSigning.publicKey} is not the current master key of ${b}`));
+    const carol = await user(server, 'carol');
+    await uploadCrossSigning(server, carol, { master_key: carol.cs.masterKey() });
+    const noUsk = await post(server, carol.session, '/keys/signatures/upload', { [b]: { [bobMaster]: carol.cs.userSigning.sign(bob.cs.masterKey(), carol.session.userId, `ed25519:${carol.cs.userSigning.publicKey}`) } });
+    expectFailure(noUsk, b, bobMaster, 'M_NOT_FOUND', /no user-signing key/);
+  });
+
+  test('a self-signing signature on a device must be by the self-signing key and cover the stored device keys', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const a = alice.session.userId;
+    const dev = alice.session.deviceId;
+    const sskId = `ed25519:${alice.cs.selfSigning.publicKey}`;
+    const signed = alice.cs.selfSigning.sign(alice.device.deviceKeys(), a, sskId);
+    const before = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [dev]: signed } });
+    expectFailure(before, a, dev, 'M_NOT_FOUND', /no self-signing key/);
+    await uploadCrossSigning(server, alice);
+    const cases: [string, Json, RegExp][] = [
+      ['signed by the master key', alice.cs.master.sign(alice.device.deviceKeys(), a, `ed25519:${alice.cs.master.publicKey}`), exactly(`The device keys are not signed by your self-signing key ${sskId}`)],
+      ['signed by another key under the self-signing key ID', alice.cs.master.sign(alice.device.deviceKeys(), a, sskId), /^The self-signing signature does not verify$/],
+      ['altered', alice.cs.selfSigning.sign(alice.device.deviceKeys({ 'org.example.note': 'x' }), a, sskId), exactly(`The signed object is not the stored device keys of ${dev}`)],
+    ];
+    for (const [what, body, message] of cases) {
+      expectFailure(await post(server, alice.session, '/keys/signatures/upload', { [a]: { [dev]: body } }), a, dev, 'M_INVALID_SIGNATURE', message, what);
+    }
+    const seen = await query(server, alice.session, { [a]: [] });
+    assert.deepEqual(((seen.body['device_keys'] as Json)[a] as Json)[dev], { ...alice.device.deviceKeys(), unsigned: {} }, 'nothing was stored');
   });
 });
 
