@@ -115,6 +115,52 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
     await uploadCrossSigning(server, alice);
   });
 
+  test('each field of a cross-signing key is checked and named in the error: types, the key ID naming its own public key, signatures, size', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const a = alice.session.userId;
+    const master = alice.cs.masterKey();
+    const pub = alice.cs.master.publicKey;
+    const otherPub = alice.cs.selfSigning.publicKey;
+    const keyShape = exactly('master_key.keys must be {"ed25519:<public key>": "<public key>"} with an unpadded base64 Ed25519 public key');
+    const cases: [string, Json, string, RegExp][] = [
+      ['not an object', { master_key: [master] }, 'M_BAD_JSON', exactly('master_key must be an object')],
+      ['user_id missing', { master_key: { ...master, user_id: undefined } }, 'M_MISSING_PARAM', exactly('master_key.user_id is required')],
+      ['usage missing', { master_key: { ...master, usage: undefined } }, 'M_MISSING_PARAM', exactly('master_key.usage is required')],
+      ['keys missing', { master_key: { ...master, keys: undefined } }, 'M_MISSING_PARAM', exactly('master_key.keys is required')],
+      ['user_id a number', { master_key: { ...master, user_id: 5 } }, 'M_BAD_JSON', exactly('master_key.user_id must be a string')],
+      ['usage a string', { master_key: { ...master, usage: 'master' } }, 'M_BAD_JSON', exactly('master_key.usage must be a list of strings')],
+      ['usage with a number', { master_key: { ...master, usage: ['master', 1] } }, 'M_BAD_JSON', exactly('master_key.usage must be a list of strings')],
+      ['usage without its type', { master_key: { ...master, usage: ['user_signing'] } }, 'M_INVALID_PARAM', exactly('master_key.usage must contain "master"')],
+      ['keys not a map of strings', { master_key: { ...master, keys: { [`ed25519:${pub}`]: 5 } } }, 'M_BAD_JSON', exactly(`master_key.keys["ed25519:${pub}"] must be a string`)],
+      ['no key', { master_key: { ...master, keys: {} } }, 'M_INVALID_PARAM', exactly('master_key.keys must have exactly one entry, found 0')],
+      ['two keys', { master_key: { ...master, keys: { [`ed25519:${pub}`]: pub, [`ed25519:${otherPub}`]: otherPub } } }, 'M_INVALID_PARAM', exactly('master_key.keys must have exactly one entry, found 2')],
+      ['key ID naming a different public key', { master_key: { ...master, keys: { [`ed25519:${otherPub}`]: pub } } }, 'M_INVALID_PARAM', keyShape],
+      ['not ed25519', { master_key: { ...master, keys: { [`curve25519:${pub}`]: pub } } }, 'M_INVALID_PARAM', keyShape],
+      ['public key not 32 bytes', { master_key: { ...master, keys: { 'ed25519:AAAA': 'AAAA' } } }, 'M_INVALID_PARAM', keyShape],
+      ['signatures not a map', { master_key: { ...master, signatures: 'signed' } }, 'M_BAD_JSON', exactly('master_key.signatures must be an object')],
+      ["a user's signatures not a map", { master_key: { ...master, signatures: { [a]: 'signed' } } }, 'M_BAD_JSON', exactly(`master_key.signatures["${a}"] must be an object`)],
+      ['a signature not a string', { master_key: { ...master, signatures: { [a]: { [`ed25519:${pub}`]: 1 } } } }, 'M_BAD_JSON', exactly(`master_key.signatures["${a}"]["ed25519:${pub}"] must be a string`)],
+      ['over 64 KiB', { master_key: { ...master, 'org.example.padding': 'p'.repeat(70_000) } }, 'M_INVALID_PARAM', exactly('master_key is larger than 65536 bytes')],
+      ['the self-signing key invalid', { master_key: master, self_signing_key: { ...alice.cs.selfSigningKey(), usage: 'self_signing' } }, 'M_BAD_JSON', exactly('self_signing_key.usage must be a list of strings')],
+      ['the user-signing key invalid', { master_key: master, user_signing_key: { ...alice.cs.userSigningKey(), keys: {} } }, 'M_INVALID_PARAM', exactly('user_signing_key.keys must have exactly one entry, found 0')],
+    ];
+    for (const [what, body, errcode, message] of cases) {
+      const r = await post(server, alice.session, '/keys/device_signing/upload', body);
+      assert.equal(r.status, 400, `${what}: ${r.text}`);
+      expectMatrixError(r, 400, errcode, message);
+    }
+    assert.deepEqual((await query(server, bob.session, { [a]: [] })).body['master_keys'], {}, 'nothing was stored');
+
+    // Exactly 64 KiB of JSON is accepted; an `unsigned` object the client sends is not stored.
+    const base = JSON.stringify({ ...master, 'org.example.padding': '' }).length;
+    const atLimit = { ...master, 'org.example.padding': 'p'.repeat(65_536 - base) };
+    assert.equal(JSON.stringify(atLimit).length, 65_536);
+    await uploadCrossSigning(server, alice, { master_key: { ...atLimit, unsigned: { 'org.example.client': 'x' } } });
+    assert.deepEqual(((await query(server, bob.session, { [a]: [] })).body['master_keys'] as Json)[a], atLimit);
+  });
+
   test('a key whose public key is one of the user\'s device IDs is refused with 403, and such a device ID cannot be taken later', async () => {
     const server = await start();
     const alice = await user(server, 'alice');
