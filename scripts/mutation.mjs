@@ -27,7 +27,7 @@ const MODULES = {
   'request-auth': { file: 'src/federation/request-auth.ts', tests: ['test/e2e/federation-auth.test.ts'] },
 };
 
-/** Test files that start the built program (dist/main.js), which Stryker does not mutate. */
+/** Test files that only drive the built program (dist/main.js), which Stryker does not mutate. */
 const OUT_OF_PROCESS = ['test/e2e/cli.test.ts', 'test/e2e/multiprocess.test.ts'];
 
 function testFiles(dir) {
@@ -56,6 +56,12 @@ for (const name of names.length === 0 ? Object.keys(MODULES) : names) {
     process.exit(2);
   }
   runs.push({ name: entry[0], mutate: [entry[1].file], tests: entry[1].tests });
+}
+
+if (runs.some((r) => r.name === 'everything')) {
+  // Some in-process test files also run one step through the built CLI.
+  const build = spawnSync(join(root, 'node_modules', '.bin', 'tsc'), ['-p', 'tsconfig.build.json'], { cwd: root, stdio: 'inherit' });
+  if (build.status !== 0) process.exit(build.status || 1);
 }
 
 const { MXKEYS_TEST_POSTGRES: _pg, ...baseEnv } = process.env;

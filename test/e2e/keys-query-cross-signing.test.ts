@@ -39,6 +39,13 @@ function expectFailure(r: { status: number; body: Json; text: string }, userId: 
   assert.equal(f?.['errcode'], errcode, `${what} ${r.text}`);
   assert.match(String(f['error']), message, what);
 }
+/** Uploads cross-signing keys through user-interactive auth (a replacement needs it). */
+const uploadWithAuth = async (s: TestServer, u: User, body: Json) => {
+  const challenge = await post(s, u.session, '/keys/device_signing/upload', body);
+  assert.equal(challenge.status, 401, challenge.text);
+  const done = await post(s, u.session, '/keys/device_signing/upload', { ...body, auth: passwordAuth(u.session, challenge.body['session'] as string) });
+  assert.equal(done.status, 200, done.text);
+};
 const nextBatch = async (s: TestServer, who: Session) => (await http(s.url, 'GET', `${C}/sync`, { token: who.accessToken })).body['next_batch'] as string;
 
 describeEachBackend('POST /keys/query', (backend) => {
@@ -194,6 +201,54 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
     const now = await query(server, alice.session, { [alice.session.userId]: [] });
     assert.deepEqual((now.body['master_keys'] as Json)[alice.session.userId], replacement.masterKey());
     assert.deepEqual((now.body['user_signing_keys'] as Json)[alice.session.userId], replacement.userSigningKey());
+  });
+
+  test('null keys count as absent, and the errors name the key that lacks a master key or its signature', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const a = alice.session.userId;
+    const cs = alice.cs;
+    const upload = (body: Json) => post(server, alice.session, '/keys/device_signing/upload', body);
+    const none = await upload({ master_key: null, self_signing_key: null, user_signing_key: null });
+    assert.equal(none.status, 200, none.text);
+    assert.deepEqual((await query(server, bob.session, { [a]: [] })).body['master_keys'], {}, 'nothing was stored');
+
+    expectMatrixError(await upload({ self_signing_key: cs.selfSigningKey() }), 400, 'M_MISSING_PARAM', exactly('self_signing_key needs a master key to be signed by, and none is available: upload master_key too'));
+    expectMatrixError(await upload({ user_signing_key: cs.userSigningKey() }), 400, 'M_MISSING_PARAM', exactly('user_signing_key needs a master key to be signed by, and none is available: upload master_key too'));
+    const byOther = new TestCrossSigning(a);
+    expectMatrixError(await upload({ master_key: cs.masterKey(), self_signing_key: byOther.selfSigningKey() }), 400, 'M_INVALID_SIGNATURE', exactly(`self_signing_key must be signed by the master key ed25519:${cs.master.publicKey}`));
+    expectMatrixError(await upload({ master_key: cs.masterKey(), user_signing_key: byOther.userSigningKey() }), 400, 'M_INVALID_SIGNATURE', exactly(`user_signing_key must be signed by the master key ed25519:${cs.master.publicKey}`));
+
+    // With the master key stored, the self-signing key may come later, signed by the stored master key.
+    await uploadCrossSigning(server, alice, { master_key: cs.masterKey(), self_signing_key: null });
+    const later = { self_signing_key: byOther.selfSigningKey() };
+    expectMatrixError(await upload(later), 400, 'M_INVALID_SIGNATURE', exactly(`self_signing_key must be signed by the master key ed25519:${cs.master.publicKey}`));
+    await uploadWithAuth(server, alice, { self_signing_key: cs.selfSigningKey(), user_signing_key: null });
+    const q = await query(server, bob.session, { [a]: [] });
+    assert.deepEqual((q.body['self_signing_keys'] as Json)[a], cs.selfSigningKey());
+  });
+
+  test('replacing the self-signing key takes its signatures on devices away with it', async () => {
+    const server = await start();
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    await uploadCrossSigning(server, alice);
+    const a = alice.session.userId;
+    const sskId = `ed25519:${alice.cs.selfSigning.publicKey}`;
+    const signed = alice.cs.selfSigning.sign(alice.device.deviceKeys(), a, sskId);
+    assert.deepEqual((await post(server, alice.session, '/keys/signatures/upload', { [a]: { [alice.session.deviceId]: signed } })).body, { failures: {} });
+    const deviceSignatures = async () => {
+      const q = await query(server, bob.session, { [a]: [] });
+      return Object.keys(((((q.body['device_keys'] as Json)[a] as Json)[alice.session.deviceId] as Json)['signatures'] as Json)[a] as Json).sort();
+    };
+    assert.deepEqual(await deviceSignatures(), [`ed25519:${alice.session.deviceId}`, sskId].sort());
+
+    // The same master key with a new self-signing key: the old key's signature no longer counts.
+    const replacement = new TestCrossSigning(a);
+    const newSsk = alice.cs.master.sign({ user_id: a, usage: ['self_signing'], keys: { [`ed25519:${replacement.selfSigning.publicKey}`]: replacement.selfSigning.publicKey } }, a, `ed25519:${alice.cs.master.publicKey}`);
+    await uploadWithAuth(server, alice, { self_signing_key: newSsk });
+    assert.deepEqual(await deviceSignatures(), [`ed25519:${alice.session.deviceId}`]);
   });
 
   test('works under the unstable prefix too', async () => {
@@ -444,6 +499,26 @@ describeEachBackend('GET /keys/changes', (backend) => {
     const changes = async (who: Session) => (await http(server.url, 'GET', `${C}/keys/changes?from=${from}`, { token: who.accessToken })).body['changed'];
     assert.deepEqual(await changes(alice.session), [bob.session.userId]);
     assert.deepEqual(await changes(carol.session), []);
+  });
+
+  test('repeating a cross-signing upload is no change; a new user-signing key is a change only its owner hears of', async () => {
+    const server = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET } });
+    const alice = await user(server, 'alice');
+    const bob = await user(server, 'bob');
+    const a = alice.session.userId;
+    await uploadCrossSigning(server, alice);
+    await query(server, bob.session, { [a]: [] }); // bob tracks alice
+    const changes = async (who: Session, from: string) => (await http(server.url, 'GET', `${C}/keys/changes?from=${from}`, { token: who.accessToken })).body['changed'];
+    const from = await nextBatch(server, alice.session);
+    await uploadCrossSigning(server, alice);
+    assert.deepEqual(await changes(bob.session, from), [], 'an identical upload is not news to bob');
+    assert.deepEqual(await changes(alice.session, from), [], '…nor to alice');
+
+    const replacement = new TestCrossSigning(a);
+    const newUsk = alice.cs.master.sign({ user_id: a, usage: ['user_signing'], keys: { [`ed25519:${replacement.userSigning.publicKey}`]: replacement.userSigning.publicKey } }, a, `ed25519:${alice.cs.master.publicKey}`);
+    await uploadWithAuth(server, alice, { user_signing_key: newUsk });
+    assert.deepEqual(await changes(bob.session, from), [], 'bob never sees user-signing keys');
+    assert.deepEqual(await changes(alice.session, from), [a]);
   });
 
   test('an incremental /sync waits for a change the caller can see, then reports it', async () => {
