@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
-import { login, passwordAuth, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
+import { exactly, login, passwordAuth, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
 import { TestCrossSigning, TestDevice } from '../support/keys.js';
 
 const C = '/_matrix/client/v3';
@@ -29,9 +29,6 @@ const uploadCrossSigning = async (s: TestServer, u: User, body: Json = u.cs.uplo
   const r = await post(s, u.session, '/keys/device_signing/upload', body);
   assert.equal(r.status, 200, r.text);
 };
-/** A pattern matching exactly `text`. */
-const exactly = (text: string) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
-
 /** Asserts that a /keys/signatures/upload answer lists exactly this failure for the item. */
 function expectFailure(r: { status: number; body: Json; text: string }, userId: string, keyId: string, errcode: string, message: RegExp, what = ''): void {
   assert.equal(r.status, 200, r.text);
@@ -39,6 +36,17 @@ function expectFailure(r: { status: number; body: Json; text: string }, userId: 
   assert.equal(f?.['errcode'], errcode, `${what} ${r.text}`);
   assert.match(String(f['error']), message, what);
 }
+/** New users, each with devices keys and all three cross-signing keys uploaded. */
+const usersWithCrossSigning = async (s: TestServer, ...names: string[]): Promise<[User, User]> => {
+  const users: User[] = [];
+  for (const name of names) {
+    const u = await user(s, name);
+    await uploadCrossSigning(s, u);
+    users.push(u);
+  }
+  return users as [User, User];
+};
+
 /** Uploads cross-signing keys through user-interactive auth (a replacement needs it). */
 const uploadWithAuth = async (s: TestServer, u: User, body: Json) => {
   const challenge = await post(s, u.session, '/keys/device_signing/upload', body);
@@ -301,10 +309,7 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
 
   test('invalid signatures are reported per item and not stored, while valid ones in the same request are', async () => {
     const server = await start();
-    const alice = await user(server, 'alice');
-    const bob = await user(server, 'bob');
-    await uploadCrossSigning(server, alice);
-    await uploadCrossSigning(server, bob);
+    const [alice, bob] = await usersWithCrossSigning(server, 'alice', 'bob');
     const a = alice.session.userId;
     const ssk = `ed25519:${alice.cs.selfSigning.publicKey}`;
     const forged = { ...alice.cs.selfSigning.sign(alice.device.deviceKeys(), a, ssk) };
@@ -378,11 +383,7 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
       ['altered (another user)', signMaster({ ...alice.cs.masterKey(), user_id: carol.session.userId }), /^The signed object is not your current master key$/],
     ];
     for (const [what, signed, message] of cases) {
-      const r = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: signed } });
-      assert.equal(r.status, 200, r.text);
-      const f = (r.body['failures'] as Record<string, Record<string, Json>>)[a]?.[masterId];
-      assert.equal(f?.['errcode'], 'M_INVALID_SIGNATURE', `${what}: ${r.text}`);
-      assert.match(String(f['error']), message, what);
+      expectFailure(await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: signed } }), a, masterId, 'M_INVALID_SIGNATURE', message, what);
     }
     const seen = await query(server, carol.session, { [a]: [] });
     assert.deepEqual((seen.body['master_keys'] as Json)[a], alice.cs.masterKey(), 'no signature was stored on the master key');
@@ -397,10 +398,7 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
 
   test("a user-signing signature on another user's master key must be by the signer's user-signing key, verify, and cover that user's stored master key", async () => {
     const server = await start();
-    const alice = await user(server, 'alice');
-    const bob = await user(server, 'bob');
-    await uploadCrossSigning(server, alice);
-    await uploadCrossSigning(server, bob);
+    const [alice, bob] = await usersWithCrossSigning(server, 'alice', 'bob');
     const a = alice.session.userId;
     const b = bob.session.userId;
     const bobMaster = bob.cs.master.publicKey;
@@ -418,11 +416,7 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
       ['altered (another usage)', signBob({ ...bob.cs.masterKey(), usage: ['master', 'user_signing'] }), /is not the stored master key/],
     ];
     for (const [what, signed, message] of cases) {
-      const r = await post(server, alice.session, '/keys/signatures/upload', { [b]: { [bobMaster]: signed } });
-      assert.equal(r.status, 200, r.text);
-      const f = (r.body['failures'] as Record<string, Record<string, Json>>)[b]?.[bobMaster];
-      assert.equal(f?.['errcode'], 'M_INVALID_SIGNATURE', `${what}: ${r.text}`);
-      assert.match(String(f['error']), message, what);
+      expectFailure(await post(server, alice.session, '/keys/signatures/upload', { [b]: { [bobMaster]: signed } }), b, bobMaster, 'M_INVALID_SIGNATURE', message, what);
     }
     const seen = await query(server, alice.session, { [b]: [] });
     assert.deepEqual((seen.body['master_keys'] as Json)[b], bob.cs.masterKey(), 'no signature was stored, not even one only alice would see');

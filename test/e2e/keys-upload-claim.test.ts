@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
-import { login, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
+import { exactly, login, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
 
 const C = '/_matrix/client/v3';
@@ -15,9 +15,6 @@ async function setup(backend: Parameters<typeof startServer>[0]['backend'], conf
   const bob = await registerUser(server, 'bob');
   return { server, alice, bob, aliceDevice: new TestDevice(alice.userId, alice.deviceId) };
 }
-
-/** A pattern matching exactly `text`. */
-const exactly = (text: string) => new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
 
 const upload = (s: TestServer, who: Session, body: Json) => http(s.url, 'POST', `${C}/keys/upload`, { token: who.accessToken, body });
 const query = (s: TestServer, who: Session, deviceKeys: Json) => http(s.url, 'POST', `${C}/keys/query`, { token: who.accessToken, body: { device_keys: deviceKeys } });
