@@ -430,6 +430,63 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
     expectFailure(noUsk, b, bobMaster, 'M_NOT_FOUND', /no user-signing key/);
   });
 
+  test('each malformed item is refused with its own reason, and a bad user ID refuses the whole request', async () => {
+    const server = await start();
+    const [alice] = await usersWithCrossSigning(server, 'alice');
+    const carol = await user(server, 'carol'); // no cross-signing keys
+    const a = alice.session.userId;
+    const c = carol.session.userId;
+    const masterId = alice.cs.master.publicKey;
+    const uskId = `ed25519:${alice.cs.userSigning.publicKey}`;
+    const devSig = (signatures: unknown) => ({ ...alice.cs.masterKey(), signatures });
+    const r = await post(server, alice.session, '/keys/signatures/upload', {
+      [a]: {
+        [alice.session.deviceId]: 'not an object',
+        'A KEY ID WITH SPACES': alice.cs.masterKey(),
+        NOSUCHDEVICE: alice.cs.masterKey(),
+      },
+      [c]: { somekey: alice.cs.userSigning.sign({ user_id: c }, a, uskId) },
+      '@dave:elsewhere.example': { somekey: { user_id: '@dave:elsewhere.example' } },
+    });
+    expectFailure(r, a, alice.session.deviceId, 'M_BAD_JSON', exactly('The signed key must be an object'));
+    expectFailure(r, a, 'A KEY ID WITH SPACES', 'M_NOT_FOUND', exactly('No device or cross-signing key has this ID'));
+    expectFailure(r, a, 'NOSUCHDEVICE', 'M_NOT_FOUND', exactly('NOSUCHDEVICE is neither one of your devices with keys nor your master key'));
+    expectFailure(r, c, 'somekey', 'M_NOT_FOUND', exactly(`somekey is not the current master key of ${c}`));
+    expectFailure(r, '@dave:elsewhere.example', 'somekey', 'M_UNKNOWN', exactly('Signing keys of users on other servers is not supported by this server (@dave:elsewhere.example)'));
+
+    // Signatures that are not a map of strings count as no signature; a float cannot be checked at all.
+    for (const signatures of ['signed', { [a]: 'signed' }, { [a]: { [`ed25519:${alice.session.deviceId}`]: 5 } }]) {
+      const bad = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: devSig(signatures) } });
+      expectFailure(bad, a, masterId, 'M_INVALID_SIGNATURE', exactly('No signature by one of your devices was found on your master key'), JSON.stringify(signatures));
+    }
+    const float = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: { ...alice.cs.masterKey(), weight: 0.5 } } });
+    expectFailure(float, a, masterId, 'M_BAD_JSON', exactly('The signed object is not canonical JSON: weight: 0.5 is not an integer (canonical JSON allows no floats)'));
+
+    const badUser = await post(server, alice.session, '/keys/signatures/upload', { [a]: {}, 'not-a-user': {} });
+    expectMatrixError(badUser, 400, 'M_INVALID_PARAM', exactly('"not-a-user" is not a valid user ID'));
+    expectMatrixError(await post(server, alice.session, '/keys/signatures/upload', { [a]: 'keys' }), 400, 'M_BAD_JSON', exactly(`["${a}"] must be an object`));
+    const seen = await query(server, carol.session, { [a]: [] });
+    assert.deepEqual((seen.body['master_keys'] as Json)[a], alice.cs.masterKey(), 'nothing was stored');
+  });
+
+  test('a new signature on a device or on the master key is a device-list change everyone tracking the user hears of', async () => {
+    const server = await start();
+    const [alice] = await usersWithCrossSigning(server, 'alice');
+    const bob = await user(server, 'bob');
+    const a = alice.session.userId;
+    await query(server, bob.session, { [a]: [] }); // bob tracks alice
+    const changed = async (from: string) => (await http(server.url, 'GET', `${C}/keys/changes?from=${from}`, { token: bob.session.accessToken })).body['changed'];
+    const signatures: Json[] = [
+      { [alice.session.deviceId]: alice.cs.selfSigning.sign(alice.device.deviceKeys(), a, `ed25519:${alice.cs.selfSigning.publicKey}`) },
+      { [alice.cs.master.publicKey]: alice.device.ed25519.sign(alice.cs.masterKey(), a, `ed25519:${alice.session.deviceId}`) },
+    ];
+    for (const item of signatures) {
+      const from = await nextBatch(server, bob.session);
+      assert.deepEqual((await post(server, alice.session, '/keys/signatures/upload', { [a]: item })).body, { failures: {} });
+      assert.deepEqual(await changed(from), [a], Object.keys(item)[0]);
+    }
+  });
+
   test('a self-signing signature on a device must be by the self-signing key and cover the stored device keys', async () => {
     const server = await start();
     const alice = await user(server, 'alice');
