@@ -181,7 +181,7 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
     const alice = await user(server, 'alice');
     const cs = alice.cs;
     await login(server, 'alice', alice.session.password, { device_id: cs.master.publicKey });
-    expectMatrixError(await post(server, alice.session, '/keys/device_signing/upload', cs.upload()), 403, 'M_FORBIDDEN');
+    expectMatrixError(await post(server, alice.session, '/keys/device_signing/upload', cs.upload()), 403, 'M_FORBIDDEN', exactly('The public key of the master key is the ID of one of your devices; generate a new key'));
 
     const carol = await user(server, 'carol');
     await uploadCrossSigning(server, carol);
@@ -255,8 +255,24 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
     // The same master key with a new self-signing key: the old key's signature no longer counts.
     const replacement = new TestCrossSigning(a);
     const newSsk = alice.cs.master.sign({ user_id: a, usage: ['self_signing'], keys: { [`ed25519:${replacement.selfSigning.publicKey}`]: replacement.selfSigning.publicKey } }, a, `ed25519:${alice.cs.master.publicKey}`);
-    await uploadWithAuth(server, alice, { self_signing_key: newSsk });
+    // Sent with the unchanged master key: replacing one key of several still needs auth.
+    await uploadWithAuth(server, alice, { master_key: alice.cs.masterKey(), self_signing_key: newSsk });
     assert.deepEqual(await deviceSignatures(), [`ed25519:${alice.session.deviceId}`]);
+  });
+
+  test('two different first uploads at the same moment: one is stored, the other must authenticate', async () => {
+    const server = await start();
+    const users = await Promise.all(['alice', 'bob', 'carol', 'dave', 'erin'].map((name) => user(server, name)));
+    await Promise.all(
+      users.map(async (u) => {
+        const rival = new TestCrossSigning(u.session.userId);
+        const [first, second] = await Promise.all([u.cs, rival].map((cs) => post(server, u.session, '/keys/device_signing/upload', cs.upload())));
+        assert.deepEqual([first!.status, second!.status].sort(), [200, 401], `${first!.text} ${second!.text}`);
+        const winner = first!.status === 200 ? u.cs : rival;
+        const q = await query(server, u.session, { [u.session.userId]: [] });
+        assert.deepEqual((q.body['master_keys'] as Json)[u.session.userId], winner.masterKey(), 'the stored keys are the ones that were accepted');
+      }),
+    );
   });
 
   test('works under the unstable prefix too', async () => {
@@ -455,7 +471,9 @@ describeEachBackend('POST /keys/signatures/upload', (backend) => {
     expectFailure(r, '@dave:elsewhere.example', 'somekey', 'M_UNKNOWN', exactly('Signing keys of users on other servers is not supported by this server (@dave:elsewhere.example)'));
 
     // Signatures that are not a map of strings count as no signature; a float cannot be checked at all.
-    for (const signatures of ['signed', { [a]: 'signed' }, { [a]: { [`ed25519:${alice.session.deviceId}`]: 5 } }]) {
+    const deviceSignature = (alice.device.ed25519.sign(alice.cs.masterKey(), a, `ed25519:${alice.session.deviceId}`)['signatures'] as Record<string, Json>)[a]![`ed25519:${alice.session.deviceId}`];
+    const misnamed = { [a]: { [`ed25519_${alice.session.deviceId}`]: deviceSignature } };
+    for (const signatures of ['signed', { [a]: 'signed' }, { [a]: { [`ed25519:${alice.session.deviceId}`]: 5 } }, misnamed]) {
       const bad = await post(server, alice.session, '/keys/signatures/upload', { [a]: { [masterId]: devSig(signatures) } });
       expectFailure(bad, a, masterId, 'M_INVALID_SIGNATURE', exactly('No signature by one of your devices was found on your master key'), JSON.stringify(signatures));
     }
@@ -570,6 +588,10 @@ describeEachBackend('GET /keys/changes', (backend) => {
     await uploadWithAuth(server, alice, { user_signing_key: newUsk });
     assert.deepEqual(await changes(bob.session, from), [], 'bob never sees user-signing keys');
     assert.deepEqual(await changes(alice.session, from), [a]);
+
+    const newSsk = alice.cs.master.sign({ user_id: a, usage: ['self_signing'], keys: { [`ed25519:${replacement.selfSigning.publicKey}`]: replacement.selfSigning.publicKey } }, a, `ed25519:${alice.cs.master.publicKey}`);
+    await uploadWithAuth(server, alice, { self_signing_key: newSsk });
+    assert.deepEqual(await changes(bob.session, from), [a], 'a new self-signing key is news to everyone tracking alice');
   });
 
   test('an incremental /sync waits for a change the caller can see, then reports it', async () => {
