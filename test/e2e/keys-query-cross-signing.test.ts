@@ -145,6 +145,7 @@ describeEachBackend('POST /keys/device_signing/upload', (backend) => {
       ['usage missing', { master_key: { ...master, usage: undefined } }, 'M_MISSING_PARAM', exactly('master_key.usage is required')],
       ['keys missing', { master_key: { ...master, keys: undefined } }, 'M_MISSING_PARAM', exactly('master_key.keys is required')],
       ['user_id a number', { master_key: { ...master, user_id: 5 } }, 'M_BAD_JSON', exactly('master_key.user_id must be a string')],
+      ["bob's user_id", { master_key: { ...master, user_id: bob.session.userId } }, 'M_INVALID_PARAM', exactly(`master_key.user_id is ${bob.session.userId}, but you are logged in as ${a}`)],
       ['usage a string', { master_key: { ...master, usage: 'master' } }, 'M_BAD_JSON', exactly('master_key.usage must be a list of strings')],
       ['usage with a number', { master_key: { ...master, usage: ['master', 1] } }, 'M_BAD_JSON', exactly('master_key.usage must be a list of strings')],
       ['usage without its type', { master_key: { ...master, usage: ['user_signing'] } }, 'M_INVALID_PARAM', exactly('master_key.usage must contain "master"')],

@@ -86,6 +86,8 @@ describeEachBackend('POST /keys/upload', (backend) => {
       ['user_id missing', { ...good, user_id: undefined }, 'M_MISSING_PARAM', exactly('device_keys.user_id is required')],
       ['device_id missing', { ...good, device_id: undefined }, 'M_MISSING_PARAM', exactly('device_keys.device_id is required')],
       ['user_id a number', { ...good, user_id: 5 }, 'M_BAD_JSON', exactly('device_keys.user_id must be a string')],
+      ["bob's user_id", resign({ ...good, user_id: bob.userId }), 'M_INVALID_PARAM', exactly(`device_keys.user_id is ${bob.userId}, but you are logged in as ${a}`)],
+      ['another device_id', resign({ ...good, device_id: 'OTHERDEV' }), 'M_INVALID_PARAM', exactly(`device_keys.device_id is OTHERDEV, but your access token belongs to device ${d}`)],
       ['device_id a number', { ...good, device_id: 5 }, 'M_BAD_JSON', exactly('device_keys.device_id must be a string')],
       ['algorithms: [1]', aliceDevice.deviceKeys({ algorithms: [1] }), 'M_BAD_JSON', exactly('device_keys.algorithms must be a list of strings')],
       ['algorithms with a number', aliceDevice.deviceKeys({ algorithms: ['m.megolm.v1.aes-sha2', 1] }), 'M_BAD_JSON', exactly('device_keys.algorithms must be a list of strings')],
