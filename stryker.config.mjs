@@ -35,7 +35,7 @@ export default {
   jsonReporter: { fileName: `${report}.json` },
   clearTextReporter: { allowColor: false, logTests: false, reportScoreTable: true },
   // dist/ is copied: a few in-process test files also start the built CLI (unmutated) for one step.
-  ignorePatterns: ['reports', 'data', '.bench-tmp'],
+  ignorePatterns: ['/reports', '/data', '/.bench-tmp'],
   tempDirName: '.stryker-tmp',
   cleanTempDir: true,
 };
