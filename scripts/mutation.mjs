@@ -79,6 +79,7 @@ for (const run of runs) {
     process.stdout.write(`\nStryker failed on ${run.name} (exit ${r.status ?? r.signal}); see stryker.log and the output above\n`);
     process.exit(r.status || 1);
   }
+  if (strykerArgs.includes('--dryRunOnly')) continue; // no mutants were tried, so there is no report
   summary.push({ name: run.name, minutes: (Date.now() - started) / 60_000, ...count(join(root, `${report}.json`)) });
 }
 
