@@ -92,6 +92,8 @@ export class CrossSigning {
       authenticated = true;
     }
     const store = async (tx: KeysTransaction): Promise<void> => {
+      // Two first uploads at once: the second must see the first's keys (and then need auth).
+      await tx.lockUser(userId);
       const current = await tx.getCrossSigningKeys(userId);
       if (!authenticated && CrossSigning.needsAuth(current, keys) && !(await tx.takeReplacementWithoutUia(userId, this.now()))) throw new NeedsAuthNow();
       // The stored master key may have changed since the check above.

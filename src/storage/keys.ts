@@ -59,6 +59,10 @@ class SqlKeysTransaction implements KeysTransaction {
     return (await this.tx.get(`SELECT 1 AS x FROM devices WHERE user_id = ? AND device_id = ?${forUpdate}`, [userId, deviceId])) !== undefined;
   }
 
+  async lockUser(userId: string): Promise<void> {
+    if (this.tx.dialect === 'postgres') await this.tx.get('SELECT 1 AS x FROM users WHERE user_id = ? FOR UPDATE', [userId]);
+  }
+
   async getDeviceKeys(userId: string, deviceId: string): Promise<string | undefined> {
     return (await this.tx.get<{ key_json: string }>('SELECT key_json FROM e2e_device_keys WHERE user_id = ? AND device_id = ?', [userId, deviceId]))?.key_json;
   }

@@ -268,6 +268,8 @@ export interface ClaimedKey extends StoredOneTimeKey {
 export interface KeysTransaction {
   /** Whether the device exists; on PostgreSQL also locks it, serialising uploads per device. */
   lockDevice(userId: string, deviceId: string): Promise<boolean>;
+  /** On PostgreSQL, locks the user, serialising cross-signing key uploads per user (SQLite runs one transaction at a time anyway). */
+  lockUser(userId: string): Promise<void>;
   getDeviceKeys(userId: string, deviceId: string): Promise<string | undefined>;
   putDeviceKeys(userId: string, deviceId: string, json: string): Promise<void>;
   /** Which of the given one-time key IDs the device already holds (unclaimed). */

@@ -120,6 +120,40 @@ describeEachBackend('X-Matrix authentication of federation requests', (backend) 
     const statuses: number[] = [];
     for (let i = 0; i < 5; i++) statuses.push((await remote.request(server.url, dest, 'POST', `${F}/user/keys/query`, { body: queryBody })).status);
     assert.deepEqual(statuses, [200, 200, 200, 429, 429]);
+    const limited = await remote.request(server.url, dest, 'POST', `${F}/user/keys/query`, { body: queryBody });
+    assert.match(String(limited.body['error']), new RegExp(`^Too many requests from ${remote.serverName.replaceAll('.', '\\.')}; retry in \\d+ s$`));
+  });
+
+  test('an empty header, a key that is not ed25519, or an unterminated quoted value is refused with 401 saying which', async () => {
+    const { server, remote, dest } = await setup(backend);
+    const send = (authorization: string) => remote.request(server.url, dest, 'POST', `${F}/user/keys/query`, { body: queryBody, authorization });
+    expectUnauthorized(await send(''), /^Missing Authorization header/);
+    const good = remote.authorization('POST', `${F}/user/keys/query`, dest, { body: queryBody });
+    expectUnauthorized(await send(good.replace('key="ed25519:', 'key="curve25519:')), /^Unsupported key curve25519:\S+: only ed25519 keys sign requests$/);
+    expectUnauthorized(await send(good.replace(/"$/, '')), /^Malformed Authorization header: the value of "sig" in the X-Matrix header has no closing quote$/);
+    assert.equal((await send(`${good},`)).status, 200, 'a trailing comma is allowed');
+    assert.equal((await send(`${good},origin="other.example",sig="x"`)).status, 200, 'the first of duplicate parameters counts');
+  });
+
+  test('a signed body that is not canonical JSON (a float) is 400 M_BAD_JSON, not a signature failure', async () => {
+    const { server, remote, dest } = await setup(backend);
+    // The sender's signature covers the body as it wrote it; we cannot encode it canonically to check.
+    const body = { device_keys: { '@alice:test.local': [] }, weight: 0.5 };
+    const r = await remote.request(server.url, dest, 'POST', `${F}/user/keys/query`, { body });
+    assert.equal(r.status, 400, r.text);
+    assert.equal(r.body['errcode'], 'M_BAD_JSON', r.text);
+    assert.match(String(r.body['error']), /^The request body cannot be signed as canonical JSON: content\.weight: 0\.5 is not an integer/);
+  });
+
+  test('the metrics count accepted and refused signed requests', async () => {
+    const { server, remote, dest } = await setup(backend, { metrics: { enabled: true, port: 0 } });
+    const send = (options: Parameters<FakeHomeserver['request']>[4]) => remote.request(server.url, dest, 'POST', `${F}/user/keys/query`, { body: queryBody, ...options });
+    for (let i = 0; i < 3; i++) assert.equal((await send({})).status, 200);
+    expectUnauthorized(await send({ authorization: null }), /Missing/);
+    expectUnauthorized(await send({ destination: 'someone.else' }), /addressed to/);
+    const text = await (await fetch(server.mx.metricsUrl()!)).text();
+    assert.match(text, /mxkeys_federation_requests_authenticated_total\{result="accepted"\} 3\n/);
+    assert.match(text, /mxkeys_federation_requests_authenticated_total\{result="refused"\} 2\n/);
   });
 });
 

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
-import { login, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
+import { exactly, login, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
 
 const C = '/_matrix/client/v3';
@@ -97,6 +97,54 @@ describeEachBackend('POST /keys/upload', (backend) => {
     const strict = await setup(backend);
     const refused = await upload(strict.server, strict.alice, { device_keys: { ...strict.aliceDevice.unsignedDeviceKeys(), signatures: { [strict.alice.userId]: { [`ed25519:${strict.alice.deviceId}`]: 'not-a-signature' } } } });
     expectMatrixError(refused, 400, 'M_INVALID_SIGNATURE');
+  });
+
+  test('each field of the device keys is checked and named in the error; nothing is stored', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const a = alice.userId;
+    const d = alice.deviceId;
+    const good = aliceDevice.deviceKeys();
+    const keys = good['keys'] as Json;
+    const resign = (obj: Json) => aliceDevice.ed25519.sign({ ...obj, signatures: undefined }, a, `ed25519:${d}`);
+    const cases: [string, unknown, string, RegExp][] = [
+      // A missing required field is M_BAD_JSON, as Synapse answers (issue 10's compatibility list).
+      ['user_id missing', { ...good, user_id: undefined }, 'M_BAD_JSON', exactly('device_keys.user_id is required')],
+      ['device_id missing', { ...good, device_id: undefined }, 'M_BAD_JSON', exactly('device_keys.device_id is required')],
+      ['user_id a number', { ...good, user_id: 5 }, 'M_BAD_JSON', exactly('device_keys.user_id must be a string')],
+      ["bob's user_id", resign({ ...good, user_id: bob.userId }), 'M_INVALID_PARAM', exactly(`device_keys.user_id is ${bob.userId}, but you are logged in as ${a}`)],
+      ['another device_id', resign({ ...good, device_id: 'OTHERDEV' }), 'M_INVALID_PARAM', exactly(`device_keys.device_id is OTHERDEV, but your access token belongs to device ${d}`)],
+      ['device_id a number', { ...good, device_id: 5 }, 'M_BAD_JSON', exactly('device_keys.device_id must be a string')],
+      ['algorithms: [1]', aliceDevice.deviceKeys({ algorithms: [1] }), 'M_BAD_JSON', exactly('device_keys.algorithms must be a list of strings')],
+      ['algorithms with a number', aliceDevice.deviceKeys({ algorithms: ['m.megolm.v1.aes-sha2', 1] }), 'M_BAD_JSON', exactly('device_keys.algorithms must be a list of strings')],
+      ['keys not a map', { ...good, keys: 'k' }, 'M_BAD_JSON', exactly('device_keys.keys must be an object')],
+      ['a key name without an algorithm', resign({ ...good, keys: { ...keys, [`:${d}`]: 'x' } }), 'M_INVALID_PARAM', exactly(`device_keys.keys[":${d}"]: key names must be "<algorithm>:${d}"`)],
+      ['no ed25519 key', resign({ ...good, keys: { [`curve25519:${d}`]: keys[`curve25519:${d}`] } }), 'M_MISSING_PARAM', exactly(`device_keys.keys must include the device's "ed25519:${d}" key`)],
+      ['signatures not a map', { ...good, signatures: 'signed' }, 'M_BAD_JSON', exactly('device_keys.signatures must be an object')],
+      ["the user's signatures not a map", { ...good, signatures: { [a]: 'signed' } }, 'M_BAD_JSON', exactly(`device_keys.signatures["${a}"] must be an object`)],
+      ['a signature not a string', { ...good, signatures: { [a]: { [`ed25519:${d}`]: 1 } } }, 'M_BAD_JSON', exactly(`device_keys.signatures["${a}"]["ed25519:${d}"] must be a string`)],
+      ['signed by another user', aliceDevice.ed25519.sign(aliceDevice.unsignedDeviceKeys(), bob.userId, `ed25519:${d}`), 'M_INVALID_SIGNATURE', exactly(`device_keys must be signed by the device's own key: device_keys.signatures["${a}"]["ed25519:${d}"] is missing`)],
+      ['a bad signature', { ...good, signatures: { [a]: { [`ed25519:${d}`]: 'A'.repeat(86) } } }, 'M_INVALID_SIGNATURE', /^device_keys: the signature by ed25519:\S+ does not verify; sign the object without "signatures" and "unsigned" as canonical JSON$/],
+      ['a float', aliceDevice.deviceKeys({ ratio: 1.5 }), 'M_BAD_JSON', exactly('device_keys cannot be signed as canonical JSON: ratio: 1.5 is not an integer (canonical JSON allows no floats)')],
+    ];
+    for (const [what, deviceKeys, errcode, message] of cases) {
+      const r = await upload(server, alice, { device_keys: deviceKeys });
+      assert.equal(r.status, 400, `${what}: ${r.text}`);
+      expectMatrixError(r, 400, errcode, message);
+    }
+    assert.deepEqual((await query(server, bob, { [a]: [] })).body['device_keys'], { [a]: {} }, 'no device keys stored');
+  });
+
+  test('device keys of exactly 65536 bytes are accepted, and an unsigned object the client sends is not stored', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    const base = JSON.stringify(aliceDevice.deviceKeys({ 'org.example.padding': '' })).length;
+    const atLimit = aliceDevice.deviceKeys({ 'org.example.padding': 'p'.repeat(65_536 - base) });
+    assert.equal(JSON.stringify(atLimit).length, 65_536);
+    const r = await upload(server, alice, { device_keys: { ...atLimit, unsigned: { 'org.example.client': 'x' } } });
+    assert.equal(r.status, 200, r.text);
+    const stored = (((await query(server, bob, { [alice.userId]: [] })).body['device_keys'] as Json)[alice.userId] as Json)[alice.deviceId] as Json;
+    assert.deepEqual(stored, { ...atLimit, unsigned: {} });
+    const over = aliceDevice.deviceKeys({ 'org.example.padding': 'p'.repeat(65_537 - base) });
+    expectMatrixError(await upload(server, alice, { device_keys: over }), 400, 'M_INVALID_PARAM', exactly('device_keys is larger than 65536 bytes'));
   });
 
   test('re-uploads: identical changes nothing, added signatures are kept, new identity keys are refused', async () => {
@@ -317,6 +365,54 @@ describeEachBackend('bad input to the key endpoints', (backend) => {
     assert.deepEqual(c.device_one_time_keys_count, { signed_curve25519: 0 }, 'no one-time key stored');
     assert.deepEqual(c.device_unused_fallback_key_types, [], 'no fallback key stored');
     assert.deepEqual((await query(server, bob, { [alice.userId]: [] })).body['device_keys'], { [alice.userId]: {} }, 'no device keys stored');
+  });
+
+  test('one-time and fallback keys: null means none, names need an algorithm and an ID, a key object needs a string key and at most 4096 bytes', async () => {
+    const { server, alice, aliceDevice } = await setup(backend);
+    assert.equal((await upload(server, alice, { device_keys: aliceDevice.deviceKeys(), one_time_keys: null, fallback_keys: null })).status, 200);
+    const signed = aliceDevice.oneTimeKey();
+    const a = alice.userId;
+    const cases: [string, Json, string, RegExp][] = [
+      ['no algorithm', { one_time_keys: { ':AAAA': signed } }, 'M_INVALID_PARAM', exactly('one_time_keys[":AAAA"]: key names must be "<algorithm>:<key_id>", each part 1–255 printable ASCII characters')],
+      ['an algorithm with a space', { fallback_keys: { 'signed curve25519:AAAA': signed } }, 'M_INVALID_PARAM', /^fallback_keys\["signed curve25519:AAAA"\]: key names must be/],
+      ['a number', { one_time_keys: { 'signed_curve25519:AAAA': 42 } }, 'M_BAD_JSON', exactly('one_time_keys["signed_curve25519:AAAA"] must be a key string or a key object')],
+      ['a key object without a string key', { one_time_keys: { 'signed_curve25519:AAAA': { key: 42 } } }, 'M_BAD_JSON', exactly('one_time_keys["signed_curve25519:AAAA"].key must be a string')],
+      ['signatures not a map', { fallback_keys: { 'signed_curve25519:AAAA': { key: 'k', signatures: 'sig' } } }, 'M_BAD_JSON', exactly('fallback_keys["signed_curve25519:AAAA"].signatures must be an object')],
+      ['a float', { one_time_keys: { 'signed_curve25519:AAAA': { key: 'k', n: 0.5 } } }, 'M_BAD_JSON', /^one_time_keys\["signed_curve25519:AAAA"\] cannot be encoded as canonical JSON: n: 0\.5 is not an integer/],
+      ['4097 bytes', { one_time_keys: { 'signed_curve25519:AAAA': { key: 'x'.repeat(4087) } } }, 'M_INVALID_PARAM', exactly('one_time_keys["signed_curve25519:AAAA"] is larger than 4096 bytes')],
+    ];
+    for (const [what, body, errcode, message] of cases) {
+      const r = await upload(server, alice, body);
+      assert.equal(r.status, 400, `${what}: ${r.text}`);
+      expectMatrixError(r, 400, errcode, message);
+    }
+    assert.deepEqual((await counts(server, alice)).device_one_time_keys_count, { signed_curve25519: 0 }, 'nothing was stored');
+
+    // 4096 bytes exactly (10 for {"key":""}), a plain string key, and a signed key object are accepted and come back as sent.
+    const atLimit = { key: 'x'.repeat(4086) };
+    assert.equal(JSON.stringify(atLimit).length, 4096);
+    const r = await upload(server, alice, { one_time_keys: { 'signed_curve25519:big': atLimit, 'curve25519:plain': 'cGxhaW4', 'signed_curve25519:sig': signed } });
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(r.body['one_time_key_counts'], { signed_curve25519: 2, curve25519: 1 });
+    const claimed = await claim(server, alice, { [a]: { [alice.deviceId]: 'curve25519' } });
+    assert.deepEqual(((claimed.body['one_time_keys'] as Json)[a] as Json)[alice.deviceId], { 'curve25519:plain': 'cGxhaW4' });
+  });
+
+  test('a query or claim timeout must be a non-negative integer of milliseconds', async () => {
+    const { server, alice } = await setup(backend);
+    const bodies = { '/keys/query': { device_keys: { [alice.userId]: [] } }, '/keys/claim': { one_time_keys: {} } };
+    for (const [path, body] of Object.entries(bodies)) {
+      for (const timeout of [0, 10_000]) {
+        const r = await http(server.url, 'POST', `${C}${path}`, { token: alice.accessToken, body: { ...body, timeout } });
+        assert.equal(r.status, 200, `${path} timeout ${timeout}: ${r.text}`);
+      }
+      for (const timeout of [-1, 1.5, '10', 2 ** 53]) {
+        const r = await http(server.url, 'POST', `${C}${path}`, { token: alice.accessToken, body: { ...body, timeout } });
+        expectMatrixError(r, 400, 'M_BAD_JSON', exactly('timeout must be a non-negative integer (milliseconds)'));
+      }
+      const missing = await http(server.url, 'POST', `${C}${path}`, { token: alice.accessToken, body: { timeout: 0 } });
+      expectMatrixError(missing, 400, 'M_MISSING_PARAM', exactly(`the request body is missing the required field "${Object.keys(body)[0]}"`));
+    }
   });
 
   test('key endpoints need an access token', async () => {

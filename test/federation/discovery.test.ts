@@ -29,9 +29,12 @@ const rec = (name: string, port: number, priority = 10, weight = 5): SrvRecord =
 
 describe('server discovery', () => {
   test('1. an IP literal is used directly, port 8448 unless given, certificate checked for the IP', async () => {
-    const d = new ServerDiscovery(network({}, {}).net);
+    const { net, calls } = network({}, {});
+    const d = new ServerDiscovery(net);
     assert.deepEqual(await d.resolve('1.2.3.4'), { baseUrl: 'https://1.2.3.4:8448', host: '1.2.3.4', tlsName: '1.2.3.4' });
+    assert.deepEqual(await d.resolve('203.0.113.45'), { baseUrl: 'https://203.0.113.45:8448', host: '203.0.113.45', tlsName: '203.0.113.45' });
     assert.deepEqual(await d.resolve('[2001:db8::1]:9000'), { baseUrl: 'https://[2001:db8::1]:9000', host: '[2001:db8::1]:9000', tlsName: '2001:db8::1' });
+    assert.deepEqual(calls, [], 'no .well-known or SRV lookup for an IP literal');
   });
 
   test('2. an explicit port skips .well-known and SRV', async () => {

@@ -30,6 +30,37 @@ describe('parsing the X-Matrix Authorization header', () => {
     assert.deepEqual(r, { origin: 'origin.example', destination: undefined, key: 'ed25519:"k"', sig: 'AB\\C' });
   });
 
+  test('accepts a trailing comma and empty list elements, as RFC 9110 lists allow', () => {
+    assert.deepEqual(parseXMatrix('X-Matrix origin="origin.example",destination="dest.example",key="ed25519:key1",sig="ABCDEF",'), expected);
+    assert.deepEqual(parseXMatrix('X-Matrix ,origin="origin.example", ,destination="dest.example",,key="ed25519:key1",sig="ABCDEF" , '), expected);
+  });
+
+  test('takes the first of duplicate parameters, so a later copy cannot change the origin or the signature', () => {
+    assert.deepEqual(
+      parseXMatrix('X-Matrix origin="origin.example",destination="dest.example",key="ed25519:key1",sig="ABCDEF",origin="evil.example",sig="XYZ",SIG="XYZ",key="ed25519:k2"'),
+      expected,
+    );
+  });
+
+  test('refuses an unterminated quoted value, even one that ends in a backslash', () => {
+    assert.equal(parseXMatrix('X-Matrix key="ed25519:key1",sig="ABCDEF",origin="origin.example'), 'the value of "origin" in the X-Matrix header has no closing quote');
+    assert.equal(parseXMatrix('X-Matrix origin="origin.example",key="ed25519:key1",sig="ABCDEF\\'), 'the value of "sig" in the X-Matrix header has no closing quote');
+    assert.equal(parseXMatrix('X-Matrix origin="origin.example",key="ed25519:key1",sig="ABCDEF\\"'), 'the value of "sig" in the X-Matrix header has no closing quote');
+  });
+
+  test('refuses an empty unquoted value, a parameter without a name, and a name with a colon', () => {
+    assert.equal(parseXMatrix('X-Matrix origin=,key="ed25519:key1",sig="ABCDEF"'), 'parameter "origin" of the X-Matrix header has an empty value');
+    assert.equal(parseXMatrix('X-Matrix origin="origin.example",="x",key="ed25519:key1",sig="ABCDEF"'), 'unexpected character "=" at position 33 of the X-Matrix header');
+    assert.equal(parseXMatrix('X-Matrix origin="origin.example",@x=1,key="ed25519:key1",sig="ABCDEF"'), 'unexpected character "@" at position 33 of the X-Matrix header');
+    // A colon may appear in values, not in names (it would otherwise hide "x:origin" as an unknown parameter).
+    assert.equal(parseXMatrix('X-Matrix origin="origin.example",key="ed25519:key1",sig="ABCDEF",x:y="z"'), 'parameter "x" of the X-Matrix header has no value');
+  });
+
+  test('refuses a header that mentions X-Matrix anywhere but at the start', () => {
+    // Nine characters before the scheme, so a parser that searched for it would land on "origin".
+    assert.equal(parseXMatrix('Bearer a,origin="origin.example",key="ed25519:key1",sig="ABCDEF",x="X-Matrix "'), 'the Authorization header does not use the X-Matrix scheme');
+  });
+
   test('says what is wrong with a malformed header', () => {
     assert.match(String(parseXMatrix('Bearer xyz')), /X-Matrix scheme/);
     assert.match(String(parseXMatrix('X-Matrix origin="a.example,key="k",sig="s"')), /no closing quote|expected/);

@@ -90,12 +90,13 @@ describe('HTTP errors are Matrix errors', () => {
     assert.equal(r.body['errcode'], 'M_TOO_LARGE');
   });
 
-  test('deeply nested JSON is refused quickly without hurting the server', async () => {
-    const deep = '['.repeat(2000) + ']'.repeat(2000);
-    const r = await http(base, 'POST', '/_matrix/client/v3/probe', { rawBody: deep });
-    assert.equal(r.status, 400);
-    assert.equal(r.body['errcode'], 'M_BAD_JSON');
-    assert.match(String(r.body['error']), /nested/);
+  test('deeply nested JSON, arrays or objects, is refused quickly without hurting the server', async () => {
+    for (const deep of ['['.repeat(2000) + ']'.repeat(2000), '{"a":'.repeat(600) + '1' + '}'.repeat(600)]) {
+      const r = await http(base, 'POST', '/_matrix/client/v3/probe', { rawBody: deep });
+      assert.equal(r.status, 400);
+      assert.equal(r.body['errcode'], 'M_BAD_JSON');
+      assert.match(String(r.body['error']), /nested/);
+    }
     const after = await http(base, 'GET', '/_matrix/federation/v1/version');
     assert.equal(after.status, 200);
   });

@@ -53,3 +53,8 @@ export function expectMatrixError(r: { status: number; body: Record<string, unkn
   assert.equal(typeof r.body['error'], 'string', shown);
   if (message) assert.match(String(r.body['error']), message);
 }
+
+/** A pattern that matches exactly `text` (for error messages that contain user IDs or base64 keys). */
+export function exactly(text: string): RegExp {
+  return new RegExp(`^${text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&')}$`);
+}

@@ -34,12 +34,56 @@ describe('canonical JSON', () => {
     assert.ok(compareCodePoints('ab', 'abc') < 0);
   });
 
+  test('orders keys by code point on both sides of the surrogate range, whichever key comes first', () => {
+    // U+E000–U+FFFF are single UTF-16 units above the surrogates (D800–DFFF) that encode
+    // U+10000 and up, so a code-unit sort puts them after every supplementary character. A wrong
+    // order here makes our signatures and other servers' disagree.
+    const ascending = ['a', '\uD7FF', '\uE000', '\uFFFD', '\uFFFF', '\u{10000}', '\u{1F600}', '\u{10FFFF}'];
+    const byCodePoint = (a: string, b: string) => {
+      const x = [...a].map((c) => c.codePointAt(0)!);
+      const y = [...b].map((c) => c.codePointAt(0)!);
+      for (let i = 0; i < Math.min(x.length, y.length); i++) if (x[i] !== y[i]) return x[i]! - y[i]!;
+      return x.length - y.length;
+    };
+    for (let i = 0; i < ascending.length; i++) {
+      for (let j = i + 1; j < ascending.length; j++) {
+        for (const prefix of ['', 'k']) {
+          const [lo, hi] = [prefix + ascending[i]!, prefix + ascending[j]!];
+          const shown = `${[...lo].map((c) => c.codePointAt(0)!.toString(16))} vs ${[...hi].map((c) => c.codePointAt(0)!.toString(16))}`;
+          assert.ok(byCodePoint(lo, hi) < 0, `reference order ${shown}`);
+          assert.ok(compareCodePoints(lo, hi) < 0, shown);
+          assert.ok(compareCodePoints(hi, lo) > 0, `${shown}, reversed`);
+          assert.equal(canonicalJson({ [hi]: 1, [lo]: 2 }), `{${JSON.stringify(lo)}:2,${JSON.stringify(hi)}:1}`, shown);
+          assert.equal(canonicalJson({ [lo]: 2, [hi]: 1 }), `{${JSON.stringify(lo)}:2,${JSON.stringify(hi)}:1}`, `${shown}, given in order`);
+        }
+      }
+    }
+    const shuffled = Object.fromEntries([...ascending].reverse().map((k, i) => [k, i]));
+    assert.deepEqual(Object.keys(JSON.parse(canonicalJson(shuffled)) as object), ascending, 'all eight keys at once');
+  });
+
   test('uses only the escapes the grammar allows and writes other characters as raw UTF-8', () => {
     assert.equal(canonicalJson({ s: '\u0000\u0001\b\t\n\f\r\u001f"\\/é\u2028' }), '{"s":"\\u0000\\u0001\\b\\t\\n\\f\\r\\u001f\\"\\\\/é\u2028"}');
   });
 
   test('leaves out insignificant whitespace in nested arrays and objects', () => {
     assert.equal(canonicalJson({ a: [1, { c: true, b: false }, []], d: {} }), '{"a":[1,{"b":false,"c":true},[]],"d":{}}');
+  });
+
+  test('says where the offending value is: "(root)", a dotted path, or an array index', () => {
+    const message = (v: unknown) => {
+      try {
+        canonicalJson(v);
+      } catch (e) {
+        assert.ok(e instanceof CanonicalJsonError);
+        assert.equal(e.name, 'CanonicalJsonError', 'the name shows in logs');
+        return e.message;
+      }
+      assert.fail('no error');
+    };
+    assert.equal(message(1.5), '(root): 1.5 is not an integer (canonical JSON allows no floats)');
+    assert.equal(message({ a: { b: 1.5 } }), 'a.b: 1.5 is not an integer (canonical JSON allows no floats)');
+    assert.equal(message({ keys: [1, { n: 2 ** 53 }] }), `keys[1].n: ${2 ** 53} is outside the integer range ±(2^53−1)`);
   });
 
   test('refuses floats, unsafe integers and lone surrogates with the path of the value', () => {
@@ -58,9 +102,37 @@ describe('canonical JSON', () => {
     assert.throws(() => canonicalJson(10n), /cannot be encoded/);
   });
 
-  test('refuses absurdly deep nesting instead of overflowing the stack', () => {
-    let deep: unknown = 1;
-    for (let i = 0; i < 5000; i++) deep = [deep];
-    assert.throws(() => canonicalJson(deep), /nested deeper/);
+  test('leaves out properties whose value is undefined, as JSON.stringify does with the text it sends', () => {
+    const obj = { a: undefined, b: 1, c: undefined };
+    assert.equal(canonicalJson(obj), '{"b":1}');
+    assert.equal(canonicalJson(obj), JSON.stringify(obj));
+  });
+
+  test('encodes objects without a prototype like any other object', () => {
+    const bare = Object.assign(Object.create(null) as Record<string, unknown>, { b: 2, a: 1 });
+    assert.equal(canonicalJson({ x: bare }), '{"x":{"a":1,"b":2}}');
+  });
+
+  test('refuses absurdly deep nesting of arrays or of objects instead of overflowing the stack', () => {
+    let deepArray: unknown = 1;
+    let deepObject: unknown = 1;
+    for (let i = 0; i < 5000; i++) {
+      deepArray = [deepArray];
+      deepObject = { a: deepObject };
+    }
+    assert.throws(() => canonicalJson(deepArray), (e: unknown) => e instanceof CanonicalJsonError && /nested deeper than 100 levels/.test(e.message));
+    assert.throws(() => canonicalJson(deepObject), (e: unknown) => e instanceof CanonicalJsonError && /nested deeper than 100 levels/.test(e.message));
+  });
+
+  test('accepts 100 levels of nesting and refuses the 101st', () => {
+    const nest = (levels: number, wrap: (v: unknown) => unknown) => {
+      let v: unknown = 0;
+      for (let i = 0; i < levels; i++) v = wrap(v);
+      return v;
+    };
+    for (const wrap of [(v: unknown) => [v], (v: unknown) => ({ k: v })]) {
+      assert.equal(canonicalJson(nest(100, wrap)), JSON.stringify(nest(100, wrap)));
+      assert.throws(() => canonicalJson(nest(101, wrap)), /nested deeper than 100 levels/);
+    }
   });
 });
