@@ -13,7 +13,7 @@ import type { ToDeviceStats } from '../todevice/service.js';
 import type { Store } from '../storage/store.js';
 
 export interface MetricSources {
-  readonly store: Pick<Store, 'statementCount' | 'stats'>;
+  readonly store: Pick<Store, 'statementCount' | 'retryCount' | 'stats'>;
   readonly keyStats: KeyStats;
   readonly federationAuth: { readonly accepted: number; readonly refused: number };
   readonly serverKeyFetches: { readonly fromServer: number; readonly fromNotary: number; readonly failed: number };
@@ -46,6 +46,7 @@ export class MxkeysMetrics {
     this.requests = new Counter({ name: 'mxkeys_http_requests_total', help: 'HTTP requests answered, by route, method and status code.', labelNames: ['route', 'method', 'status'], registers: [r] });
     this.latency = new Histogram({ name: 'mxkeys_http_request_duration_seconds', help: 'Time to answer an HTTP request, by route.', labelNames: ['route'], buckets: LATENCY_BUCKETS, registers: [r] });
     this.observed('mxkeys_db_statements_total', 'Database statements run by this process.', 'counter', [], () => sources.store.statementCount());
+    this.observed('mxkeys_db_retries_total', 'Statements and transactions run again after a deadlock or serialization conflict (PostgreSQL); should stay near zero.', 'counter', [], () => sources.store.retryCount());
     this.observed('mxkeys_keys_claimed_total', 'One-time key claims by what they handed out.', 'counter', ['result'], () => [
       [{ result: 'one_time_key' }, sources.keyStats.oneTimeKeysClaimed],
       [{ result: 'fallback_key' }, sources.keyStats.fallbackKeysClaimed],

@@ -77,10 +77,13 @@ const PER_DEVICE_TABLES = ['access_tokens', 'e2e_device_keys', 'e2e_one_time_key
  * change for each device that existed (AccountsStore.deleteDevices). Returns the IDs deleted.
  */
 async function deleteDevicesIn(tx: Queryable, deviceLists: DeviceListWriter, userId: string, deviceIds: readonly string[] | 'all'): Promise<string[]> {
+  // Locked (PostgreSQL) so an upload to one of these devices, which locks its row too, is either
+  // done before they go (and its keys go with them) or finds them gone; never keys left behind.
+  const forUpdate = tx.dialect === 'postgres' ? ' ORDER BY device_id FOR UPDATE' : '';
   const rows =
     deviceIds === 'all'
-      ? await tx.all<{ device_id: string }>('SELECT device_id FROM devices WHERE user_id = ?', [userId])
-      : await tx.all<{ device_id: string }>(`SELECT device_id FROM devices WHERE user_id = ? AND device_id IN (${placeholders(deviceIds.length)})`, [userId, ...deviceIds]);
+      ? await tx.all<{ device_id: string }>(`SELECT device_id FROM devices WHERE user_id = ?${forUpdate}`, [userId])
+      : await tx.all<{ device_id: string }>(`SELECT device_id FROM devices WHERE user_id = ? AND device_id IN (${placeholders(deviceIds.length)})${forUpdate}`, [userId, ...deviceIds]);
   const existing = rows.map((r) => r.device_id);
   // Rows keyed to a device may outlive a device row that is already gone (e.g. after a crash
   // of an older version); the requested IDs are cleaned up either way.

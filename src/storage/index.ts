@@ -110,6 +110,10 @@ class SqlStore implements Store {
     return this.db.statementCount;
   }
 
+  retryCount(): number {
+    return this.db.retryCount ?? 0;
+  }
+
   async tableNames(): Promise<string[]> {
     const rows =
       this.db.dialect === 'sqlite'

@@ -27,6 +27,8 @@ export interface Queryable {
 export interface SqlDatabase extends Queryable {
   /** Statements executed so far by this process on this database (for metrics and tests). */
   readonly statementCount: number;
+  /** Statements and transactions run again after a deadlock or serialization conflict (PostgreSQL). */
+  readonly retryCount?: number;
   /**
    * Runs `fn` in one transaction on one connection: committed when it resolves, rolled back when
    * it throws. `fn` must only await statements on `tx` (no network calls): on SQLite the whole

@@ -555,6 +555,8 @@ export interface Store {
   readonly stats: StatsStore;
   /** Database statements this process has run (a metric; tests use it to count round trips). */
   statementCount(): number;
+  /** Statements and transactions this process ran again after a deadlock or serialization conflict (metrics, tests). */
+  retryCount(): number;
   /** Names of the tables that hold data (for tests and operator tooling). */
   tableNames(): Promise<string[]>;
   /** Resolves when the database answers a read (GET /health). */

@@ -291,6 +291,34 @@ describeEachBackend('POST /keys/claim', (backend) => {
     assert.ok(one <= 3, `${one} statements (token lookup, claim, fallback)`);
   });
 
+  test('many clients claiming the same devices in different orders at once all get their keys at once, each key once', async () => {
+    const { server, alice, bob } = await setup(backend);
+    const devices = [alice, ...(await Promise.all([1, 2, 3, 4, 5].map(() => login(server, 'alice', alice.password))))];
+    const handedOut = new Set<string>();
+    for (const d of devices) {
+      const keys = new TestDevice(alice.userId, d.deviceId).oneTimeKeys(350);
+      assert.equal((await upload(server, d, { one_time_keys: keys })).status, 200);
+    }
+    const ids = devices.map((d) => d.deviceId);
+    const retries = server.mx.store.retryCount();
+    const statuses: number[] = [];
+    await Promise.all(
+      Array.from({ length: 16 }, async (_, worker) => {
+        for (let i = 0; i < 20; i++) {
+          const order = (worker + i) % 2 === 0 ? ids : [...ids].reverse();
+          const r = await claim(server, bob, { [alice.userId]: Object.fromEntries(order.map((d) => [d, 'signed_curve25519'])) });
+          statuses.push(r.status);
+          for (const [device, keys] of Object.entries(((r.body['one_time_keys'] as Json | undefined)?.[alice.userId] ?? {}) as Record<string, Json>)) {
+            for (const id of Object.keys(keys)) handedOut.add(`${device} ${id}`);
+          }
+        }
+      }),
+    );
+    assert.deepEqual([...new Set(statuses)], [200], 'every claim succeeded');
+    assert.equal(handedOut.size, 320 * 6, 'each claim got one distinct key of every device');
+    assert.equal(server.mx.store.retryCount() - retries, 0, 'no claim waited for a deadlock to be detected and ran again');
+  });
+
   test('64 concurrent claimers against one device with N keys get exactly N distinct keys, then the fallback key', async () => {
     const { server, alice, bob, aliceDevice } = await setup(backend);
     const n = 40;

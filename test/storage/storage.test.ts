@@ -238,6 +238,34 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
+  test('a device deleted while keys are being uploaded to it leaves none of them behind', async () => {
+    const store = await openStore(await backend.freshDatabase());
+    try {
+      assert.equal(await store.accounts.createUser({ userId: '@r:x', passwordHash: null, admin: false, createdTs: 0 }, { tokenHash: 'h', deviceId: 'R', displayName: null, ts: 0, ip: null }), true);
+      let inside!: () => void;
+      const uploading = new Promise<void>((resolve) => (inside = resolve));
+      let finish!: () => void;
+      const finished = new Promise<void>((resolve) => (finish = resolve));
+      const upload = store.keys.transaction(async (tx) => {
+        assert.equal(await tx.lockDevice('@r:x', 'R'), true);
+        await tx.addOneTimeKeys('@r:x', 'R', [{ algorithm: 'signed_curve25519', keyId: 'orphan', json: '"x"' }]);
+        inside();
+        await finished;
+      });
+      await uploading;
+      // The deletion starts while the upload is open; the upload then commits.
+      const deletion = store.accounts.deleteDevices('@r:x', ['R']);
+      await new Promise((r) => setTimeout(r, 50));
+      finish();
+      await upload;
+      assert.deepEqual(await deletion, ['R']);
+      assert.deepEqual(await store.keys.claimKeys([{ userId: '@r:x', deviceId: 'R', algorithm: 'signed_curve25519' }]), [], 'the uploaded key went with its device');
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1000]), [0]);
+    } finally {
+      await store.close();
+    }
+  });
+
   test('server keys round-trip; a later response keeps old keys and their responses, but retires the current ones it no longer lists', async () => {
     const store = await openStore(await backend.freshDatabase());
     try {

@@ -76,6 +76,7 @@ function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commit
       } catch (e) {
         const code = (e as { code?: string }).code;
         if (code === undefined || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) throw e;
+        db.retryCount++;
       }
     }
   };
@@ -111,6 +112,8 @@ export class PostgresDatabase implements SqlDatabase {
   private readonly pool: pg.Pool;
   private readonly direct: Queryable;
   statementCount = 0;
+  /** Statements and transactions run again after a deadlock or serialization conflict. */
+  retryCount = 0;
   private unavailable = false;
 
   constructor(private readonly options: PostgresOptions) {
@@ -195,7 +198,10 @@ export class PostgresDatabase implements SqlDatabase {
           broken = true;
         }
         const code = (e as { code?: string }).code;
-        if (code !== undefined && RETRYABLE.has(code) && attempt < MAX_ATTEMPTS) continue;
+        if (code !== undefined && RETRYABLE.has(code) && attempt < MAX_ATTEMPTS) {
+          this.retryCount++;
+          continue;
+        }
         throw e;
       } finally {
         client.release(broken);
