@@ -118,7 +118,11 @@ export class ListenError extends Error {
 }
 
 function storeOptions(config: Readonly<Config>): OpenStoreOptions {
-  return { serverName: config.server_name, connectTimeoutMs: durationMs(config.database.connect_timeout) };
+  return {
+    serverName: config.server_name,
+    connectTimeoutMs: durationMs(config.database.connect_timeout),
+    cacheStalenessBoundMs: durationMs(config.database.cache_staleness_bound),
+  };
 }
 
 function keysFor(config: Readonly<Config>, store: Store, remote?: RemoteKeyLookup): Keys {

@@ -142,6 +142,7 @@ function semanticChecks(c: Config, key: KeyNamer): void {
     ['federation.destination_max_retry_interval', c.federation.destination_max_retry_interval],
     ['federation.max_undelivered_age', c.federation.max_undelivered_age],
     ['database.connect_timeout', c.database.connect_timeout],
+    ['database.cache_staleness_bound', c.database.cache_staleness_bound],
   ];
   for (const [name, value] of durations) {
     try {
@@ -154,6 +155,10 @@ function semanticChecks(c: Config, key: KeyNamer): void {
     throw new ConfigError(
       `${key('federation.device_list_subscription_lifetime')} must be at least federation.device_list_refresh_interval: servers refetch cached lists at that interval, which is what keeps their subscriptions alive`,
     );
+  }
+  const bound = durationMs(c.database.cache_staleness_bound);
+  if (bound !== 0 && bound < 100) {
+    throw new ConfigError(`${key('database.cache_staleness_bound')} must be 0 (no read caches on PostgreSQL) or at least 100ms: the caches are checked against the database five times per bound`);
   }
   if ((c.tls_certificate_path === undefined) !== (c.tls_private_key_path === undefined)) {
     throw new ConfigError('config keys "tls_certificate_path" and "tls_private_key_path" go together: set both for an HTTPS listener, or neither');

@@ -31,6 +31,10 @@ export const ConfigSchema = Type.Object(
         // At least 2: migrations hold one connection for their lock while working on another.
         pool_size: Type.Integer({ minimum: 2, maximum: 1000, default: 10, description: 'PostgreSQL connections per process, at least 2' }),
         connect_timeout: Type.Union([Duration], { default: '10s' }),
+        cache_staleness_bound: Type.Union([Duration], {
+          default: '500ms',
+          description: 'PostgreSQL: the longest a change committed by another process can go unseen by read caches; 0 turns them off',
+        }),
       },
       { ...strict, default: {} },
     ),

@@ -44,6 +44,11 @@ export interface OpenStoreOptions {
   /** How long to wait for a PostgreSQL connection (database.connect_timeout); default 10 s. */
   readonly connectTimeoutMs?: number;
   /**
+   * PostgreSQL (database.cache_staleness_bound): how old a change committed by another process
+   * may be and still be missed by this process's read caches; default 500 ms, 0 for no caches.
+   */
+  readonly cacheStalenessBoundMs?: number;
+  /**
    * PostgreSQL: told once when the database stops answering (with the reason) and once when it
    * answers again. Meanwhile statements fail with DatabaseUnavailableError.
    */
@@ -51,6 +56,7 @@ export interface OpenStoreOptions {
 }
 
 const DEFAULT_CONNECT_TIMEOUT_MS = 10_000;
+const DEFAULT_CACHE_STALENESS_BOUND_MS = 500;
 
 function openDatabase(config: DatabaseConfig, options: OpenStoreOptions = {}): { db: SqlDatabase; migrations: readonly Migration[] } {
   if (config.postgres !== undefined) {
@@ -59,6 +65,7 @@ function openDatabase(config: DatabaseConfig, options: OpenStoreOptions = {}): {
         connectionString: config.postgres,
         poolSize: config.pool_size ?? 10,
         connectTimeoutMs: options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS,
+        cacheStalenessBoundMs: options.cacheStalenessBoundMs ?? DEFAULT_CACHE_STALENESS_BOUND_MS,
         ...(options.onAvailabilityChange ? { onAvailabilityChange: options.onAvailabilityChange } : {}),
       }),
       migrations: postgresMigrations,

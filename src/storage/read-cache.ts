@@ -2,8 +2,9 @@
  * Read results kept in memory for as long as nothing in the database changed. Validity is the
  * database's data generation (SqlDatabase.dataGeneration): any write by this process or commit
  * by another connection moves it on and empties the cache, so a hit is exactly what a statement
- * would have read, across several processes sharing one database. Only SQLite offers a cheap
- * generation; on PostgreSQL there is no cache and every read is a statement.
+ * would have read, across several processes sharing one database. On PostgreSQL, commits by
+ * other processes are learnt through LISTEN/NOTIFY, within database.cache_staleness_bound
+ * (postgres/change-listener.ts); with that set to 0 there is no cache and every read is a statement.
  */
 export class ReadCache<V> {
   private readonly entries = new Map<string, V>();
@@ -63,7 +64,7 @@ export class ReadCache<V> {
   }
 }
 
-/** A ReadCache when the database has a data generation (SQLite), else undefined. */
+/** A ReadCache when the database has a data generation, else undefined. */
 export function readCacheFor<V>(db: { dataGeneration?: () => number }): ReadCache<V> | undefined {
   const generation = db.dataGeneration;
   return generation ? new ReadCache<V>(generation) : undefined;

@@ -42,9 +42,10 @@ export interface SqlDatabase extends Queryable {
    */
   withExclusiveLock<T>(fn: () => Promise<T>): Promise<T>;
   /**
-   * SQLite only: a number that moves on whenever data in the database may have changed — a write
-   * statement of this process, or a commit by any other connection (PRAGMA data_version). Read
-   * caches (read-cache.ts) key on it. PostgreSQL has no equivalent as cheap as the read itself.
+   * A number that moves on whenever data in the database may have changed — a write statement of
+   * this process, or a commit by any other connection (SQLite: PRAGMA data_version or the WAL
+   * index; PostgreSQL: LISTEN/NOTIFY, within a staleness bound, see postgres/change-listener.ts).
+   * Read caches (read-cache.ts) key on it. Absent: no read caches.
    */
   readonly dataGeneration?: () => number;
   close(): Promise<void>;

@@ -17,7 +17,15 @@ export interface Backend {
   readonly name: 'sqlite' | 'postgres';
   /** A database nobody else uses, removed when the test (or the file's tests) end. */
   freshDatabase(t?: TestContext): Promise<DatabaseConfig>;
+  /**
+   * Waits until a change one process committed counts in every other process's answers: at once
+   * on SQLite; on PostgreSQL, the read caches' staleness bound (database.cache_staleness_bound).
+   */
+  settle(): Promise<void>;
 }
+
+/** database.cache_staleness_bound's default, which the servers of the tests keep. */
+export const CACHE_STALENESS_BOUND_MS = 500;
 
 const tempDirs: string[] = [];
 let adminPool: pg.Pool | undefined;
@@ -43,6 +51,7 @@ const sqlite: Backend = {
   async freshDatabase() {
     return { sqlite: join(tempDir(), 'mxkeys.db') };
   },
+  settle: async () => undefined,
 };
 
 /** A connection URL whose sessions use `schema` for everything. */
@@ -62,6 +71,7 @@ const postgres: Backend = {
     schemas.push(schema);
     return { postgres: postgresUrlWithSchema(POSTGRES_URL, schema), pool_size: 10 };
   },
+  settle: () => new Promise((resolve) => setTimeout(resolve, CACHE_STALENESS_BOUND_MS)),
 };
 
 export const backends: readonly Backend[] = POSTGRES_URL ? [sqlite, postgres] : [sqlite];

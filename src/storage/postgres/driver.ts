@@ -7,6 +7,7 @@ import pg from 'pg';
 import { createHash } from 'node:crypto';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
 import { DatabaseUnavailableError } from '../errors.js';
+import { ChangeListener } from './change-listener.js';
 
 const INT8_OID = 20;
 // COUNT(*) and BIGINT columns come back as JS numbers: our values (timestamps, stream positions,
@@ -21,7 +22,11 @@ const types = {
 interface Prepared {
   readonly name: string;
   readonly text: string;
+  /** A SELECT that writes nothing: it leaves the data generation alone. */
+  readonly readOnly: boolean;
 }
+
+const WRITES = /\b(INSERT|DELETE|UPDATE\s+\w+\s+SET|pg_notify|nextval|setval)\b/i;
 
 const preparedCache = new Map<string, Prepared>();
 const MAX_NAMED_PARAMS = 16;
@@ -31,7 +36,8 @@ function prepared(sql: string): Prepared {
   if (!p) {
     let n = 0;
     const text = sql.replace(/\?/g, () => `$${++n}`);
-    p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text };
+    const readOnly = /^\s*SELECT\b/i.test(sql) && !WRITES.test(sql);
+    p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text, readOnly };
     if (preparedCache.size >= 10_000) preparedCache.clear();
     preparedCache.set(sql, p);
   }
@@ -58,6 +64,22 @@ export function connectionProblem(e: unknown): string | undefined {
 const RETRYABLE = new Set(['40001', '40P01']);
 const MAX_ATTEMPTS = 5;
 
+/**
+ * A statement of its own (autocommit) that lost a deadlock or serialization conflict was rolled
+ * back whole, so it is run again, as transactions are.
+ */
+async function runAgainOnConflict(run: () => Promise<pg.QueryResult>, db: PostgresDatabase): Promise<pg.QueryResult> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await run();
+    } catch (e) {
+      const code = (e as { code?: string }).code;
+      if (code === undefined || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) throw e;
+      db.retryCount++;
+    }
+  }
+}
+
 /** `commitCallbacks` collects afterCommit callbacks inside a transaction; without it they run at once. */
 function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commitCallbacks?: (() => void)[]): Queryable {
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
@@ -68,17 +90,8 @@ function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commit
     // connection would pile up without bound, so only short parameter lists are named.
     const run = () => db.watch(client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values }));
     if (commitCallbacks) return run();
-    // A statement of its own (autocommit) that lost a deadlock or serialization conflict was
-    // rolled back whole, so it is run again, as transactions are.
-    for (let attempt = 1; ; attempt++) {
-      try {
-        return await run();
-      } catch (e) {
-        const code = (e as { code?: string }).code;
-        if (code === undefined || !RETRYABLE.has(code) || attempt >= MAX_ATTEMPTS) throw e;
-        db.retryCount++;
-      }
-    }
+    if (!p.readOnly) return db.writing(runAgainOnConflict(run, db));
+    return runAgainOnConflict(run, db);
   };
   return {
     dialect: 'postgres',
@@ -86,7 +99,7 @@ function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commit
     get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rows[0] as T | undefined,
     run: async (sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rowCount ?? 0,
     exec: async (script: string) => {
-      await db.watch(client.query(script));
+      await db.writing(db.watch(client.query(script)));
     },
     afterCommit: (fn: () => void) => {
       if (commitCallbacks) commitCallbacks.push(fn);
@@ -105,6 +118,12 @@ export interface PostgresOptions {
    * and when it answers again, once per change, not per failed statement.
    */
   readonly onAvailabilityChange?: (available: boolean, reason?: string) => void;
+  /**
+   * Milliseconds (database.cache_staleness_bound): read caches are used, kept up to date through
+   * LISTEN/NOTIFY (change-listener.ts), and never miss a change committed longer ago than this.
+   * 0 or left out: no read caches on this database.
+   */
+  readonly cacheStalenessBoundMs?: number;
 }
 
 export class PostgresDatabase implements SqlDatabase {
@@ -115,6 +134,15 @@ export class PostgresDatabase implements SqlDatabase {
   /** Statements and transactions run again after a deadlock or serialization conflict. */
   retryCount = 0;
   private unavailable = false;
+  /** Moved on by this process's writes and by changes other processes commit. */
+  private generation = 0;
+  private readonly listener: ChangeListener | undefined;
+  /**
+   * As on SQLite (sql.ts), with changes by other processes known through LISTEN/NOTIFY: while
+   * the listener cannot vouch for them (change-listener.ts), a new value on every call, so caches
+   * keep nothing.
+   */
+  readonly dataGeneration?: () => number;
 
   constructor(private readonly options: PostgresOptions) {
     // A server that accepts connections but never answers, or a wait for a free connection that
@@ -129,6 +157,26 @@ export class PostgresDatabase implements SqlDatabase {
     // drops it and opens a new one when needed.
     this.pool.on('error', (e) => this.lost(connectionProblem(e) ?? e.message));
     this.direct = queryable(this.pool, this);
+    const boundMs = options.cacheStalenessBoundMs ?? 0;
+    if (boundMs > 0) {
+      const listener = new ChangeListener({
+        connectionString: options.connectionString,
+        boundMs,
+        connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
+        onChange: () => this.generation++,
+      });
+      this.listener = listener;
+      this.dataGeneration = () => (listener.live() ? this.generation : ++this.generation);
+    }
+  }
+
+  /**
+   * Passes on what a write resolves to, moving the data generation on once it has been done (or
+   * failed: it may have been committed all the same), so this process reads its own writes at
+   * once rather than when their notification comes back.
+   */
+  writing<T>(operation: Promise<T>): Promise<T> {
+    return operation.finally(() => this.generation++);
   }
 
   private lost(reason: string): void {
@@ -188,7 +236,7 @@ export class PostgresDatabase implements SqlDatabase {
       try {
         await this.watch(client.query('BEGIN'));
         const result = await fn(queryable(client, this, callbacks));
-        await this.watch(client.query('COMMIT'));
+        await this.writing(this.watch(client.query('COMMIT')));
         for (const cb of callbacks) cb();
         return result;
       } catch (e) {
@@ -225,6 +273,7 @@ export class PostgresDatabase implements SqlDatabase {
   }
 
   async close(): Promise<void> {
+    await this.listener?.close();
     await this.pool.end();
   }
 }

@@ -356,4 +356,26 @@ export const migrations: readonly Migration[] = [
         REFERENCING NEW TABLE AS added FOR EACH STATEMENT EXECUTE FUNCTION e2e_device_keys_counted();
     `,
   },
+  {
+    version: 11,
+    name: 'change notifications for the read caches of other processes (LISTEN/NOTIFY)',
+    // One notification per statement (not per row) on the tables read caches read, with the
+    // schema as payload so several mxkeys databases in one PostgreSQL tell their changes apart.
+    // PostgreSQL folds identical notifications of one transaction into one and delivers them at
+    // commit. Hot tables no cache reads (one-time keys, queues) send nothing.
+    sql: `
+      CREATE FUNCTION mxkeys_notify_change() RETURNS trigger LANGUAGE plpgsql AS $$
+      BEGIN
+        PERFORM pg_notify('mxkeys_changes', 'c' || current_schema());
+        RETURN NULL;
+      END $$;
+      DO $$
+      DECLARE t TEXT;
+      BEGIN
+        FOREACH t IN ARRAY ARRAY['users', 'devices', 'access_tokens', 'e2e_device_keys', 'e2e_cross_signing_keys', 'e2e_cross_signing_signatures'] LOOP
+          EXECUTE format('CREATE TRIGGER mxkeys_notify_change AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON %I FOR EACH STATEMENT EXECUTE FUNCTION mxkeys_notify_change()', t);
+        END LOOP;
+      END $$;
+    `,
+  },
 ];

@@ -334,4 +334,11 @@ export const migrations: readonly Migration[] = [
       END;
     `,
   },
+  {
+    version: 11,
+    name: 'change notifications for the read caches of other processes (LISTEN/NOTIFY)',
+    // PostgreSQL only. Nothing to do on SQLite: other processes' commits are seen in the database file itself
+    // (driver.ts). The version exists so both backends report the same schema version.
+    sql: ``,
+  },
 ];
