@@ -287,6 +287,8 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
     serverName: config.server_name,
     maxMessagesPerRequest: config.to_device.max_messages_per_request,
     maxPendingPerDevice: config.to_device.max_pending_per_device,
+    maxPendingBytesPerDevice: config.to_device.max_pending_bytes_per_device,
+    maxUndeliveredAgeMs: durationMs(config.federation.max_undelivered_age),
     log,
   });
   const sync = new Sync({ keys, deviceLists: store.deviceLists, toDevice });

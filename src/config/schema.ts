@@ -133,6 +133,12 @@ export const ConfigSchema = Type.Object(
       {
         max_messages_per_request: Type.Integer({ minimum: 1, default: 10_000, description: 'device messages one PUT /sendToDevice may carry' }),
         max_pending_per_device: Type.Integer({ minimum: 1, default: 10_000, description: 'messages waiting for one device; beyond it the oldest are dropped' }),
+        // At least 128 KiB, so that the largest single message (60 KiB of content, with its sender and type) always fits.
+        max_pending_bytes_per_device: Type.Integer({
+          minimum: 131_072,
+          default: 64 * 1024 * 1024,
+          description: 'bytes of messages waiting for one device; beyond it the oldest are dropped',
+        }),
       },
       { ...strict, default: {} },
     ),

@@ -118,7 +118,12 @@ export class MxkeysMetrics {
         [{ source: 'client' }, t.fromClients],
         [{ source: 'federation' }, t.fromFederation],
       ]);
-      this.observed('mxkeys_to_device_messages_dropped_total', "To-device messages dropped unread because their device's inbox was full (to_device.max_pending_per_device).", 'counter', [], () => t.droppedInboxFull);
+      this.observed('mxkeys_to_device_messages_dropped_total', 'To-device messages dropped undelivered, by why: a local inbox was full, a received message was over the size or count limits, another server did not take it within federation.max_undelivered_age.', 'counter', ['reason'], () => [
+        [{ reason: 'inbox_full' }, t.droppedInboxFull],
+        [{ reason: 'too_large' }, t.droppedTooLarge],
+        [{ reason: 'too_many' }, t.droppedTooMany],
+        [{ reason: 'undelivered' }, t.droppedUndelivered],
+      ]);
       this.observed('mxkeys_to_device_repeats_total', 'Repeated to-device sends that stored nothing again: a txnId a device used before, a message_id a server sent before.', 'counter', ['kind'], () => [
         [{ kind: 'txn_id' }, t.repeatedTxns],
         [{ kind: 'message_id' }, t.repeatedEdus],

@@ -475,10 +475,14 @@ export interface ToDeviceBatch {
    * device of the user that has no entry of its own in the batch.
    */
   readonly local: readonly NewToDeviceMessage[];
-  /** m.direct_to_device EDU contents (JSON text) to queue for other servers. */
-  readonly remote: readonly { readonly destination: string; readonly eduJson: string }[];
-  /** After storing, each recipient device keeps at most this many messages: the oldest go. */
+  /** m.direct_to_device EDU contents (JSON text) to queue for other servers, with the device entries each carries. */
+  readonly remote: readonly { readonly destination: string; readonly eduJson: string; readonly messages: number }[];
+  /**
+   * After storing, each recipient device keeps at most this many messages, of at most this many
+   * bytes (of event JSON) together: the oldest go.
+   */
   readonly maxPendingPerDevice: number;
+  readonly maxPendingBytesPerDevice: number;
   readonly now: number;
 }
 
@@ -510,8 +514,11 @@ export interface ToDeviceStore {
    * processes too), so a reader that has seen N never later finds a smaller one.
    */
   addMessages(batch: ToDeviceBatch): Promise<StoredToDevice>;
-  /** Up to `limit` of the device's messages with stream ID above `after`, oldest first. */
-  messagesAfter(userId: string, deviceId: string, after: number, limit: number): Promise<PendingToDevice[]>;
+  /**
+   * The device's messages with stream ID above `after`, oldest first: at most `limit` of them, and
+   * no more than `maxBytes` of event JSON together, except that the first is returned whatever its size.
+   */
+  messagesAfter(userId: string, deviceId: string, after: number, limit: number, maxBytes: number): Promise<PendingToDevice[]>;
   /** Removes the device's messages with stream ID up to `upTo` (delivered); returns how many. */
   deleteMessagesUpTo(userId: string, deviceId: string, upTo: number): Promise<number>;
   /**
@@ -525,6 +532,8 @@ export interface ToDeviceStore {
   edusDelivered(destination: string, streamIds: readonly number[]): Promise<void>;
   /** Destinations with queued EDUs that are not waiting for a retry. */
   destinationsWithEdus(now: number): Promise<string[]>;
+  /** Removes the EDUs queued before `queuedBeforeTs`, still undelivered; returns what went, per destination. */
+  expireEdus(queuedBeforeTs: number): Promise<{ destination: string; edus: number; messages: number }[]>;
   /** Queued EDUs per destination (metrics). */
   eduCounts(): Promise<Map<string, number>>;
   /** Messages waiting in local inboxes, all devices together (metrics). */

@@ -79,16 +79,21 @@ export interface DirectToDevice {
   readonly messages: DeviceMessage[];
   /** Entries left out (not for a user of ours, a malformed device ID or content), for the log. */
   readonly skipped: number;
+  /** Entries for users of ours whose content is larger than MAX_MESSAGE_BYTES: dropped. */
+  readonly tooLarge: number;
+  /** Entries for users of ours beyond the first `maxMessages`: dropped. */
+  readonly tooMany: number;
 }
 
 /**
  * Checks an m.direct_to_device EDU from `origin`: the sender must be a user of `origin`; entries
  * for users of other servers, malformed device IDs and contents that are not objects are left out
  * (Synapse fails the whole transaction for a user of another server, which makes the origin send
- * it again forever; one bad entry should not hold up the others). A string says why the EDU as a
- * whole cannot be used.
+ * it again forever; one bad entry should not hold up the others). Entries are held to the limits
+ * of a local request: contents of at most MAX_MESSAGE_BYTES, at most `maxMessages` entries (the
+ * first ones); the rest are dropped and counted. A string says why the EDU as a whole cannot be used.
  */
-export function parseDirectToDevice(origin: string, content: unknown, serverName: string): DirectToDevice | string {
+export function parseDirectToDevice(origin: string, content: unknown, serverName: string, maxMessages: number): DirectToDevice | string {
   if (!isObject(content)) return 'the content is not an object';
   const { sender, type, message_id: messageId, messages } = content;
   if (typeof sender !== 'string' || !parseUserId(sender)) return 'sender is not a user ID';
@@ -98,23 +103,40 @@ export function parseDirectToDevice(origin: string, content: unknown, serverName
   if (!isObject(messages)) return 'messages is not an object';
   const out: DeviceMessage[] = [];
   let skipped = 0;
+  let tooLarge = 0;
+  let tooMany = 0;
   for (const [userId, byDevice] of Object.entries(messages)) {
     const local = parseUserId(userId)?.serverName === serverName;
     for (const [deviceId, body] of Object.entries(isObject(byDevice) ? byDevice : {})) {
-      if (!local || !isValidDeviceId(deviceId) || !isObject(body)) skipped++;
-      else out.push({ userId, deviceId, content: JSON.stringify(body) });
+      if (!local || !isValidDeviceId(deviceId) || !isObject(body)) {
+        skipped++;
+        continue;
+      }
+      if (out.length >= maxMessages) {
+        tooMany++;
+        continue;
+      }
+      const text = JSON.stringify(body);
+      if (Buffer.byteLength(text) > MAX_MESSAGE_BYTES) tooLarge++;
+      else out.push({ userId, deviceId, content: text });
     }
     if (!isObject(byDevice)) skipped++;
   }
-  return { sender, type, messageId, messages: out, skipped };
+  return { sender, type, messageId, messages: out, skipped, tooLarge, tooMany };
+}
+
+/** An m.direct_to_device EDU content as JSON text, with the number of device entries it carries. */
+export interface OutgoingEdu {
+  readonly json: string;
+  readonly messages: number;
 }
 
 /**
- * The m.direct_to_device EDU contents that carry `messages` (all for users of one server) as JSON
- * texts, each at most MAX_EDU_BYTES with the EDU around it. A user's messages stay in one EDU
- * unless they alone do not fit; then they are spread over several, one device entry at a time.
+ * The m.direct_to_device EDU contents that carry `messages` (all for users of one server), each
+ * at most MAX_EDU_BYTES with the EDU around it. A user's messages stay in one EDU unless they
+ * alone do not fit; then they are spread over several, one device entry at a time.
  */
-export function directToDeviceEdus(sender: string, type: string, messages: readonly DeviceMessage[], newMessageId: () => string): string[] {
+export function directToDeviceEdus(sender: string, type: string, messages: readonly DeviceMessage[], newMessageId: () => string): OutgoingEdu[] {
   const byUser = new Map<string, string[]>();
   for (const m of messages) {
     const entries = byUser.get(m.userId);
@@ -122,32 +144,31 @@ export function directToDeviceEdus(sender: string, type: string, messages: reado
     if (entries) entries.push(entry);
     else byUser.set(m.userId, [entry]);
   }
-  const edus: string[] = [];
+  const edus: OutgoingEdu[] = [];
   const head = () => `{"message_id":${JSON.stringify(newMessageId())},"messages":{`;
   const tail = `},"sender":${JSON.stringify(sender)},"type":${JSON.stringify(type)}}`;
+  const push = (users: string, count: number) => edus.push({ json: `${head()}${users}${tail}`, messages: count });
   // Room for the head (message_id) and the EDU around the content: {"content":…,"edu_type":…}
   const budget = MAX_EDU_BYTES - Buffer.byteLength(tail) - 128;
   let users: string[] = [];
   let size = 0;
+  let count = 0;
   const flush = () => {
     if (users.length === 0) return;
-    edus.push(`${head()}${users.join(',')}${tail}`);
+    push(users.join(','), count);
     users = [];
     size = 0;
+    count = 0;
   };
   for (const [userId, entries] of byUser) {
     const key = JSON.stringify(userId);
     const whole = `${key}:{${entries.join(',')}}`;
     const wholeSize = Buffer.byteLength(whole) + 1;
+    if (size + wholeSize > budget) flush();
     if (size + wholeSize <= budget) {
       users.push(whole);
       size += wholeSize;
-      continue;
-    }
-    flush();
-    if (wholeSize <= budget) {
-      users.push(whole);
-      size = wholeSize;
+      count += entries.length;
       continue;
     }
     // One user's messages alone are too large: one EDU per group of devices that fits.
@@ -156,14 +177,14 @@ export function directToDeviceEdus(sender: string, type: string, messages: reado
     for (const entry of entries) {
       const entrySize = Buffer.byteLength(entry) + 1;
       if (part.length > 0 && partSize + entrySize > budget) {
-        edus.push(`${head()}${key}:{${part.join(',')}}${tail}`);
+        push(`${key}:{${part.join(',')}}`, part.length);
         part = [];
         partSize = Buffer.byteLength(key) + 4;
       }
       part.push(entry);
       partSize += entrySize;
     }
-    if (part.length > 0) edus.push(`${head()}${key}:{${part.join(',')}}${tail}`);
+    if (part.length > 0) push(`${key}:{${part.join(',')}}`, part.length);
   }
   flush();
   return edus;

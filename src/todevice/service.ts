@@ -4,17 +4,23 @@
  * messages from other servers' EDUs are stored once per (origin, message_id); /sync hands each
  * device its messages in order (sync.ts, through ToDeviceInbox) and removes them once the next
  * /sync acknowledges them. Uses the ToDeviceStore only; no HTTP, no driver. The federation sender
- * sends the queued EDUs (federation/to-device-edus.ts).
+ * sends the queued EDUs (federation/to-device-edus.ts); those a server has not taken within
+ * `federation.max_undelivered_age` are dropped by the periodic cleanup.
  */
 import { randomBytes } from 'node:crypto';
 import { parseUserId } from '../matrix/ids.js';
 import type { NewToDeviceMessage, StoredToDevice, ToDeviceStore } from '../storage/store.js';
 import type { Requester } from '../keys/service.js';
 import type { ToDeviceInbox } from '../keys/sync.js';
-import { checkPathId, directToDeviceEdus, eventText, parseDirectToDevice, parseSendBody, type DeviceMessage } from './messages.js';
+import { checkPathId, directToDeviceEdus, eventText, MAX_MESSAGE_BYTES, parseDirectToDevice, parseSendBody, type DeviceMessage } from './messages.js';
 
 /** send_to_device.md: "100 messages is recommended as a reasonable limit" per /sync (Synapse's too). */
 export const MESSAGES_PER_SYNC = 100;
+/**
+ * And at most this many bytes of events per /sync (beyond the first message, which goes whatever
+ * its size): 100 messages of 60 KiB would make a 6 MB answer for a phone on a slow link.
+ */
+export const BYTES_PER_SYNC = 1024 * 1024;
 /** Clients retry a transaction within minutes; its ID is remembered for a day. */
 const TXN_RETENTION_MS = 24 * 3_600_000;
 /** Servers retry a transaction for as long as they keep it; a message ID is remembered for a week. */
@@ -27,6 +33,10 @@ export interface ToDeviceOptions {
   readonly maxMessagesPerRequest: number;
   /** Most messages waiting for one device; beyond it the oldest are dropped (`to_device.max_pending_per_device`). */
   readonly maxPendingPerDevice: number;
+  /** Most bytes of messages waiting for one device; beyond it the oldest are dropped (`to_device.max_pending_bytes_per_device`). */
+  readonly maxPendingBytesPerDevice: number;
+  /** EDUs queued for another server longer than this are dropped undelivered (`federation.max_undelivered_age`). */
+  readonly maxUndeliveredAgeMs: number;
   readonly now?: () => number;
   readonly log?: (level: 'info' | 'warn', message: string, details: Record<string, unknown>) => void;
 }
@@ -36,8 +46,13 @@ export interface ToDeviceStats {
   /** Messages stored for local devices, from local clients and from other servers. */
   fromClients: number;
   fromFederation: number;
-  /** Messages dropped because their device had `maxPendingPerDevice` newer ones waiting. */
+  /** Messages dropped because their device's inbox was full (`maxPendingPerDevice` or `maxPendingBytesPerDevice`). */
   droppedInboxFull: number;
+  /** Messages of received EDUs dropped: contents over MAX_MESSAGE_BYTES, entries beyond `maxMessagesPerRequest`. */
+  droppedTooLarge: number;
+  droppedTooMany: number;
+  /** Messages for other servers dropped because the server did not take them within `maxUndeliveredAgeMs`. */
+  droppedUndelivered: number;
   /** Repeated requests (same txnId) and repeated EDUs (same message_id): nothing stored again. */
   repeatedTxns: number;
   repeatedEdus: number;
@@ -48,7 +63,19 @@ export interface ToDeviceStats {
 }
 
 export class ToDevice implements ToDeviceInbox {
-  readonly stats: ToDeviceStats = { fromClients: 0, fromFederation: 0, droppedInboxFull: 0, repeatedTxns: 0, repeatedEdus: 0, edusQueued: 0, edusReceived: 0, edusDropped: 0 };
+  readonly stats: ToDeviceStats = {
+    fromClients: 0,
+    fromFederation: 0,
+    droppedInboxFull: 0,
+    droppedTooLarge: 0,
+    droppedTooMany: 0,
+    droppedUndelivered: 0,
+    repeatedTxns: 0,
+    repeatedEdus: 0,
+    edusQueued: 0,
+    edusReceived: 0,
+    edusDropped: 0,
+  };
   private readonly store: ToDeviceStore;
   private readonly now: () => number;
 
@@ -69,11 +96,12 @@ export class ToDevice implements ToDeviceInbox {
   private noteDropped(result: StoredToDevice): void {
     for (const d of result.dropped) {
       this.stats.droppedInboxFull += d.count;
-      this.log('info', "a device's to-device inbox was full: its oldest messages were dropped (to_device.max_pending_per_device)", {
+      this.log('info', "a device's to-device inbox was full: its oldest messages were dropped (to_device.max_pending_per_device, to_device.max_pending_bytes_per_device)", {
         user: d.userId,
         device: d.deviceId,
         dropped: d.count,
         limit: this.options.maxPendingPerDevice,
+        limit_bytes: this.options.maxPendingBytesPerDevice,
       });
     }
   }
@@ -100,13 +128,14 @@ export class ToDevice implements ToDeviceInbox {
       }
     }
     const remote = [...byServer].flatMap(([destination, list]) =>
-      directToDeviceEdus(requester.userId, eventType, list, () => randomBytes(12).toString('base64url')).map((eduJson) => ({ destination, eduJson })),
+      directToDeviceEdus(requester.userId, eventType, list, () => randomBytes(12).toString('base64url')).map((e) => ({ destination, eduJson: e.json, messages: e.messages })),
     );
     const result = await this.store.addMessages({
       txn: { userId: requester.userId, deviceId: requester.deviceId, eventType, txnId },
       local: ToDevice.local(requester.userId, eventType, local),
       remote,
       maxPendingPerDevice: this.options.maxPendingPerDevice,
+      maxPendingBytesPerDevice: this.options.maxPendingBytesPerDevice,
       now: this.now(),
     });
     if (!result.stored) {
@@ -120,13 +149,14 @@ export class ToDevice implements ToDeviceInbox {
 
   /**
    * An m.direct_to_device EDU from `origin` (already authenticated): its messages for local
-   * devices are stored like local ones, unless this origin sent this message_id before. What
+   * devices are stored like local ones, unless this origin sent this message_id before, and held
+   * to the same limits (MAX_MESSAGE_BYTES per content, `maxMessagesPerRequest` entries). What
    * cannot be used is dropped with a log line; only a database failure throws (the origin then
    * sends the transaction again).
    */
   async receiveEdu(origin: string, content: unknown): Promise<void> {
     this.stats.edusReceived++;
-    const edu = parseDirectToDevice(origin, content, this.options.serverName);
+    const edu = parseDirectToDevice(origin, content, this.options.serverName, this.options.maxMessagesPerRequest);
     if (typeof edu === 'string') {
       this.stats.edusDropped++;
       this.log('info', 'dropped an m.direct_to_device EDU', { origin, reason: edu });
@@ -138,11 +168,26 @@ export class ToDevice implements ToDeviceInbox {
       local: ToDevice.local(edu.sender, edu.type, edu.messages),
       remote: [],
       maxPendingPerDevice: this.options.maxPendingPerDevice,
+      maxPendingBytesPerDevice: this.options.maxPendingBytesPerDevice,
       now: this.now(),
     });
     if (!result.stored) {
       this.stats.repeatedEdus++;
       return;
+    }
+    // Counted and logged once per message_id, not again for each repeat of the EDU.
+    if (edu.tooLarge > 0 || edu.tooMany > 0) {
+      this.stats.droppedTooLarge += edu.tooLarge;
+      this.stats.droppedTooMany += edu.tooMany;
+      this.log('info', 'dropped messages of an m.direct_to_device EDU beyond the limits of a local request', {
+        origin,
+        message_id: edu.messageId,
+        sender: edu.sender,
+        too_large: edu.tooLarge,
+        max_message_bytes: MAX_MESSAGE_BYTES,
+        too_many: edu.tooMany,
+        max_messages: this.options.maxMessagesPerRequest,
+      });
     }
     this.stats.fromFederation += result.messages;
     this.noteDropped(result);
@@ -152,7 +197,7 @@ export class ToDevice implements ToDeviceInbox {
   async take(requester: Requester, after: number, acknowledge: boolean): Promise<{ events: readonly string[]; position: number }> {
     const { userId, deviceId } = requester;
     if (acknowledge && after > 0) await this.store.deleteMessagesUpTo(userId, deviceId, after);
-    const pending = await this.store.messagesAfter(userId, deviceId, after, MESSAGES_PER_SYNC);
+    const pending = await this.store.messagesAfter(userId, deviceId, after, MESSAGES_PER_SYNC, BYTES_PER_SYNC);
     return { events: pending.map((p) => p.messageJson), position: pending.at(-1)?.streamId ?? after };
   }
 
@@ -162,10 +207,24 @@ export class ToDevice implements ToDeviceInbox {
     });
   }
 
-  /** Forgets old transaction and message IDs (housekeeping). */
-  cleanup(): Promise<void> {
+  /**
+   * Housekeeping: forgets old transaction and message IDs, and drops EDUs that other servers have
+   * not taken within `maxUndeliveredAgeMs`, so a server that is gone for good does not make the
+   * outbox grow forever (Synapse keeps them until delivered). Such messages are mostly room keys
+   * and verification steps that the devices will have asked for again, or given up on, by then.
+   */
+  async cleanup(): Promise<void> {
     const now = this.now();
-    return this.store.cleanup(now - TXN_RETENTION_MS, now - MESSAGE_ID_RETENTION_MS);
+    await this.store.cleanup(now - TXN_RETENTION_MS, now - MESSAGE_ID_RETENTION_MS);
+    for (const d of await this.store.expireEdus(now - this.options.maxUndeliveredAgeMs)) {
+      this.stats.droppedUndelivered += d.messages;
+      this.log('warn', 'dropped to-device messages a server has not taken for federation.max_undelivered_age', {
+        destination: d.destination,
+        messages: d.messages,
+        edus: d.edus,
+        max_undelivered_age_ms: this.options.maxUndeliveredAgeMs,
+      });
+    }
   }
 
   /** Messages waiting in local inboxes (metrics). */

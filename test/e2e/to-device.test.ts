@@ -3,7 +3,7 @@
  * acknowledgement by the next `since`, txnId idempotency, `*` fan-out, limits, and the
  * m.direct_to_device EDU both ways with a fake remote server.
  */
-import { test } from 'node:test';
+import { afterEach, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend, type Backend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
@@ -11,6 +11,8 @@ import { expectMatrixError, login, registerUser, SHARED_SECRET, type Session } f
 import { FakeHomeserver } from '../support/fake-homeserver.js';
 import { eventually, QUICK_FEDERATION } from '../support/federation.js';
 import { definitionValidator } from '../support/spec-schema.js';
+import pg from 'pg';
+import pino from 'pino';
 
 const C = '/_matrix/client/v3';
 const F = '/_matrix/federation/v1';
@@ -44,9 +46,27 @@ async function sync(server: TestServer, who: Session, since?: string, timeout = 
 const contents = (events: Json[]) => events.map((e) => e['content']);
 const directToDeviceSchema = definitionValidator('server-server/definitions/event-schemas/m.direct_to_device.yaml');
 
-async function start(backend: Backend, config: Json = {}): Promise<TestServer> {
-  return startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config } });
+const started: TestServer[] = [];
+// Each server holds its database connections until closed: closed after each test, not at the end.
+afterEach(async () => {
+  for (const s of started.splice(0)) await s.close();
+});
+
+async function start(backend: Backend, config: Json = {}, logger?: pino.Logger): Promise<TestServer> {
+  const s = await startServer({ backend, config: { registration_shared_secret: SHARED_SECRET, ...config }, ...(logger ? { logger } : {}) });
+  started.push(s);
+  return s;
 }
+
+/** A logger that keeps what it is given (info and above), one parsed line each. */
+function keptLog(): { logger: pino.Logger; lines: Json[] } {
+  const lines: Json[] = [];
+  return { logger: pino({ level: 'info' }, { write: (line: string) => void lines.push(JSON.parse(line) as Json) }), lines };
+}
+
+const metricsOf = async (s: TestServer) => (await fetch(s.mx.metricsUrl()!)).text();
+/** A content of about `bytes` bytes of JSON. */
+const padded = (n: number, bytes: number) => ({ n, pad: 'x'.repeat(bytes) });
 
 describeEachBackend('to-device messages between users of one server', (backend) => {
   test("a message reaches the recipient's /sync with sender and type, in order, and stays until the next /sync acknowledges it", async () => {
@@ -210,9 +230,106 @@ describeEachBackend('to-device messages between users of one server', (backend) 
     for (let n = 1; n <= 5; n++) await sendOk(s, alice, 'org.example.n', { [bob.userId]: { [bob.deviceId]: { n } } });
     assert.deepEqual(contents((await sync(s, bob, since)).events), [{ n: 3 }, { n: 4 }, { n: 5 }]);
     const metrics = await (await fetch(s.mx.metricsUrl()!)).text();
-    assert.match(metrics, /mxkeys_to_device_messages_dropped_total 2/);
+    assert.match(metrics, /mxkeys_to_device_messages_dropped_total\{reason="inbox_full"\} 2/);
     assert.match(metrics, /mxkeys_to_device_messages_total\{source="client"\} 5/);
     assert.match(metrics, /mxkeys_to_device_pending_messages 3/);
+  });
+
+  test("an inbox over to_device.max_pending_bytes_per_device drops its oldest messages, however few they are", async () => {
+    const s = await start(backend, { to_device: { max_pending_bytes_per_device: 131_072 }, metrics: { enabled: true, port: 0 } });
+    const alice = await registerUser(s, 'alice');
+    const bob = await registerUser(s, 'bob');
+    const since = (await sync(s, bob)).token;
+    // Four messages of 50 KB: two fit in 128 KiB, three do not.
+    for (let n = 1; n <= 4; n++) await sendOk(s, alice, 'org.example.big', { [bob.userId]: { [bob.deviceId]: padded(n, 50_000) } });
+    assert.deepEqual(contents((await sync(s, bob, since)).events).map((c) => (c as { n: number }).n), [3, 4]);
+    assert.match(await metricsOf(s), /mxkeys_to_device_messages_dropped_total\{reason="inbox_full"\} 2/);
+  });
+
+  test('a /sync answers at most 1 MiB of to-device messages; the rest follow in the next ones, each once and in order, and a lost answer is answered again', async () => {
+    const s = await start(backend);
+    const alice = await registerUser(s, 'alice');
+    const bob = await registerUser(s, 'bob');
+    let token = (await sync(s, bob)).token;
+    // 30 messages of 50 KB: 1.5 MB, under the 100-message limit.
+    for (let n = 0; n < 30; n++) await sendOk(s, alice, 'org.example.big', { [bob.userId]: { [bob.deviceId]: padded(n, 50_000) } });
+    const seen: number[] = [];
+    const sizes: number[] = [];
+    for (;;) {
+      const got = await sync(s, bob, token);
+      if (got.events.length === 0) break;
+      const bytes = Buffer.byteLength(JSON.stringify(got.events));
+      assert.ok(bytes <= 1024 * 1024, `an answer carried ${bytes} bytes of to-device events`);
+      // The answer never arrived: the same since gets the same messages, and the same next_batch.
+      const again = await sync(s, bob, token);
+      assert.deepEqual(again.events, got.events);
+      assert.equal(again.token, got.token);
+      sizes.push(got.events.length);
+      seen.push(...got.events.map((e) => (e['content'] as { n: number }).n));
+      token = got.token;
+    }
+    assert.ok(sizes.length > 1 && sizes[0]! < 30, `answers of ${JSON.stringify(sizes)} messages`);
+    assert.deepEqual(seen, Array.from({ length: 30 }, (_, n) => n), 'nothing lost, nothing twice, in order');
+  });
+
+  test('"*" to many users with several devices each costs as many database statements as "*" to two of them', async () => {
+    const s = await start(backend);
+    const alice = await registerUser(s, 'alice');
+    const users: Session[][] = [];
+    for (let i = 0; i < 12; i++) {
+      const first = await registerUser(s, `fan${i}`);
+      users.push([first, await login(s, first.userId, first.password), await login(s, first.userId, first.password)]);
+    }
+    const tokens = await Promise.all(users.flat().map(async (d) => (await sync(s, d)).token));
+    // Background work (the federation sender's polling, housekeeping) would run statements of its own.
+    await Promise.all([s.mx.federation.sender.stop(), s.mx.federation.maintenance.stop(), s.mx.backupPurger.stop()]);
+    const statementsFor = async (to: Session[][], n: number) => {
+      const before = s.mx.store.statementCount();
+      await sendOk(s, alice, 'org.example.all', Object.fromEntries(to.map((devices) => [devices[0]!.userId, { '*': { n } }])));
+      return s.mx.store.statementCount() - before;
+    };
+    await sendOk(s, alice, 'org.example.warm-up', {});
+    const two = await statementsFor(users.slice(0, 2), 1);
+    const twelve = await statementsFor(users, 2);
+    assert.equal(twelve, two, `"*" to 2 users: ${two} statements; to 12 users: ${twelve}`);
+    const got = await Promise.all(users.flat().map(async (d, i) => contents((await sync(s, d, tokens[i])).events)));
+    assert.deepEqual(got, users.flatMap((_, u) => [0, 1, 2].map(() => (u < 2 ? [{ n: 1 }, { n: 2 }] : [{ n: 2 }]))), 'every device of every user got its messages');
+  });
+
+  test('on PostgreSQL, a send held up at one recipient does not hold up sends from others to other users', { skip: backend.name !== 'postgres' && 'SQLite has one writer at a time' }, async () => {
+    const s = await start(backend);
+    const [alice, bob, carol, dan] = [await registerUser(s, 'alice'), await registerUser(s, 'bob'), await registerUser(s, 'carol'), await registerUser(s, 'dan')];
+    const tokens = await Promise.all([bob, carol].map(async (d) => (await sync(s, d)).token));
+    // Another connection locks bob's device row: a message to bob waits for it, holding whatever it holds.
+    const other = new pg.Client({ connectionString: s.config.database.postgres! });
+    await other.connect();
+    try {
+      await other.query('BEGIN');
+      await other.query('SELECT 1 FROM devices WHERE user_id = $1 FOR UPDATE', [bob.userId]);
+      const otherPid = (await other.query<{ pid: number }>('SELECT pg_backend_pid() AS pid')).rows[0]!.pid;
+      const waitingFor = async (pid: number) =>
+        (await other.query<{ pid: number }>('SELECT pid FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))', [pid])).rows[0]?.pid;
+      const toBob = sendOk(s, alice, 'org.example.x', { [bob.userId]: { [bob.deviceId]: { to: 'bob' } } });
+      const bobPid = await eventually('the message to bob waiting for the lock', () => waitingFor(otherPid));
+
+      // dan to carol: it goes through, or it waits for the send to bob (the test then fails at once).
+      let settled = false;
+      const toCarol = sendOk(s, dan, 'org.example.x', { [carol.userId]: { [carol.deviceId]: { to: 'carol' } } }).then(() => 'sent', (e: Error) => `failed: ${e.message}`).finally(() => (settled = true));
+      const heldUp = (async () => {
+        while (!settled) {
+          if ((await waitingFor(bobPid)) !== undefined) return 'waited for the send to bob';
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        return 'sent';
+      })();
+      assert.equal(await Promise.race([toCarol, heldUp]), 'sent');
+      await other.query('ROLLBACK');
+      await toBob;
+    } finally {
+      await other.end();
+    }
+    assert.deepEqual(contents((await sync(s, bob, tokens[0])).events), [{ to: 'bob' }]);
+    assert.deepEqual(contents((await sync(s, carol, tokens[1])).events), [{ to: 'carol' }]);
   });
 
   test('a /sync answers at most 100 messages; the rest follow in the next ones, in order', async () => {
@@ -255,16 +372,28 @@ describeEachBackend('to-device messages between users of one server', (backend) 
 });
 
 describeEachBackend('to-device messages and other servers (a fake remote server)', (backend) => {
-  async function setup(): Promise<{ s: TestServer; fake: FakeHomeserver; edus: Json[] }> {
+  interface Setup {
+    readonly s: TestServer;
+    readonly fake: FakeHomeserver;
+    /** The m.direct_to_device EDU contents the fake accepted. */
+    readonly edus: Json[];
+    /** What the fake answers to PUT /send: 200 (taken) unless set otherwise. */
+    sendStatus: number;
+  }
+
+  async function setup(config: Json = {}, logger?: pino.Logger): Promise<Setup> {
     const fake = await FakeHomeserver.start();
     const edus: Json[] = [];
+    const federation = { ...QUICK_FEDERATION, resolve: { [fake.serverName]: fake.url }, ...((config['federation'] as Json | undefined) ?? {}) };
+    const s = await start(backend, { ...config, federation }, logger);
+    const out: Setup = { s, fake, edus, sendStatus: 200 };
     fake.onRequest = (method, url, body) => {
       if (method !== 'PUT' || !url.startsWith(`${F}/send/`)) return undefined;
+      if (out.sendStatus !== 200) return { status: out.sendStatus, body: { errcode: 'M_UNKNOWN', error: 'not now' } };
       for (const edu of ((body as Json)['edus'] as Json[] | undefined) ?? []) if (edu['edu_type'] === 'm.direct_to_device') edus.push(edu['content'] as Json);
       return { status: 200, body: { pdus: {} } };
     };
-    const s = await start(backend, { federation: { ...QUICK_FEDERATION, resolve: { [fake.serverName]: fake.url } } });
-    return { s, fake, edus };
+    return out;
   }
 
   let txn = 0;
@@ -327,5 +456,56 @@ describeEachBackend('to-device messages and other servers (a fake remote server)
       { sender, type: 'm.room_key', content: { hello: 'all' } },
       { sender, type: 'm.room_key', content: { only: 'bob2' } },
     ]);
+  });
+
+  test('an m.direct_to_device EDU is held to the limits of a local request: contents over 60 KiB, and entries beyond to_device.max_messages_per_request, are dropped and logged', async () => {
+    const { logger, lines } = keptLog();
+    const { s, fake } = await setup({ to_device: { max_messages_per_request: 3 }, metrics: { enabled: true, port: 0 } }, logger);
+    const bob = await registerUser(s, 'bob');
+    const devices = [bob, ...(await Promise.all(['D2', 'D3', 'D4', 'D5'].map((d) => login(s, bob.userId, bob.password, { device_id: d }))))];
+    const tokens = await Promise.all(devices.map(async (d) => (await sync(s, d)).token));
+    const sender = `@dan:${fake.serverName}`;
+    // In order: a fine one, one too large, two fine ones (three in all: the limit), one beyond the limit.
+    const bodies = [{ n: 1 }, padded(2, 70_000), { n: 3 }, { n: 4 }, { n: 5 }];
+    const edu = { sender, type: 'm.room_key', message_id: 'limits-1', messages: { [bob.userId]: Object.fromEntries(devices.map((d, i) => [d.deviceId, bodies[i]])) } };
+    for (let i = 0; i < 2; i++) {
+      const r = await transaction(fake, s, edu);
+      assert.equal(r.status, 200, r.text);
+    }
+    const got = await Promise.all(devices.map(async (d, i) => contents((await sync(s, d, tokens[i])).events)));
+    assert.deepEqual(got, [[{ n: 1 }], [], [{ n: 3 }], [{ n: 4 }], []]);
+    const metrics = await metricsOf(s);
+    assert.match(metrics, /mxkeys_to_device_messages_dropped_total\{reason="too_large"\} 1\n/, 'counted once, not again for the repeated EDU');
+    assert.match(metrics, /mxkeys_to_device_messages_dropped_total\{reason="too_many"\} 1\n/);
+    const logged = lines.filter((l) => /beyond the limits/.test(l['msg'] as string));
+    assert.equal(logged.length, 1, JSON.stringify(lines));
+    assert.deepEqual([logged[0]!['origin'], logged[0]!['message_id'], logged[0]!['too_large'], logged[0]!['too_many']], [fake.serverName, 'limits-1', 1, 1]);
+  });
+
+  test('messages a server has not taken within federation.max_undelivered_age are dropped from the queue, counted and logged; later ones still go', async () => {
+    const { logger, lines } = keptLog();
+    const setupResult = await setup({ federation: { max_undelivered_age: 1 }, metrics: { enabled: true, port: 0 } }, logger);
+    const { s, fake, edus } = setupResult;
+    const alice = await registerUser(s, 'alice');
+    const dan = `@dan:${fake.serverName}`;
+    setupResult.sendStatus = 503;
+    // A transaction is retried as it is until the server takes it (so its EDUs may still arrive);
+    // this one carries only the probe, the messages below wait in the queue behind it.
+    await sendOk(s, alice, 'm.room_key_request', { [dan]: { D0: { probe: true } } });
+    await eventually('a refused attempt', async () => (fake.requests.some((r) => r.url.startsWith(`${F}/send/`)) ? true : undefined));
+    await sendOk(s, alice, 'm.room_key_request', { [dan]: { D1: { old: 1 }, D2: { old: 2 } } });
+    await sendOk(s, alice, 'm.room_key_request', { [dan]: { '*': { old: 3 } } });
+    await new Promise((r) => setTimeout(r, 5)); // older than max_undelivered_age (1 ms), for certain
+    await s.mx.federation.maintenance.runOnce();
+
+    assert.deepEqual([...(await s.mx.store.toDevice.eduCounts())], [], 'the queue is empty');
+    assert.match(await metricsOf(s), /mxkeys_to_device_messages_dropped_total\{reason="undelivered"\} 4\n/);
+    const logged = lines.filter((l) => /max_undelivered_age/.test(l['msg'] as string));
+    assert.deepEqual(logged.map((l) => [l['level'], l['destination'], l['messages'], l['edus']]), [[40, fake.serverName, 4, 3]]);
+
+    setupResult.sendStatus = 200;
+    await sendOk(s, alice, 'm.room_key_request', { [dan]: { D1: { later: true } } });
+    await eventually('the later message at the fake', async () => (edus.some((e) => JSON.stringify(e).includes('later')) ? true : undefined));
+    assert.deepEqual(edus.filter((e) => JSON.stringify(e).includes('old')), [], 'the dropped messages never left');
   });
 });

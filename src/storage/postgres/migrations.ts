@@ -378,4 +378,20 @@ export const migrations: readonly Migration[] = [
       END $$;
     `,
   },
+  {
+    version: 12,
+    name: 'to-device: the bytes of each waiting message (per-device byte cap, /sync answers bounded in bytes) and the messages each queued EDU carries',
+    // The bytes sit in the per-device index, so the caps and /sync's budget are read from the index alone.
+    sql: `
+      ALTER TABLE device_inbox ADD COLUMN message_bytes BIGINT NOT NULL DEFAULT 0;
+      UPDATE device_inbox SET message_bytes = octet_length(message_json);
+      DROP INDEX device_inbox_by_device;
+      CREATE INDEX device_inbox_by_device ON device_inbox (user_id, device_id, stream_id) INCLUDE (message_bytes);
+      ALTER TABLE device_federation_outbox ADD COLUMN message_count BIGINT NOT NULL DEFAULT 0;
+      UPDATE device_federation_outbox o SET message_count = (
+        SELECT COUNT(*) FROM jsonb_each(o.edu_json::jsonb -> 'messages') u, jsonb_object_keys(u.value) d
+      );
+      CREATE INDEX device_federation_outbox_by_ts ON device_federation_outbox (queued_ts);
+    `,
+  },
 ];

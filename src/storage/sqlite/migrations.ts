@@ -337,8 +337,24 @@ export const migrations: readonly Migration[] = [
   {
     version: 11,
     name: 'change notifications for the read caches of other processes (LISTEN/NOTIFY)',
-    // PostgreSQL only. Nothing to do on SQLite: other processes' commits are seen in the database file itself
-    // (driver.ts). The version exists so both backends report the same schema version.
+    // PostgreSQL only. Nothing to do on SQLite: other processes' commits are seen in the database
+    // file itself (driver.ts). The version exists so both backends report the same schema version.
     sql: ``,
+  },
+  {
+    version: 12,
+    name: 'to-device: the bytes of each waiting message (per-device byte cap, /sync answers bounded in bytes) and the messages each queued EDU carries',
+    // The bytes sit in the per-device index, so the caps and /sync's budget are read from the index alone.
+    sql: `
+      ALTER TABLE device_inbox ADD COLUMN message_bytes INTEGER NOT NULL DEFAULT 0;
+      UPDATE device_inbox SET message_bytes = length(CAST(message_json AS BLOB));
+      DROP INDEX device_inbox_by_device;
+      CREATE INDEX device_inbox_by_device ON device_inbox (user_id, device_id, stream_id, message_bytes);
+      ALTER TABLE device_federation_outbox ADD COLUMN message_count INTEGER NOT NULL DEFAULT 0;
+      UPDATE device_federation_outbox SET message_count = (
+        SELECT COUNT(*) FROM json_each(device_federation_outbox.edu_json, '$.messages') u, json_each(u.value) d
+      );
+      CREATE INDEX device_federation_outbox_by_ts ON device_federation_outbox (queued_ts);
+    `,
   },
 ];
