@@ -260,7 +260,14 @@ export async function createMxkeys(config: Readonly<Config>, options: CreateOpti
   // This process's name in the leases that make one process of those sharing the database do a job.
   const leaseOwner = newLeaseOwner();
   const accounts = accountsFor(config, store, keys, logger, leaseOwner);
-  const backupPurger = new BackupPurger({ store: store.backup, log: (message, details) => logger.warn(details, message) });
+  const backupPurger = new BackupPurger({
+    store: store.backup,
+    lease: {
+      take: (expiresTs, now) => store.federation.takeLease('job:backup-purge', leaseOwner, expiresTs, now),
+      release: () => store.federation.releaseLease('job:backup-purge', leaseOwner),
+    },
+    log: (message, details) => logger.warn(details, message),
+  });
   const admin = adminFor(config, store, accounts, logger, () => backupPurger.kick());
   const crossSigning = new CrossSigning({
     store: store.keys,
@@ -452,8 +459,9 @@ async function withServices<T>(config: Readonly<Config>, fn: (services: { accoun
   const logger = createLogger(config, { fd: 2 });
   try {
     const accounts = accountsFor(config, store, keysFor(config, store));
-    // No server runs here to purge a deactivated user's key backups later: purge before exiting.
-    // Should that fail (it is logged), the deactivation stands and a server's sweep finishes it.
+    // No server runs here to purge a deactivated user's key backups later: purge before exiting,
+    // without the servers' purge lease (a one-off; each batch takes its user's backup lock, so it
+    // may run beside a server's purge). Should that fail (it is logged), a server's sweep finishes it.
     const purger = new BackupPurger({ store: store.backup, log: (message, details) => logger.warn(details, message) });
     return await fn({ accounts, admin: adminFor(config, store, accounts, logger, () => purger.drain().catch(() => undefined)) });
   } finally {

@@ -49,10 +49,12 @@ export function reportReady(url: string): void {
 /**
  * In a worker: resolves on the first SIGTERM. SIGINT is ignored (Ctrl-C reaches every process of
  * the terminal's group; the supervisor then stops the workers), as are repeated SIGTERMs (a
- * service manager may signal every process of the service as well as the supervisor).
+ * service manager may signal every process of the service as well as the supervisor), and so is
+ * a SIGHUP that reaches a worker still starting (the supervisor passes it on once it is serving).
  */
 export function workerStopSignal(): Promise<string> {
   process.on('SIGINT', () => undefined);
+  process.on('SIGHUP', () => undefined);
   return new Promise((resolve) => {
     process.on('SIGTERM', () => resolve('SIGTERM'));
   });
@@ -69,6 +71,8 @@ export interface SuperviseOptions {
 interface Slot {
   worker: Worker | undefined;
   ready: boolean;
+  /** A SIGHUP came while this worker was starting: it may have read the files before they changed. */
+  reloadWhenReady: boolean;
   startedAt: number;
   failures: number;
   timer: NodeJS.Timeout | undefined;
@@ -97,24 +101,26 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
   let url: string | undefined;
   let startupFailure: ((e: StartupFailure) => void) | undefined;
   const serving = new Map<number, Worker>();
-  const metrics = new ClusterMetrics(() => serving);
+  const metrics = new ClusterMetrics({ slots: options.workers, workers: () => serving, log: (message, details) => logger.warn(details, message) });
 
   const fork = (n: number): Promise<void> => {
-    const slot = slots.get(n) ?? { worker: undefined, ready: false, startedAt: 0, failures: 0, timer: undefined };
+    const slot = slots.get(n) ?? { worker: undefined, ready: false, reloadWhenReady: false, startedAt: 0, failures: 0, timer: undefined };
     slots.set(n, slot);
     const worker = cluster.fork({ [WORKER_ENV]: String(n) });
-    Object.assign(slot, { worker, ready: false, startedAt: Date.now(), timer: undefined });
+    Object.assign(slot, { worker, ready: false, reloadWhenReady: false, startedAt: Date.now(), timer: undefined });
     logger.info({ worker: n, worker_pid: worker.process.pid }, 'started a worker');
     return new Promise<void>((resolve) => {
       worker.on('message', (m: { type?: unknown; url?: unknown }) => {
         if (m?.type !== READY_MESSAGE || slot.worker !== worker) return;
         slot.ready = true;
         serving.set(n, worker);
+        if (slot.reloadWhenReady) reload(n, slot);
         url ??= String(m.url);
         resolve();
       });
       worker.on('exit', (code, signal) => {
         if (slot.worker !== worker) return;
+        metrics.workerEnded(n, worker.process.pid);
         serving.delete(n);
         slot.worker = undefined;
         const wasReady = slot.ready;
@@ -139,6 +145,24 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
       });
     });
   };
+
+  const reload = (n: number, slot: Slot) => {
+    const w = slot.worker;
+    if (!w) return;
+    if (!slot.ready) {
+      slot.reloadWhenReady = true;
+      return;
+    }
+    slot.reloadWhenReady = false;
+    logger.info({ worker: n, worker_pid: w.process.pid }, 'passing SIGHUP on to a worker');
+    w.process.kill('SIGHUP');
+  };
+  // From the start: without a handler, a SIGHUP (default action: end the process) would end the
+  // supervisor, and with it the cluster.
+  // A worker started after it reads the renewed files as it starts.
+  options.onReload?.(() => {
+    for (const [n, slot] of slots) reload(n, slot);
+  });
 
   // A stop signal during start-up stops the workers started so far.
   let stopSignal: string | undefined;
@@ -183,14 +207,6 @@ export async function superviseWorkers(options: SuperviseOptions): Promise<numbe
     'mxkeys is listening',
   );
   if (metricsServer) logger.info({ url: metricsServer.url }, 'serving metrics');
-
-  options.onReload?.(() => {
-    // Workers still starting read the files as they start.
-    for (const [n, w] of serving) {
-      logger.info({ worker: n, worker_pid: w.process.pid }, 'passing SIGHUP on to a worker');
-      w.process.kill('SIGHUP');
-    }
-  });
 
   const signal = await stopped;
   stopping = true;

@@ -11,6 +11,7 @@ import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry, type Aggreg
 import type { KeyStats } from '../keys/service.js';
 import type { ToDeviceStats } from '../todevice/service.js';
 import type { Store } from '../storage/store.js';
+import { DatabaseReading, type ReadingOptions } from './reading.js';
 
 export interface MetricSources {
   readonly store: Pick<Store, 'statementCount' | 'retryCount' | 'stats'>;
@@ -31,7 +32,16 @@ const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 export const FEW_ONE_TIME_KEYS = [1, 10, 50] as const;
 
 type Labels = Readonly<Record<string, string>>;
-type Reading = number | ReadonlyArray<readonly [Labels, number]>;
+type Series = ReadonlyArray<readonly [Labels, number]>;
+type Reading = number | Series;
+
+/**
+ * Figures read from the database are read at most this often (however many scrapes come, from
+ * however many Prometheus servers), and a scrape waits this long for one before it is served
+ * the last figure read: well inside Prometheus's default 10 s scrape timeout.
+ */
+export const DATABASE_READ_EVERY_MS = 5_000;
+export const DATABASE_READ_WAIT_MS = 1_000;
 
 export const PROMETHEUS_CONTENT_TYPE = Registry.PROMETHEUS_CONTENT_TYPE;
 
@@ -40,9 +50,42 @@ export class MxkeysMetrics {
   private readonly requests: Counter<'route' | 'method' | 'status'>;
   private readonly latency: Histogram<'route'>;
   private readonly loopDelay = monitorEventLoopDelay({ resolution: 20 });
+  private readonly readingOptions: ReadingOptions;
+  /** The figures read from the database, by metric name. */
+  private readonly readings = new Map<string, DatabaseReading<unknown>>();
 
-  constructor(sources: MetricSources) {
+  constructor(sources: MetricSources, options: Partial<ReadingOptions> = {}) {
     const r = this.registry;
+    this.readingOptions = { everyMs: DATABASE_READ_EVERY_MS, waitMs: DATABASE_READ_WAIT_MS, now: Date.now, ...options };
+    const { readings, readingOptions } = this;
+    new Gauge({
+      name: 'mxkeys_metrics_database_reading_age_seconds',
+      help: 'How old the figure shown for a metric read from the database is: it grows while the database cannot be read (the last figure read is shown meanwhile).',
+      labelNames: ['metric'],
+      registers: [r],
+      aggregator: 'max',
+      async collect() {
+        this.reset();
+        for (const [metric, reading] of readings) {
+          const got = await reading.get();
+          if (got) this.set({ metric }, (readingOptions.now() - got.readAt) / 1000);
+        }
+      },
+    });
+    new Counter({
+      name: 'mxkeys_metrics_database_read_failures_total',
+      help: 'Reads of a metric from the database that failed; scrapes showed the last figure read instead.',
+      labelNames: ['metric'],
+      registers: [r],
+      async collect() {
+        this.reset();
+        // After this scrape's read, so that its failure is counted in this scrape.
+        for (const [metric, reading] of readings) {
+          await reading.get();
+          this.inc({ metric }, reading.failures);
+        }
+      },
+    });
     this.requests = new Counter({ name: 'mxkeys_http_requests_total', help: 'HTTP requests answered, by route, method and status code.', labelNames: ['route', 'method', 'status'], registers: [r] });
     this.latency = new Histogram({ name: 'mxkeys_http_request_duration_seconds', help: 'Time to answer an HTTP request, by route.', labelNames: ['route'], buckets: LATENCY_BUCKETS, registers: [r] });
     this.observed('mxkeys_db_statements_total', 'Database statements run by this process.', 'counter', [], () => sources.store.statementCount());
@@ -61,19 +104,13 @@ export class MxkeysMetrics {
       [{ result: 'from_notary' }, sources.serverKeyFetches.fromNotary],
       [{ result: 'failed' }, sources.serverKeyFetches.failed],
     ]);
-    // Read from the shared database at each scrape: every worker reads the same figure.
-    new Gauge({
-      name: 'mxkeys_devices_with_few_one_time_keys',
-      help: 'Devices with fewer unclaimed one-time keys than fewer_than (cumulative). Devices at 0 hand out their fallback key or nothing: a rise here comes before undecryptable messages.',
-      labelNames: ['fewer_than'],
-      registers: [r],
-      aggregator: 'max',
-      async collect() {
-        const counts = await sources.store.stats.devicesWithFewOneTimeKeys(FEW_ONE_TIME_KEYS);
-        this.reset();
-        FEW_ONE_TIME_KEYS.forEach((limit, i) => this.set({ fewer_than: String(limit) }, counts[i] ?? 0));
-      },
-    });
+    this.fromDatabase(
+      'mxkeys_devices_with_few_one_time_keys',
+      'Devices with fewer unclaimed one-time keys than fewer_than (cumulative). Devices at 0 hand out their fallback key or nothing: a rise here comes before undecryptable messages.',
+      ['fewer_than'],
+      () => sources.store.stats.devicesWithFewOneTimeKeys(FEW_ONE_TIME_KEYS),
+      (counts) => FEW_ONE_TIME_KEYS.map((limit, i) => [{ fewer_than: String(limit) }, counts[i] ?? 0] as const),
+    );
     const fed = sources.federation;
     if (fed) {
       this.observed('mxkeys_federation_transactions_sent_total', 'Outgoing federation transactions by outcome.', 'counter', ['result'], () => [
@@ -133,16 +170,7 @@ export class MxkeysMetrics {
         [{ result: 'received' }, t.edusReceived],
         [{ result: 'dropped' }, t.edusDropped],
       ]);
-      // Read from the shared database at each scrape: every worker reads the same figure.
-      new Gauge({
-        name: 'mxkeys_to_device_pending_messages',
-        help: "To-device messages waiting in local devices' inboxes, all devices together.",
-        registers: [r],
-        aggregator: 'max',
-        async collect() {
-          this.set(await toDevice.pendingMessages());
-        },
-      });
+      this.fromDatabase('mxkeys_to_device_pending_messages', "To-device messages waiting in local devices' inboxes, all devices together.", [], () => toDevice.pendingMessages(), (n) => [[{}, n]]);
     }
     // prom-client's standard process_* and nodejs_* metrics (process_resident_memory_bytes and
     // process_cpu_seconds_total among them), plus the two mxkeys has always exported.
@@ -161,6 +189,28 @@ export class MxkeysMetrics {
       },
       'max',
     );
+  }
+
+  /**
+   * A gauge read from the shared database (DatabaseReading: bounded in time, cached). Every worker
+   * of a cluster reads the same figure, so the cluster shows it once, not summed.
+   */
+  private fromDatabase<T>(name: string, help: string, labelNames: readonly string[], read: () => Promise<T>, show: (value: T) => Series): void {
+    const reading = new DatabaseReading(read, this.readingOptions);
+    this.readings.set(name, reading);
+    new Gauge({
+      name,
+      help,
+      labelNames,
+      registers: [this.registry],
+      aggregator: 'max',
+      async collect() {
+        const got = await reading.get();
+        this.reset();
+        // Nothing shown until a first read succeeds: no figure rather than a made-up 0.
+        if (got) for (const [labels, n] of show(got.value)) this.set(labels, n);
+      },
+    });
   }
 
   /** A counter or gauge kept elsewhere, read when scraped. */

@@ -3,9 +3,10 @@
  * worker processes sharing one port. Each request below goes on a connection of its own, which the
  * cluster hands to its workers in turn; the request log says which worker served it.
  */
-import { test } from 'node:test';
+import { describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync, readFileSync } from 'node:fs';
+import { request as httpRequest } from 'node:http';
 import { connect } from 'node:tls';
 import { X509Certificate } from 'node:crypto';
 import { backends, describeEachBackend } from '../support/backends.js';
@@ -45,6 +46,36 @@ async function readOnOtherWorker(p: ServerProcess, not: number, read: () => Prom
 async function stopCluster(p: ServerProcess): Promise<void> {
   p.child.kill('SIGTERM');
   assert.equal(await p.exited, 0, p.output());
+}
+
+/** The supervisor's metrics URL, from its log. */
+function metricsUrlOf(p: ServerProcess): Promise<string> {
+  return inLog(p, 'the metrics URL', (lines) => lines.find((l) => l['msg'] === 'serving metrics')?.['url'] as string | undefined);
+}
+
+/** One scrape, which must succeed; `value` reads one series, `total` adds up every series of a metric. */
+async function scrape(url: string): Promise<{ text: string; value(series: string): number; total(name: string): number }> {
+  const res = await fetch(url);
+  const text = await res.text();
+  assert.equal(res.status, 200, text);
+  return {
+    text,
+    value: (series) => Number(new RegExp(`^${series.replace(/[{}"[\]/.]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1]),
+    total: (name) => [...text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'gm'))].reduce((sum, m) => sum + Number(m[1]), 0),
+  };
+}
+
+/** Requests on new connections until every one of `workers` has served at least one; how many were made. */
+async function requestsOnEveryWorker(p: ServerProcess, workers: number): Promise<number> {
+  const seen = new Set<number>();
+  let n = 0;
+  while (seen.size < workers) {
+    const r = await served(p, 'GET', '/_matrix/client/versions');
+    assert.equal(r.status, 200, r.text);
+    seen.add(r.worker);
+    assert.ok(++n < 100, `100 requests were all served by workers ${[...seen].join(', ')}`);
+  }
+  return n;
 }
 
 describeEachBackend('mxkeys serve --workers', (backend) => {
@@ -170,11 +201,37 @@ describeEachBackend('mxkeys serve --workers', (backend) => {
     await stopCluster(cluster);
   });
 
-  test('SIGTERM to the supervisor stops every worker, each after draining, and the supervisor exits 0', async () => {
+  test('SIGTERM to the supervisor lets a request in flight finish with 200, then stops every worker, and the supervisor exits 0', async () => {
     const cluster = await startServerProcess(['--config', writeClusterConfig(await backend.freshDatabase()), '--workers', '2']);
     const pids = [...workerPids(cluster).values()];
     assert.equal(pids.length, 2);
+    const alice = await registerUser(at(cluster.url), 'alice');
+    const device = new TestDevice(alice.userId, alice.deviceId);
+    const body = Buffer.from(JSON.stringify({ device_keys: device.deviceKeys(), one_time_keys: device.oneTimeKeys(5) }));
+
+    // An upload whose headers a worker has read (it answered "100 Continue") but whose body is
+    // not sent yet: in flight when SIGTERM comes.
+    const upload = httpRequest(`${cluster.url}${C}/keys/upload`, {
+      method: 'POST',
+      agent: false,
+      headers: { authorization: `Bearer ${alice.accessToken}`, 'content-type': 'application/json', 'content-length': String(body.length), expect: '100-continue' },
+    });
+    const answer = new Promise<FreshResult>((resolve, reject) => {
+      upload.on('response', (res) => {
+        let text = '';
+        res.on('data', (c: Buffer) => (text += c.toString()));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, text, body: JSON.parse(text) as Json }));
+      });
+      upload.on('error', reject);
+    });
+    await new Promise<void>((resolve) => upload.once('continue', resolve));
     cluster.child.kill('SIGTERM');
+    await inLog(cluster, 'every worker draining', (lines) => (lines.filter((l) => l['msg'] === 'shutting down: finishing in-flight requests').length === 2 ? true : undefined));
+    upload.end(body);
+    const r = await answer;
+    assert.equal(r.status, 200, r.text);
+    assert.deepEqual(r.body['one_time_key_counts'], { signed_curve25519: 5 });
+
     assert.equal(await cluster.exited, 0, cluster.output());
     for (const pid of pids) assert.equal(isAlive(pid), false, `worker ${pid} is gone`);
     const lines = logLines(cluster);
@@ -189,7 +246,7 @@ describeEachBackend('mxkeys serve --workers', (backend) => {
 test('one scrape of the supervisor shows the requests and claims of every worker, and the devices low on one-time keys', async () => {
   const config = writeClusterConfig(await backends[0]!.freshDatabase(), { metrics: { enabled: true, port: 0 } });
   const cluster = await startServerProcess(['--config', config, '--workers', '2']);
-  const metricsUrl = await inLog(cluster, 'the metrics URL', (lines) => lines.find((l) => l['msg'] === 'serving metrics')?.['url'] as string | undefined);
+  const metricsUrl = await metricsUrlOf(cluster);
   const alice = await registerUser(at(cluster.url), 'alice');
   const device = new TestDevice(alice.userId, alice.deviceId);
   const up = await http(cluster.url, 'POST', `${C}/keys/upload`, { token: alice.accessToken, body: { device_keys: device.deviceKeys(), one_time_keys: device.oneTimeKeys(40) } });
@@ -204,12 +261,18 @@ test('one scrape of the supervisor shows the requests and claims of every worker
     byWorker.set(r.worker, (byWorker.get(r.worker) ?? 0) + 1);
     assert.ok(claims < 40, 'one worker answered every claim');
   }
-  const text = await (await fetch(metricsUrl)).text();
-  const value = (series: string) => Number(new RegExp(`^${series.replace(/[{}"[\]/.]/g, '\\$&')} (\\S+)$`, 'm').exec(text)?.[1]);
+  let { text, value } = await scrape(metricsUrl);
+  // Figures read from the database are waited for a second at most: on a very busy machine the
+  // first scrape may come before them (the reads finish in the background).
+  for (let i = 0; !text.includes('mxkeys_devices_with_few_one_time_keys{'); i++) {
+    assert.ok(i < 50, `the figures read from the database never came:\n${text}`);
+    ({ text, value } = await scrape(metricsUrl));
+  }
   assert.equal(value(`mxkeys_http_requests_total{route="/_matrix/client/v3/keys/claim",method="POST",status="200"}`), claims, text);
   assert.equal(value(`mxkeys_keys_claimed_total{result="one_time_key"}`), claims);
   assert.equal(value(`mxkeys_http_request_duration_seconds_count{route="/_matrix/client/v3/keys/claim"}`), claims);
   assert.equal(value('mxkeys_workers'), 2);
+  assert.equal(value('mxkeys_cluster_worker_up{worker="1"}') + value('mxkeys_cluster_worker_up{worker="2"}'), 2);
   // Read from the database by each worker, shown once: 40 - claims keys left.
   assert.equal(value('mxkeys_devices_with_few_one_time_keys{fewer_than="1"}'), 0);
   assert.equal(value('mxkeys_devices_with_few_one_time_keys{fewer_than="50"}'), 1);
@@ -246,6 +309,34 @@ test('SIGHUP to the supervisor makes every worker read the renewed TLS certifica
   await stopCluster(cluster);
 });
 
+test('a SIGHUP while the workers are starting does not end the supervisor, and the worker that was starting reloads once serving', async () => {
+  const ca = testCa();
+  const leaf = ca.leaf('early', 'IP:127.0.0.1');
+  const config = writeClusterConfig(await backends[0]!.freshDatabase(), { tls_certificate_path: leaf.certPath, tls_private_key_path: leaf.keyPath });
+  let hangup: Promise<void> | undefined;
+  const cluster = await startServerProcess(['--config', config, '--workers', '2'], {
+    onSpawn: (child) => {
+      hangup = new Promise((resolve) => {
+        let out = '';
+        const onData = (d: Buffer) => {
+          out += d.toString();
+          // The supervisor has started worker 1, which is now applying migrations.
+          if (!out.includes('"msg":"started a worker"')) return;
+          child.stdout!.off('data', onData);
+          child.kill('SIGHUP');
+          resolve();
+        };
+        child.stdout!.on('data', onData);
+      });
+    },
+  });
+  await hangup;
+  const reloaded = await inLog(cluster, 'worker 1 reloading', (lines) => lines.find((l) => l['msg'] === 'reloaded the TLS certificate and key'));
+  assert.equal(reloaded['worker'], 1, 'the worker that was starting reads the files again once serving');
+  for (const pid of workerPids(cluster).values()) assert.ok(isAlive(pid));
+  await stopCluster(cluster);
+});
+
 test('--workers takes a number or "auto", and says what it wants otherwise', async () => {
   const { runCli } = await import('../support/process.js');
   for (const bad of ['0', 'two', '1.5', '99999']) {
@@ -253,4 +344,67 @@ test('--workers takes a number or "auto", and says what it wants otherwise', asy
     assert.equal(r.code, 2, r.stderr);
     assert.match(r.stderr, /--workers .*: give a number of worker processes \(1 or more\) or "auto"/);
   }
+});
+
+describe('mxkeys serve --workers: metrics of the cluster', () => {
+  /** Two workers with metrics, each having served requests, and a first scrape that counted them all. */
+  async function clusterThatCounted() {
+    const cluster = await startServerProcess(['--config', writeClusterConfig(await backends[0]!.freshDatabase(), { metrics: { enabled: true, port: 0 } }), '--workers', '2']);
+    const metricsUrl = await metricsUrlOf(cluster);
+    const requests = await requestsOnEveryWorker(cluster, 2);
+    const before = await scrape(metricsUrl);
+    assert.equal(before.total('mxkeys_http_requests_total'), requests, before.text);
+    return { cluster, metricsUrl, requests, before };
+  }
+
+  test('a scrape does not wait for a worker that does not answer: it shows that worker down and its counts as last seen', async () => {
+    const { cluster, metricsUrl, requests, before } = await clusterThatCounted();
+    assert.equal(before.value('mxkeys_cluster_worker_up{worker="2"}'), 1);
+
+    const stuck = workerPids(cluster).get(2)!;
+    process.kill(stuck, 'SIGSTOP');
+    try {
+      const during = await scrape(metricsUrl);
+      assert.equal(during.value('mxkeys_cluster_worker_up{worker="2"}'), 0, `the stuck worker is shown down:\n${during.text}`);
+      assert.equal(during.total('mxkeys_http_requests_total'), requests, "the stuck worker's requests are still counted");
+      const left = await inLog(cluster, 'the stuck worker left out', (lines) => lines.find((l) => l['msg'] === 'a worker is left out of this metrics scrape; its counts are shown as of its last answer'));
+      assert.equal(left['worker'], 2);
+      assert.match(String(left['reason']), /did not answer within/);
+    } finally {
+      process.kill(stuck, 'SIGCONT');
+    }
+    for (let i = 0; ; i++) {
+      const after = await scrape(metricsUrl);
+      assert.equal(after.total('mxkeys_http_requests_total'), requests);
+      if (after.value('mxkeys_cluster_worker_up{worker="1"}') + after.value('mxkeys_cluster_worker_up{worker="2"}') === 2) break;
+      assert.ok(i < 20, `the worker never answered again:\n${after.text}`);
+    }
+    await stopCluster(cluster);
+  });
+
+  test('counts of a worker killed with -9 stay in the totals after its replacement: they never go down', async () => {
+    const { cluster, metricsUrl, requests, before } = await clusterThatCounted();
+    const latency = before.total('mxkeys_http_request_duration_seconds_count');
+    assert.equal(latency, requests);
+
+    const victim = workerPids(cluster).get(1)!;
+    process.kill(victim, 'SIGKILL');
+    const replacement = await inLog(cluster, 'a replacement for worker 1', () => {
+      const pid = workerPids(cluster).get(1);
+      return pid !== victim ? pid : undefined;
+    });
+    // Counted throughout: while the slot is empty, and once the replacement answers too.
+    for (let i = 0; ; i++) {
+      const now = await scrape(metricsUrl);
+      assert.equal(now.total('mxkeys_http_requests_total'), requests, now.text);
+      assert.equal(now.total('mxkeys_http_request_duration_seconds_count'), latency);
+      if (now.value('mxkeys_cluster_worker_up{worker="1"}') === 1) {
+        assert.equal(now.value('mxkeys_worker_restarts_total'), 1);
+        break;
+      }
+      assert.ok(i < 100, `the replacement (pid ${replacement}) never answered a scrape:\n${now.text}`);
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    await stopCluster(cluster);
+  });
 });

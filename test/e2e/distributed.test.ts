@@ -8,7 +8,7 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, type TestServer } from '../support/server.js';
-import { registerUser, login, type Session } from '../support/client.js';
+import { registerUser, login } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
 import { startServerProcess, type ServerProcess } from '../support/process.js';
 import { writeClusterConfig } from '../support/cluster.js';
@@ -18,13 +18,6 @@ const FALLBACK_ID = 'signed_curve25519:fallback';
 type Json = Record<string, unknown>;
 
 const at = (url: string) => ({ url }) as TestServer;
-
-async function claimOne(url: string, by: Session, who: Session): Promise<[string, Json] | undefined> {
-  const r = await http(url, 'POST', `${C}/keys/claim`, { token: by.accessToken, body: { one_time_keys: { [who.userId]: { [who.deviceId]: 'signed_curve25519' } } } });
-  assert.equal(r.status, 200, r.text);
-  const keys = ((r.body['one_time_keys'] as Json)[who.userId] as Record<string, Json> | undefined)?.[who.deviceId];
-  return keys ? (Object.entries(keys)[0] as [string, Json]) : undefined;
-}
 
 async function startNodes(config: string): Promise<ServerProcess[]> {
   // Started together: all three migrate the same empty database at once, as a rolling deploy would.
@@ -39,27 +32,52 @@ async function stopNodes(nodes: readonly ServerProcess[]): Promise<void> {
 }
 
 describeEachBackend('three mxkeys nodes on one database', (backend) => {
-  test('64 claimers spread over three nodes get distinct keys, each exactly as uploaded, then the fallback key', async (t: TestContext) => {
+  test('64 claimers spread over three nodes, each claiming from four devices at once, get distinct keys, each exactly as uploaded, then the fallback key', async (t: TestContext) => {
     const nodes = await startNodes(writeClusterConfig(await backend.freshDatabase()));
     const urls = nodes.map((n) => n.url);
     const alice = await registerUser(at(urls[0]!), 'alice');
-    const bob = await registerUser(at(urls[1]!), 'bob');
-    const device = new TestDevice(alice.userId, alice.deviceId);
-    const uploaded = device.oneTimeKeys(50);
-    const fallback = device.fallbackKey();
-    const up = await http(urls[2]!, 'POST', `${C}/keys/upload`, { token: alice.accessToken, body: { device_keys: device.deviceKeys(), one_time_keys: uploaded, fallback_keys: { [FALLBACK_ID]: fallback } } });
-    assert.equal(up.status, 200, up.text);
+    const carol = await registerUser(at(urls[1]!), 'carol');
+    const bob = await registerUser(at(urls[2]!), 'bob');
+    const owners = [alice, await login(at(urls[1]!), alice.userId, alice.password, { device_id: 'ALICE2' }), carol, await login(at(urls[2]!), carol.userId, carol.password, { device_id: 'CAROL2' })];
+    // Each device uploads through another node: 48 one-time keys and a fallback key.
+    const devices = await Promise.all(
+      owners.map(async (owner, i) => {
+        const keys = new TestDevice(owner.userId, owner.deviceId);
+        const uploaded = keys.oneTimeKeys(48);
+        const fallback = keys.fallbackKey();
+        const up = await http(urls[i % 3]!, 'POST', `${C}/keys/upload`, { token: owner.accessToken, body: { device_keys: keys.deviceKeys(), one_time_keys: uploaded, fallback_keys: { [FALLBACK_ID]: fallback } } });
+        assert.equal(up.status, 200, up.text);
+        return { owner, uploaded, fallback };
+      }),
+    );
 
-    const results = await Promise.all(Array.from({ length: 64 }, (_, i) => claimOne(urls[i % 3]!, bob, alice).then((got) => ({ node: i % 3, got }))));
-    const oneTime = results.filter((r) => r.got && r.got[0] !== FALLBACK_ID);
-    const ids = oneTime.map((r) => r.got![0]);
-    assert.equal(new Set(ids).size, ids.length, 'no key was handed out twice');
-    assert.deepEqual(new Set(ids), new Set(Object.keys(uploaded)), 'every uploaded key was handed out');
-    for (const r of oneTime) assert.deepEqual(r.got![1], uploaded[r.got![0]]);
-    const fallbacks = results.filter((r) => r.got?.[0] === FALLBACK_ID);
-    assert.equal(fallbacks.length, 64 - 50, 'the rest got the fallback key');
-    for (const r of fallbacks) assert.deepEqual(r.got![1], fallback);
-    t.diagnostic(`one-time keys handed out per node: ${[0, 1, 2].map((n) => oneTime.filter((r) => r.node === n).length).join(', ')}`);
+    // Claimer i asks node i % 3 for a key of every device, naming them in an order of its own.
+    const results = await Promise.all(
+      Array.from({ length: 64 }, async (_, i) => {
+        const order = [...devices.slice(i % 4), ...devices.slice(0, i % 4)];
+        const wanted: Record<string, Record<string, string>> = {};
+        for (const { owner } of order) (wanted[owner.userId] ??= {})[owner.deviceId] = 'signed_curve25519';
+        const r = await http(urls[i % 3]!, 'POST', `${C}/keys/claim`, { token: bob.accessToken, body: { one_time_keys: wanted } });
+        assert.equal(r.status, 200, r.text);
+        return { node: i % 3, got: r.body['one_time_keys'] as Record<string, Record<string, Json>> };
+      }),
+    );
+    for (const { owner, uploaded, fallback } of devices) {
+      const got = results.map((r) => {
+        const keys = r.got[owner.userId]?.[owner.deviceId];
+        assert.ok(keys, `a claimer got no key of ${owner.userId} ${owner.deviceId}`);
+        return { node: r.node, entry: Object.entries(keys)[0] as [string, Json] };
+      });
+      const oneTime = got.filter((g) => g.entry[0] !== FALLBACK_ID);
+      const ids = oneTime.map((g) => g.entry[0]);
+      assert.equal(new Set(ids).size, ids.length, `no key of ${owner.deviceId} was handed out twice`);
+      assert.deepEqual(new Set(ids), new Set(Object.keys(uploaded)), `every key of ${owner.deviceId} was handed out`);
+      for (const g of oneTime) assert.deepEqual(g.entry[1], uploaded[g.entry[0]], 'a key comes back exactly as uploaded');
+      const fallbacks = got.filter((g) => g.entry[0] === FALLBACK_ID);
+      assert.equal(fallbacks.length, 64 - 48, 'the other claimers got the fallback key');
+      for (const g of fallbacks) assert.deepEqual(g.entry[1], fallback);
+      t.diagnostic(`${owner.deviceId}: one-time keys handed out per node: ${[0, 1, 2].map((n) => oneTime.filter((g) => g.node === n).length).join(', ')}`);
+    }
     await stopNodes(nodes);
   });
 

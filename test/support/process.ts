@@ -39,10 +39,17 @@ after(() => {
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
 });
 
-/** Starts `mxkeys serve` and waits for its "listening" log line. */
-export async function startServerProcess(args: readonly string[], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<ServerProcess> {
+/**
+ * Starts `mxkeys serve` and waits for its "listening" log line. `onSpawn` gets the process at once
+ * (to act on what it does while starting).
+ */
+export async function startServerProcess(
+  args: readonly string[],
+  options: { cwd?: string; env?: Record<string, string>; onSpawn?: (child: ChildProcess) => void } = {},
+): Promise<ServerProcess> {
   const child = spawn(process.execPath, [MAIN, 'serve', ...args], { cwd: options.cwd, env: childEnv({ MXKEYS_LISTEN_PORT: '0', ...options.env }), stdio: ['ignore', 'pipe', 'pipe'] });
   children.push(child);
+  options.onSpawn?.(child);
   let out = '';
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
   const url = await new Promise<string>((resolve, reject) => {
