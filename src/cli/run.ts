@@ -432,6 +432,10 @@ export async function run(argv: readonly string[], io: CliIo): Promise<number> {
 
 /** Runs the CLI as a process: the only place that calls process.exit. */
 export async function main(argv: readonly string[]): Promise<never> {
+  // Taken at once, so that a SIGHUP (a certificate renewal hook, a log rotation) arriving while the
+  // server starts is ignored instead of ending the process, Node's default.
+  let reload: (() => void) | undefined;
+  process.on('SIGHUP', () => reload?.());
   const io: CliIo = {
     stdout: (t) => process.stdout.write(t),
     stderr: (t) => process.stderr.write(t),
@@ -449,7 +453,9 @@ export async function main(argv: readonly string[]): Promise<never> {
         process.once('SIGTERM', onSignal);
         process.once('SIGINT', onSignal);
       }),
-    onReload: (handler) => process.on('SIGHUP', handler),
+    onReload: (handler) => {
+      reload = handler;
+    },
   };
   // A reader that goes away (e.g. `| head`) must not keep us from shutting down.
   process.stdout.on('error', () => undefined);

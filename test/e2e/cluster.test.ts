@@ -337,6 +337,20 @@ test('a SIGHUP while the workers are starting does not end the supervisor, and t
   await stopCluster(cluster);
 });
 
+test('a SIGHUP while a single server process starts is ignored, and the server comes up', async () => {
+  let hangup: Promise<void> | undefined;
+  const server = await startServerProcess(['--config', writeClusterConfig(await backends[0]!.freshDatabase())], {
+    onSpawn: (child) => {
+      // At its first log line the process is starting: opening the database, making its key.
+      hangup = new Promise((resolve) => child.stdout!.once('data', () => resolve(void child.kill('SIGHUP'))));
+    },
+  });
+  await hangup;
+  assert.equal((await fetch(`${server.url}/health`)).status, 200);
+  server.child.kill('SIGTERM');
+  assert.equal(await server.exited, 0, server.output());
+});
+
 test('--workers takes a number or "auto", and says what it wants otherwise', async () => {
   const { runCli } = await import('../support/process.js');
   for (const bad of ['0', 'two', '1.5', '99999']) {
