@@ -229,7 +229,9 @@ describeEachBackend('to-device messages between users of one server', (backend) 
     const since = (await sync(s, bob)).token;
     for (let n = 1; n <= 5; n++) await sendOk(s, alice, 'org.example.n', { [bob.userId]: { [bob.deviceId]: { n } } });
     assert.deepEqual(contents((await sync(s, bob, since)).events), [{ n: 3 }, { n: 4 }, { n: 5 }]);
-    const metrics = await (await fetch(s.mx.metricsUrl()!)).text();
+    // The pending count is read from the database; a scrape waits at most a second for a first read.
+    let metrics = '';
+    for (let i = 0; i < 20 && !/mxkeys_to_device_pending_messages \d/.test(metrics); i++) metrics = await (await fetch(s.mx.metricsUrl()!)).text();
     assert.match(metrics, /mxkeys_to_device_messages_dropped_total\{reason="inbox_full"\} 2/);
     assert.match(metrics, /mxkeys_to_device_messages_total\{source="client"\} 5/);
     assert.match(metrics, /mxkeys_to_device_pending_messages 3/);
