@@ -21,7 +21,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir, cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { verify, generateKeyPairSync, sign } from 'node:crypto';
-import { runLoad, socketErrors, writeRequests, type LoadResult } from './load.js';
+import { runLoad, socketErrors, wrk, writeRequests, type LoadResult } from './load.js';
 import { formatSummary, summarizeProfile } from './profile.js';
 import { benchConfig, BenchCrossSigning, BenchDevice, buildSnapshot, freePort, ok, registerUser, startBaseline, startMxkeys } from './support.js';
 import { median, postgresSchema, runHarness } from './harness.js';
@@ -75,6 +75,7 @@ function verifyRate(seconds: number, sampleUri: string): number {
 }
 
 async function main(): Promise<void> {
+  wrk(); // fails at once, saying how to install it, when wrk is missing
   const dir = mkdtempSync(join(tmpdir(), 'mxkeys-bench-fed-'));
   const pgSchema = opts.backend === 'postgres' ? await postgresSchema(argv.postgres!, 'benchfed') : undefined;
   const database: Record<string, unknown> = pgSchema?.database ?? { sqlite: join(dir, 'mxkeys.db') };

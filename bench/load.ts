@@ -6,9 +6,10 @@
  * separately from the harness's, and it is fast enough that the bare node:http baseline, not the
  * load generator, is what limits the ceiling.
  */
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { accessSync, constants, writeFileSync } from 'node:fs';
+import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const SCRIPT = fileURLToPath(new URL('./load.lua', import.meta.url));
@@ -89,13 +90,16 @@ let wrkBinary: string | undefined;
 /** The wrk executable, or an error saying how to install it. */
 export function wrk(): string {
   if (wrkBinary) return wrkBinary;
-  const found = spawnSync('sh', ['-c', 'command -v wrk'], { encoding: 'utf8' });
-  const path = found.stdout.trim();
-  if (found.status !== 0 || !path) {
-    throw new Error('wrk, the load generator of the benchmarks, is not installed: install it with `apt-get install wrk` (Debian, Ubuntu) or your system\'s package of wrk, then run the benchmark again');
+  for (const dir of (process.env['PATH'] ?? '').split(delimiter)) {
+    const candidate = join(dir || '.', 'wrk');
+    try {
+      accessSync(candidate, constants.X_OK);
+      return (wrkBinary = candidate);
+    } catch {
+      // Not in this directory.
+    }
   }
-  wrkBinary = path;
-  return path;
+  throw new Error('wrk, the load generator of the benchmarks, is not installed (no wrk on the PATH): install it with `apt-get install wrk` (Debian, Ubuntu) or your system\'s package of wrk, then run the benchmark again');
 }
 
 export interface RunningLoad {

@@ -13,8 +13,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { median } from './harness.js';
-import { summarize, type BackendName, type BackendResult, type Results, type WorkloadId, type WorkloadSummary } from './results.js';
+import { summarize, type BackendName, type BackendResult, type Results, type WorkloadId } from './results.js';
 import type { CpuShare } from './support.js';
 
 const BEGIN = '<!-- bench-results:begin -->';
@@ -189,12 +188,11 @@ export function svgChart(results: Results): string {
   const colors: Record<BackendName, [string, string]> = { sqlite: ['#2166ac', '#92c5de'], postgres: ['#d6604d', '#f4a582'] };
   const groups = ids.map((id) => {
     const per = results.backends.map((b) => ({ b, w: b.workloads.find((x) => x.id === id) })).filter((x) => x.w);
-    const summaries = new Map<BackendName, WorkloadSummary>(per.map(({ b, w }) => [b.backend, summarize(w!)]));
-    const ceiling = median(per.flatMap(({ w }) => w!.baseline.map((r) => r.result.rps)));
-    const bars: Bar[] = [{ label: 'ceiling', color: '#9e9e9e', value: ceiling }];
+    const bars: Bar[] = [];
     for (const { b, w } of per) {
-      const s = summaries.get(b.backend)!;
+      const s = summarize(w!);
       const one = s.mxkeys['1'];
+      bars.push({ label: `ceiling, ${DB[b.backend]} run`, color: '#a8a8a8', value: s.baselineRps });
       bars.push({ label: `${DB[b.backend]}`, color: colors[b.backend][0], value: one?.rps, note: one ? `${f2(one.ratio)} of the ceiling` : '', ...(w!.target !== undefined ? { target: w!.target * s.baselineRps } : {}) });
       if (most > 1) {
         const many = s.mxkeys[String(most)];
@@ -213,7 +211,7 @@ export function svgChart(results: Results): string {
   const width = left + plot + right;
   const barH = 11;
   const gap = 3;
-  const top = 74;
+  const top = 34 + 16 * Math.ceil((2 + results.backends.length * (most > 1 ? 2 : 1)) / 2) + 8;
   const x = (v: number) => left + (plot * (Math.log10(v) - Math.log10(lo))) / (Math.log10(hi) - Math.log10(lo));
   const parts: string[] = [];
   let y = top;
@@ -246,20 +244,24 @@ export function svgChart(results: Results): string {
       if (t > hi * 1.001) break;
       const gx = x(t).toFixed(1);
       grid.push(`<line x1="${gx}" x2="${gx}" y1="${top - 6}" y2="${bottom - 10}" stroke="${m === 1 ? '#bbb' : '#e4e4e4'}"/>`);
-      if (m === 1 || t < hi) grid.push(`<text x="${gx}" y="${bottom + 4}" text-anchor="middle" font-size="10" fill="#555">${f0(t)}</text>`);
+      const label = t >= 1000 ? `${t / 1000}k` : String(t);
+      grid.push(`<text x="${gx}" y="${bottom + 4}" text-anchor="middle" font-size="10" fill="#555">${label}</text>`);
     }
   }
-  const legendItems: [string, string][] = [['#9e9e9e', 'ceiling: bare node:http, same bytes']];
+  // Two columns: the ceiling and the target mark, then each database's one- and N-worker bars.
+  const legendItems: { color?: string; text: string }[] = [{ color: '#a8a8a8', text: "ceiling: bare node:http, same bytes (each database's run)" }, { text: 'target (issue #13), 1 worker' }];
   for (const b of results.backends) {
-    legendItems.push([colors[b.backend][0], `${DB[b.backend]}, 1 worker`]);
-    if (most > 1) legendItems.push([colors[b.backend][1], `${DB[b.backend]}, ${most} workers`]);
+    legendItems.push({ color: colors[b.backend][0], text: `${DB[b.backend]}, 1 worker` });
+    if (most > 1) legendItems.push({ color: colors[b.backend][1], text: `${DB[b.backend]}, ${most} workers` });
   }
-  const legend = legendItems.map(([c, t], i) => {
-    const lx = 10 + (i % 3) * 290;
-    const ly = 34 + Math.floor(i / 3) * 16;
-    return `<rect x="${lx}" y="${ly - 9}" width="12" height="10" fill="${c}"/><text x="${lx + 17}" y="${ly}">${esc(t)}</text>`;
+  const legend = legendItems.map((item, i) => {
+    const lx = 10 + (i % 2) * 430;
+    const ly = 34 + Math.floor(i / 2) * 16;
+    const mark = item.color
+      ? `<rect x="${lx}" y="${ly - 9}" width="12" height="10" fill="${item.color}"/>`
+      : `<line x1="${lx + 6}" x2="${lx + 6}" y1="${ly - 10}" y2="${ly + 1}" stroke="#000" stroke-width="2"/>`;
+    return `${mark}<text x="${lx + 17}" y="${ly}">${esc(item.text)}</text>`;
   });
-  legend.push(`<line x1="${10 + (legendItems.length % 3) * 290 + 6}" x2="${10 + (legendItems.length % 3) * 290 + 6}" y1="${34 + Math.floor(legendItems.length / 3) * 16 - 10}" y2="${34 + Math.floor(legendItems.length / 3) * 16 + 1}" stroke="#000" stroke-width="2"/><text x="${10 + (legendItems.length % 3) * 290 + 17}" y="${34 + Math.floor(legendItems.length / 3) * 16}">target (issue #13), 1 worker</text>`);
   const height = bottom + 40;
   const title = `mxkeys throughput per workload, 2xx req/s (log scale): run of ${results.started.slice(0, 10)}, code ${results.code}`;
   return [

@@ -452,7 +452,7 @@ function describe(what: string, r: RunRecord): string {
 }
 
 /** One measured wrk run against `url`, with the CPU each party used meanwhile. */
-async function window(ctx: Context, url: string, serverPids: number[], file: string, duration: number): Promise<Pick<RunRecord, 'result' | 'cpu'>> {
+async function measureWindow(ctx: Context, url: string, serverPids: number[], file: string, duration: number): Promise<Pick<RunRecord, 'result' | 'cpu'>> {
   const postgres = await ctx.backend.databasePids();
   const load = startLoad({ url, requests: file, connections: opts.connections, threads: opts.threads, duration, countStatuses: opts.countStatuses });
   const roles = { server: serverPids, loadgen: load.pid, postgres };
@@ -474,7 +474,7 @@ async function measureBaseline(ctx: Context, w: Workload): Promise<RunRecord> {
   const server = await startBaseline(await freePort(), bodyFile, w.captured.headers);
   try {
     await warmUp(server.url, w.file);
-    return { server: 'baseline', workers: 1, ...(await window(ctx, server.url, [server.pid], w.file, opts.duration)) };
+    return { server: 'baseline', workers: 1, ...(await measureWindow(ctx, server.url, [server.pid], w.file, opts.duration)) };
   } finally {
     await server.stop();
   }
@@ -490,14 +490,16 @@ async function measureMxkeys(ctx: Context, w: Workload, count: number, baselineR
     // Claims: enough keys that the warm-up, even at the ceiling's rate, takes real one-time keys.
     if (w.claim) await stock(server.url, w.claim, (baselineRps * opts.warmup * 1.2) / w.claim.length + 50);
     const warm = await warmUp(server.url, w.file);
-    // Then enough for the window: 3 × what the warm-up reached (it includes the start-up), at most
-    // the ceiling's rate, in fresh requests where needed.
-    const needed = Math.ceil(Math.min(Math.max(warm.rps, 100) * 3, Math.max(baselineRps, warm.rps * 1.5)) * opts.duration) + 1000;
-    const file = w.fresh ? w.fresh(needed) : w.file;
-    if (w.claim) await stock(server.url, w.claim, needed / w.claim.length + 50);
+    // Then enough for the window. Fresh requests (each costs the harness a signature): as many as
+    // the ceiling answers, or 3 × the warm-up's rate if more, since a warm-up on a busy machine
+    // can be far slower than the window. Keys: 3 × what the warm-up claimed (it includes the
+    // start-up), at most at the ceiling's rate.
+    const fresh = w.fresh ? Math.ceil(Math.max(baselineRps, warm.rps * 3) * opts.duration) + 1000 : 0;
+    const file = w.fresh ? w.fresh(fresh) : w.file;
+    if (w.claim) await stock(server.url, w.claim, (Math.min(Math.max(warm.rps, 100) * 3, Math.max(baselineRps, warm.rps * 1.5)) * opts.duration + 1000) / w.claim.length + 50);
     const countsBefore = w.claim ? await keyCounts(server.url, w.claim) : [];
     const fsync = ctx.backend.name === 'sqlite' ? fsyncMs(ctx.dir) : undefined;
-    const measured = await window(ctx, server.url, pids, file, opts.duration);
+    const measured = await measureWindow(ctx, server.url, pids, file, opts.duration);
     let claims: RunRecord['claims'];
     if (w.claim) {
       const countsAfter = await keyCounts(server.url, w.claim);
@@ -507,7 +509,7 @@ async function measureMxkeys(ctx: Context, w: Workload, count: number, baselineR
       server: 'mxkeys',
       workers: count,
       ...measured,
-      ...(w.fresh ? { distinctRequests: needed } : {}),
+      ...(w.fresh ? { distinctRequests: fresh } : {}),
       ...(claims ? { claims } : {}),
       ...(fsync !== undefined ? { fsyncMs: fsync } : {}),
     };
@@ -750,7 +752,14 @@ process.on('SIGINT', () => {
 });
 
 async function main(): Promise<void> {
-  const wrkVersion = (spawnSync(wrk(), ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0] ?? '').replace(/ Copyright.*/, '').trim();
+  let wrkBinary: string;
+  try {
+    wrkBinary = wrk();
+  } catch (e) {
+    process.stderr.write(`${(e as Error).message}\n`);
+    process.exit(2);
+  }
+  const wrkVersion = (spawnSync(wrkBinary, ['--version'], { encoding: 'utf8' }).stdout.split('\n')[0] ?? '').replace(/ Copyright.*/, '').trim();
   const started = new Date();
   const buildDir = opts.build ?? mkdtempSync(join(tmpdir(), 'mxkeys-bench-build-'));
   if (!opts.build) cleanups.add(async () => rmSync(buildDir, { recursive: true, force: true }));
