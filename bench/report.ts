@@ -262,8 +262,8 @@ export function svgChart(results: Results): string {
       : `<line x1="${lx + 6}" x2="${lx + 6}" y1="${ly - 10}" y2="${ly + 1}" stroke="#000" stroke-width="2"/>`;
     return `${mark}<text x="${lx + 17}" y="${ly}">${esc(item.text)}</text>`;
   });
-  const height = bottom + 40;
-  const title = `mxkeys throughput per workload, 2xx req/s (log scale): run of ${results.started.slice(0, 10)}, code ${results.code}`;
+  const height = bottom + 56;
+  const title = `mxkeys throughput per workload, 2xx req/s (log scale): run of ${results.started.slice(0, 10)}`;
   return [
     `<svg xmlns="http://www.w3.org/2000/svg" width="${width}" height="${height}" viewBox="0 0 ${width} ${height}" font-family="sans-serif" font-size="11">`,
     `<rect width="100%" height="100%" fill="#fff"/>`,
@@ -272,6 +272,7 @@ export function svgChart(results: Results): string {
     ...grid,
     ...parts,
     `<text x="${left + plot / 2}" y="${bottom + 20}" text-anchor="middle" fill="#555">2xx answers per second; labels: req/s · ratio to that database's same-run ceiling, or × the ${most}-worker factor over 1 worker</text>`,
+    `<text x="10" y="${bottom + 40}" font-size="10" fill="#555">${esc(`code: ${results.code}; wrk ${results.settings.threads} thread(s), ${results.settings.connections} connections, ${results.settings.duration} s per run`)}</text>`,
     '</svg>',
     '',
   ].join('\n');
