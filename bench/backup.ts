@@ -104,7 +104,7 @@ async function oneRound(url: string, session: Session, bodies: string[]): Promis
 /** Bytes the e2e_room_keys table takes, with its index. */
 async function tableBytes(database: Record<string, unknown>, pgSchema: PostgresSchema | undefined): Promise<number | undefined> {
   if (pgSchema) {
-    const r = await pgSchema.admin.query<{ n: string }>(`SELECT pg_total_relation_size('${pgSchema.schema}.e2e_room_keys') AS n`);
+    const r = await pgSchema.query<{ n: string }>(`SELECT pg_total_relation_size('${pgSchema.schema}.e2e_room_keys') AS n`);
     return Number(r.rows[0]!.n);
   }
   const db = new Database(database['sqlite'] as string, { readonly: true });

@@ -8,22 +8,24 @@
  * messages of the same shape, and (2) the bare node:http baseline answering the same requests
  * with the captured bytes of a real mxkeys answer. Target: mxkeys ≥ 70 % of the verification rate.
  *
- *   npm run bench:federation -- [--backend sqlite|postgres] [--duration S] [--warmup S] [--rounds N] [--json FILE] [--cpu-prof DIR]
+ *   npm run bench:federation -- [--backend sqlite|postgres] [--duration S] [--warmup S] [--rounds N] [--connections N] [--threads N] [--json FILE] [--cpu-prof DIR]
+ *
+ * Load comes from wrk (bench/load.ts): the requests are signed before the load starts and written
+ * to a file that wrk's Lua script sends in turn.
  *
  * mxkeys inherits the environment: `UV_THREADPOOL_SIZE=1 npm run bench:federation` measures it
  * with one libuv thread (where verification runs); the report says which size was used.
  */
 import { parseArgs } from 'node:util';
-import { createServer } from 'node:http';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir, cpus, totalmem } from 'node:os';
 import { join } from 'node:path';
 import { verify, generateKeyPairSync, sign } from 'node:crypto';
-import type { AddressInfo } from 'node:net';
-import { runLoad, type LoadResult, type PreparedRequest } from './load.js';
+import { runLoad, socketErrors, wrk, writeRequests, type LoadResult } from './load.js';
 import { formatSummary, summarizeProfile } from './profile.js';
-import { benchConfig, BenchCrossSigning, BenchDevice, buildSnapshot, Ed25519Key, freePort, ok, registerUser, startBaseline, startMxkeys } from './support.js';
+import { benchConfig, BenchCrossSigning, BenchDevice, buildSnapshot, freePort, ok, registerUser, startBaseline, startMxkeys } from './support.js';
 import { median, postgresSchema, runHarness } from './harness.js';
+import { presign, startOrigin } from './xmatrix.js';
 import { canonical } from '../test/support/keys.js';
 
 const { values: argv } = parseArgs({
@@ -33,6 +35,7 @@ const { values: argv } = parseArgs({
     warmup: { type: 'string', default: '3' },
     rounds: { type: 'string', default: '3' },
     connections: { type: 'string', default: '16' },
+    threads: { type: 'string', default: '1' },
     postgres: { type: 'string', default: process.env['BENCH_POSTGRES'] ?? 'postgres://postgres@127.0.0.1/postgres' },
     json: { type: 'string' },
     'cpu-prof': { type: 'string' },
@@ -44,38 +47,12 @@ const opts = {
   warmup: Number(argv.warmup),
   rounds: Math.max(1, Number(argv.rounds)),
   connections: Number(argv.connections),
+  threads: Number(argv.threads),
 };
 const log = (msg: string) => process.stderr.write(`[${new Date().toISOString().slice(11, 19)}] ${msg}\n`);
 const SECRET = 'bench-shared-secret';
 const SERVER = 'bench.local';
 const PATH = '/_matrix/federation/v1/user/keys/query';
-
-/** A remote server: its name, its key, and /_matrix/key/v2/server answered from this process. */
-async function startOrigin(): Promise<{ name: string; url: string; key: Ed25519Key; stop: () => void }> {
-  const key = new Ed25519Key();
-  const server = createServer((req, res) => {
-    const body = { server_name: name, valid_until_ts: Date.now() + 3_600_000, verify_keys: { 'ed25519:bench': { key: key.publicKey } }, old_verify_keys: {} };
-    res.writeHead(200, { 'content-type': 'application/json' });
-    res.end(JSON.stringify(key.sign(body, name, 'ed25519:bench')));
-    void req;
-  });
-  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
-  const port = (server.address() as AddressInfo).port;
-  const name = `origin-${port}.example`;
-  return { name, url: `http://127.0.0.1:${port}`, key, stop: () => server.close() };
-}
-
-/** `count` requests, each signed over its own URI. */
-function presign(origin: { name: string; key: Ed25519Key }, body: string, count: number, offset: number): PreparedRequest[] {
-  const content = JSON.parse(body) as unknown;
-  const out: PreparedRequest[] = [];
-  for (let i = offset; i < offset + count; i++) {
-    const uri = `${PATH}?n=${i}`;
-    const sig = origin.key.signText(canonical({ content, destination: SERVER, method: 'POST', origin: origin.name, uri }));
-    out.push({ path: uri, body, headers: { authorization: `X-Matrix origin="${origin.name}",destination="${SERVER}",key="ed25519:bench",sig="${sig}"` } });
-  }
-  return out;
-}
 
 /** Ed25519 verifications per second on one core (this process, nothing else running), over distinct messages of the request's shape. */
 function verifyRate(seconds: number, sampleUri: string): number {
@@ -98,6 +75,7 @@ function verifyRate(seconds: number, sampleUri: string): number {
 }
 
 async function main(): Promise<void> {
+  wrk(); // fails at once, saying how to install it, when wrk is missing
   const dir = mkdtempSync(join(tmpdir(), 'mxkeys-bench-fed-'));
   const pgSchema = opts.backend === 'postgres' ? await postgresSchema(argv.postgres!, 'benchfed') : undefined;
   const database: Record<string, unknown> = pgSchema?.database ?? { sqlite: join(dir, 'mxkeys.db') };
@@ -124,7 +102,7 @@ async function main(): Promise<void> {
     const body = JSON.stringify({ device_keys: { [session.userId]: [] } });
 
     // Capture a real answer for the baseline (and make mxkeys fetch the origin's key once).
-    const [first] = presign(origin, body, 1, -1);
+    const [first] = presign(origin, SERVER, PATH, body, 1);
     const captured = await fetch(mx.url + first!.path, { method: 'POST', headers: { ...first!.headers, 'content-type': 'application/json' }, body: first!.body });
     const answer = await captured.text();
     if (captured.status !== 200) throw new Error(`federation query failed: ${captured.status} ${answer}`);
@@ -136,33 +114,35 @@ async function main(): Promise<void> {
     writeFileSync(bodyFile, answer);
     await mx.stop();
 
-    let offset = 0;
+    const file = (name: string, count: number) => {
+      const f = join(dir, `${name}.requests`);
+      writeRequests(f, presign(origin, SERVER, PATH, body, count));
+      return f;
+    };
     for (let round = 1; round <= opts.rounds; round++) {
       const rate = verifyRate(3, PATH);
       // Enough distinct requests for warm-up and window even at the full verification rate.
       const count = Math.ceil(rate * (opts.warmup + opts.duration) * 1.2);
       const t0 = Date.now();
-      const prepared = presign(origin, body, count, offset);
-      offset += count;
+      const prepared = file(`round${round}`, count);
       log(`round ${round}: verify ${rate.toFixed(0)}/s; signed ${count} requests in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
 
-      const spec = { url: '', path: PATH, token: '', bodies: [body], connections: opts.connections, duration: opts.duration, prepared };
-      const baselinePort = await freePort();
-      const baseline = await startBaseline(baselinePort, bodyFile, headers);
-      await runLoad({ ...spec, url: baseline.url }, opts.warmup);
-      const b = await runLoad({ ...spec, url: baseline.url });
+      const load = { connections: opts.connections, threads: opts.threads, requests: prepared };
+      const baseline = await startBaseline(await freePort(), bodyFile, headers);
+      await runLoad({ ...load, url: baseline.url, duration: opts.warmup });
+      const b = await runLoad({ ...load, url: baseline.url, duration: opts.duration });
       await baseline.stop();
 
       const prof = argv['cpu-prof'] ? { dir: argv['cpu-prof'], name: `federation-${opts.backend}-${round}.cpuprofile` } : undefined;
-      mx = await startMxkeys(build, configFile, port, prof);
-      await runLoad({ ...spec, url: mx.url }, opts.warmup);
+      mx = await startMxkeys(build, configFile, port, { cpuProf: prof });
+      await runLoad({ ...load, url: mx.url, duration: opts.warmup });
       // The measured window gets requests nobody has sent yet.
-      const fresh = presign(origin, body, count, offset);
-      offset += count;
-      const m = await runLoad({ ...spec, url: mx.url, prepared: fresh });
+      const m = await runLoad({ ...load, url: mx.url, duration: opts.duration, requests: file(`round${round}-fresh`, count) });
       await mx.stop();
       if (prof) process.stdout.write(`${formatSummary(summarizeProfile(join(prof.dir, prof.name)))}\n`);
-      if (m.non2xx > 0 || m.errors > 0) log(`  WARNING: mxkeys answered ${m.non2xx} non-2xx and had ${m.errors} errors: ${JSON.stringify(m.statuses)}`);
+      const errors = socketErrors(m);
+      if (m.non2xx > 0 || errors > 0) log(`  WARNING: mxkeys answered ${m.non2xx} non-2xx and had ${errors} socket errors`);
+      if (m.built > count) log(`  WARNING: the window needed more than the ${count} distinct requests signed for it; ${m.built - count} were sent twice`);
       log(`  baseline ${b.rps.toFixed(0)} req/s, mxkeys ${m.rps.toFixed(0)} req/s (${((m.rps / rate) * 100).toFixed(0)} % of verification)`);
       rounds.push({ verify: rate, baseline: b, mxkeys: m });
     }
@@ -173,7 +153,7 @@ async function main(): Promise<void> {
     const p50 = median(rounds.map((r) => r.mxkeys.latency.p50));
     const p99 = median(rounds.map((r) => r.mxkeys.latency.p99));
     const table = [
-      `Federation POST /user/keys/query (1 user × 1 device, distinct X-Matrix signature per request), ${opts.backend}, ${opts.connections} connections, median of ${opts.rounds} × ${opts.duration} s; mxkeys with UV_THREADPOOL_SIZE=${process.env['UV_THREADPOOL_SIZE'] ?? 'unset (libuv default: 4)'}; load sent by bench/load.ts's own client:`,
+      `Federation POST /user/keys/query (1 user × 1 device, distinct X-Matrix signature per request), ${opts.backend}, ${opts.connections} connections, median of ${opts.rounds} × ${opts.duration} s; mxkeys with UV_THREADPOOL_SIZE=${process.env['UV_THREADPOOL_SIZE'] ?? 'unset (libuv default: 4)'}; load from wrk (${opts.threads} thread(s)):`,
       '',
       '| measure | req/s |',
       '|---|---|',

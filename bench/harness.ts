@@ -17,30 +17,40 @@ export function median(xs: readonly number[]): number {
 }
 
 export interface PostgresSchema {
-  /** A connection to the server, outside the schema, for measurements of its own. */
-  readonly admin: pg.Client;
   readonly schema: string;
   /** The `database` config of an mxkeys using only this schema. */
   readonly database: { postgres: string };
-  /** Drops the schema and closes the connection. */
+  /**
+   * One statement on a connection of its own, outside the schema (so that another client of the
+   * same server terminating connections cannot take the harness down with it).
+   */
+  query<R extends pg.QueryResultRow = pg.QueryResultRow>(text: string, params?: unknown[]): Promise<pg.QueryResult<R>>;
+  /** Drops the schema. */
   drop(): Promise<void>;
 }
 
 /** A new schema `<prefix>_<random>` on the PostgreSQL server at `url`. */
 export async function postgresSchema(url: string, prefix: string): Promise<PostgresSchema> {
-  const admin = new pg.Client({ connectionString: url });
-  await admin.connect();
+  const query = async <R extends pg.QueryResultRow>(text: string, params?: unknown[]) => {
+    const client = new pg.Client({ connectionString: url });
+    client.on('error', () => undefined);
+    await client.connect();
+    try {
+      return await client.query<R>(text, params);
+    } finally {
+      await client.end().catch(() => undefined);
+    }
+  };
   const schema = `${prefix}_${randomBytes(5).toString('hex')}`;
-  await admin.query(`CREATE SCHEMA ${schema}`);
+  await query(`CREATE SCHEMA ${schema}`);
   const withSchema = new URL(url);
   withSchema.searchParams.set('options', `-c search_path=${schema}`);
   return {
-    admin,
     schema,
     database: { postgres: withSchema.toString() },
+    query,
     async drop() {
-      await admin.query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`);
-      await admin.end();
+      await query(`DROP SCHEMA IF EXISTS ${schema} CASCADE`);
     },
   };
 }

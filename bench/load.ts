@@ -1,39 +1,56 @@
 /**
- * One load measurement with autocannon: an optional warm-up run, then the measured run. Requests
- * per second count 2xx answers only; latencies are taken from every 2xx answer's response time
- * (autocannon's own histogram rounds to whole milliseconds, too coarse for sub-millisecond
- * answers).
- *
- * Prepared requests (each one different, e.g. with its own X-Matrix signature) are sent by a
- * small keep-alive HTTP/1.1 client of our own instead: autocannon builds such requests one by one
- * in its setupRequest hook, which cost ~150 µs of CPU per request on the 2-core benchmark machine,
- * a quarter of the CPU that the server under test also needs. Ours sends bytes serialised before
- * the run.
+ * Load from wrk (the C load generator, Debian package `wrk`): one measurement is one wrk run with
+ * bench/load.lua, which sends a list of requests in turn (one body, several, or fully prepared
+ * requests such as federation requests each with its own X-Matrix signature) and reports its
+ * figures as JSON from its done() callback. wrk is a separate process, so its CPU is accounted
+ * separately from the harness's, and it is fast enough that the bare node:http baseline, not the
+ * load generator, is what limits the ceiling.
  */
-import autocannon from 'autocannon';
-import { connect, type Socket } from 'node:net';
+import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { accessSync, constants, writeFileSync } from 'node:fs';
+import { delimiter, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 
-export interface LoadSpec {
-  /** Base URL of the server under load. */
-  readonly url: string;
-  readonly path: string;
-  readonly token: string;
-  /** One body for every request, or several sent in turn (round robin over all connections). */
-  readonly bodies: readonly string[];
-  readonly connections: number;
-  /** Seconds. */
-  readonly duration: number;
-  /**
-   * Fully prepared requests sent in turn instead of `path`/`token`/`bodies` (e.g. federation
-   * requests, each with its own X-Matrix signature).
-   */
-  readonly prepared?: readonly PreparedRequest[];
-}
+const SCRIPT = fileURLToPath(new URL('./load.lua', import.meta.url));
 
-export interface PreparedRequest {
+/** In a request body: replaced by a value (of the same length) no other request of the run has. */
+export const UNIQUE_MARKER = '@@@MXKEYS-UNIQUE@@@@';
+
+export interface BenchRequest {
+  readonly method?: string;
   readonly path: string;
   readonly headers: Readonly<Record<string, string>>;
   readonly body: string;
+}
+
+/** Writes requests in load.lua's format: "METHOD PATH_BYTES HEADER_BYTES BODY_BYTES\n" + the three parts. */
+export function writeRequests(file: string, requests: readonly BenchRequest[]): void {
+  const parts: Buffer[] = [];
+  for (const r of requests) {
+    const path = Buffer.from(r.path);
+    const headers = Buffer.from(
+      Object.entries({ 'Content-Type': 'application/json', ...r.headers })
+        .map(([k, v]) => `${k}: ${v}\n`)
+        .join(''),
+    );
+    const body = Buffer.from(r.body);
+    parts.push(Buffer.from(`${r.method ?? 'POST'} ${path.length} ${headers.length} ${body.length}\n`), path, headers, body);
+  }
+  writeFileSync(file, Buffer.concat(parts));
+}
+
+export interface LoadSpec {
+  /** Base URL of the server under load, e.g. http://127.0.0.1:8448. */
+  readonly url: string;
+  /** A file written by writeRequests(). */
+  readonly requests: string;
+  readonly connections: number;
+  readonly threads: number;
+  /** Seconds. */
+  readonly duration: number;
+  /** Count every status in a Lua response() callback (exact, but costs wrk CPU per answer). */
+  readonly countStatuses?: boolean;
 }
 
 export interface Latency {
@@ -46,177 +63,118 @@ export interface Latency {
 }
 
 export interface LoadResult {
-  /** 2xx answers in the measured window. */
+  /** Answers received. */
+  readonly requests: number;
+  /** 2xx answers (wrk counts answers above 399 as errors; mxkeys sends no 1xx or 3xx here). */
   readonly ok: number;
   readonly non2xx: number;
-  readonly errors: number;
+  /** Socket errors: connect, read, write, timeout. */
+  readonly errors: { readonly connect: number; readonly read: number; readonly write: number; readonly timeout: number };
   readonly seconds: number;
+  /** 2xx answers per second. */
   readonly rps: number;
+  /** Of every answer. */
   readonly latency: Latency;
-  /** Status codes seen, with counts. */
-  readonly statuses: Record<string, number>;
+  /** Requests the script built (for lists of distinct requests: more than the list means some were sent twice); -1 for wrk's static request. */
+  readonly built: number;
+  /** With countStatuses: answers per status. */
+  readonly statuses?: Record<string, number>;
 }
 
-function percentile(sorted: Float64Array, p: number): number {
-  if (sorted.length === 0) return NaN;
-  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
-  return sorted[i]!;
+export function socketErrors(r: LoadResult): number {
+  return r.errors.connect + r.errors.read + r.errors.write + r.errors.timeout;
 }
 
-function options(spec: LoadSpec, duration: number, amount: number | undefined): autocannon.Options {
-  const headers = { 'content-type': 'application/json', authorization: `Bearer ${spec.token}` };
-  const base: autocannon.Options = {
-    url: spec.url + spec.path,
-    method: 'POST',
-    headers,
-    connections: spec.connections,
-    duration,
-    ...(amount !== undefined ? { amount } : {}),
-    timeout: 30,
-  };
-  if (spec.bodies.length === 1) return { ...base, body: spec.bodies[0]! };
-  let next = 0;
-  const bodies = spec.bodies;
-  return {
-    ...base,
-    requests: [
-      {
-        method: 'POST',
-        setupRequest: (request) => ({ ...request, method: 'POST', headers, body: bodies[next++ % bodies.length]! }),
-      },
-    ],
-  };
-}
+let wrkBinary: string | undefined;
 
-/** Response times of 2xx answers, and the other outcomes. */
-class Tally {
-  private latencies = new Float64Array(1 << 16);
-  ok = 0;
-  non2xx = 0;
-  errors = 0;
-  readonly statuses: Record<string, number> = {};
-
-  answer(status: number, ms: number): void {
-    this.statuses[status] = (this.statuses[status] ?? 0) + 1;
-    if (status < 200 || status > 299) {
-      this.non2xx++;
-      return;
+/** The wrk executable, or an error saying how to install it. */
+export function wrk(): string {
+  if (wrkBinary) return wrkBinary;
+  for (const dir of (process.env['PATH'] ?? '').split(delimiter)) {
+    const candidate = join(dir || '.', 'wrk');
+    try {
+      accessSync(candidate, constants.X_OK);
+      return (wrkBinary = candidate);
+    } catch {
+      // Not in this directory.
     }
-    if (this.ok === this.latencies.length) {
-      const bigger = new Float64Array(this.latencies.length * 2);
-      bigger.set(this.latencies);
-      this.latencies = bigger;
-    }
-    this.latencies[this.ok++] = ms;
   }
-
-  result(seconds: number): LoadResult {
-    const n = this.ok;
-    const sorted = this.latencies.slice(0, n).sort();
-    let sum = 0;
-    for (const v of sorted) sum += v;
-    return {
-      ok: n,
-      non2xx: this.non2xx,
-      errors: this.errors,
-      seconds,
-      rps: n / seconds,
-      latency: { mean: n ? sum / n : NaN, p50: percentile(sorted, 50), p90: percentile(sorted, 90), p99: percentile(sorted, 99), max: n ? sorted[n - 1]! : NaN },
-      statuses: this.statuses,
-    };
-  }
+  throw new Error('wrk, the load generator of the benchmarks, is not installed (no wrk on the PATH): install it with `apt-get install wrk` (Debian, Ubuntu) or your system\'s package of wrk, then run the benchmark again');
 }
 
-/** Runs autocannon (or, for prepared requests, our own client) for `duration` seconds (or until `amount` answers) and measures it. */
-export async function runLoad(spec: LoadSpec, duration = spec.duration, amount?: number): Promise<LoadResult> {
-  if (spec.prepared) return runPrepared(spec, spec.prepared, duration);
-  const tally = new Tally();
-  const instance = autocannon(options(spec, duration, amount));
-  const start = performance.now();
-  let last = start;
-  instance.on('response', (_client, statusCode, _bytes, responseTime) => {
-    last = performance.now();
-    tally.answer(statusCode, responseTime);
-  });
-  const result = await instance;
-  tally.errors = result.errors;
-  // From the start to the last answer: autocannon only notices the end (of the duration, or of
-  // `amount` answers) at its next once-a-second tick, so its own duration can be up to 1 s long.
-  return tally.result((last - start) / 1000);
+export interface RunningLoad {
+  readonly pid: number;
+  readonly done: Promise<LoadResult>;
 }
 
-const HEADER_END = Buffer.from('\r\n\r\n');
-
-/**
- * Sends the prepared requests in turn over `spec.connections` keep-alive connections, each
- * connection one request at a time, for `duration` seconds. Answers must carry Content-Length.
- */
-async function runPrepared(spec: LoadSpec, prepared: readonly PreparedRequest[], duration: number): Promise<LoadResult> {
-  const url = new URL(spec.url);
-  const wire = prepared.map((r) => {
-    const body = Buffer.from(r.body);
-    const headers = { host: url.host, 'content-type': 'application/json', ...r.headers, 'content-length': String(body.length) };
-    const head = `POST ${r.path} HTTP/1.1\r\n${Object.entries(headers)
-      .map(([k, v]) => `${k}: ${v}\r\n`)
-      .join('')}\r\n`;
-    return Buffer.concat([Buffer.from(head, 'latin1'), body]);
+/** Starts one wrk run; `done` resolves with its figures when it ends. */
+export function startLoad(spec: LoadSpec): RunningLoad {
+  const nonce = randomBytes(4).toString('hex');
+  const args = [
+    `-t${spec.threads}`,
+    `-c${spec.connections}`,
+    `-d${spec.duration}s`,
+    '--timeout',
+    '30s',
+    '-s',
+    SCRIPT,
+    spec.url,
+    '--',
+    spec.requests,
+    nonce,
+    String(spec.threads),
+  ];
+  const child = spawn(wrk(), args, {
+    stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, MXKEYS_WRK_STATUSES: spec.countStatuses ? '1' : '0' },
   });
-  const tally = new Tally();
-  let next = 0;
-  const start = performance.now();
-  const deadline = start + duration * 1000;
-  let last = start;
-
-  const drive = (socket: Socket) =>
-    new Promise<void>((resolve) => {
-      let pending: Buffer = Buffer.alloc(0);
-      let sentAt = 0;
-      const send = () => {
-        if (performance.now() >= deadline) {
-          socket.end();
-          resolve();
-          return;
-        }
-        sentAt = performance.now();
-        socket.write(wire[next++ % wire.length]!);
-      };
-      socket.on('data', (chunk: Buffer) => {
-        pending = pending.length === 0 ? chunk : Buffer.concat([pending, chunk]);
-        const end = pending.indexOf(HEADER_END);
-        if (end < 0) return;
-        const head = pending.subarray(0, end).toString('latin1');
-        const length = /\r\ncontent-length: *(\d+)/i.exec(head);
-        if (!length) {
-          tally.errors++;
-          socket.destroy();
-          resolve();
-          return;
-        }
-        const total = end + 4 + Number(length[1]);
-        if (pending.length < total) return;
-        last = performance.now();
-        tally.answer(Number(head.slice(9, 12)), last - sentAt);
-        pending = pending.subarray(total);
-        send();
-      });
-      socket.on('error', () => {
-        tally.errors++;
-        resolve();
-      });
-      socket.on('close', () => resolve());
-      send();
+  let out = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (out += d.toString()));
+  const done = new Promise<LoadResult>((resolve, reject) => {
+    child.once('error', reject);
+    child.once('exit', (code, signal) => {
+      const line = out.split('\n').find((l) => l.startsWith('MXKEYS_WRK '));
+      if (code !== 0 || !line) {
+        reject(new Error(`wrk ${args.join(' ')} ended with ${code ?? signal} without a result:\n${out.slice(-2000)}`));
+        return;
+      }
+      resolve(parseResult(JSON.parse(line.slice('MXKEYS_WRK '.length)) as WrkJson));
     });
+  });
+  return { pid: child.pid!, done };
+}
 
-  const sockets = await Promise.all(
-    Array.from(
-      { length: spec.connections },
-      () =>
-        new Promise<Socket>((resolve, reject) => {
-          const s = connect({ host: url.hostname, port: Number(url.port), noDelay: true }, () => resolve(s));
-          s.once('error', reject);
-        }),
-    ),
-  );
-  await Promise.all(sockets.map(drive));
-  return tally.result((last - start) / 1000);
+export function runLoad(spec: LoadSpec): Promise<LoadResult> {
+  return startLoad(spec).done;
+}
+
+interface WrkJson {
+  requests: number;
+  non2xx: number;
+  connect: number;
+  read: number;
+  write: number;
+  timeout: number;
+  durationUs: number;
+  latencyUs: { mean: number; p50: number; p90: number; p99: number; max: number };
+  built: number;
+  statuses: Record<string, number>;
+}
+
+function parseResult(j: WrkJson): LoadResult {
+  const seconds = j.durationUs / 1e6;
+  const ok = j.requests - j.non2xx;
+  const ms = (us: number) => us / 1000;
+  return {
+    requests: j.requests,
+    ok,
+    non2xx: j.non2xx,
+    errors: { connect: j.connect, read: j.read, write: j.write, timeout: j.timeout },
+    seconds,
+    rps: ok / seconds,
+    latency: { mean: ms(j.latencyUs.mean), p50: ms(j.latencyUs.p50), p90: ms(j.latencyUs.p90), p99: ms(j.latencyUs.p99), max: ms(j.latencyUs.max) },
+    built: j.built,
+    ...(Object.keys(j.statuses).length > 0 ? { statuses: j.statuses } : {}),
+  };
 }

@@ -6,7 +6,8 @@
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { generateKeyPairSync, randomBytes, sign, type KeyObject } from 'node:crypto';
 import { createServer } from 'node:net';
-import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdirSync, openSync, readFileSync, rmSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
+import { get as httpGet } from 'node:http';
+import { closeSync, copyFileSync, existsSync, fdatasyncSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { withSignature } from '../test/support/keys.js';
@@ -65,7 +66,7 @@ async function waitUntilAnswering(url: string, path: string, child: ChildProcess
   }
 }
 
-async function startChild(args: string[], port: number, readyPath: string): Promise<Child> {
+async function startChild(args: string[], port: number, readyPath: string, readyLine?: string): Promise<Child> {
   const child = spawn(process.execPath, args, { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: childEnv() });
   live.add(child);
   let out = '';
@@ -74,6 +75,14 @@ async function startChild(args: string[], port: number, readyPath: string): Prom
   const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => (live.delete(child), resolve(code))));
   const url = `http://127.0.0.1:${port}`;
   await waitUntilAnswering(url, readyPath, child, () => out);
+  if (readyLine) {
+    const deadline = Date.now() + 60_000;
+    while (!out.includes(readyLine)) {
+      if (child.exitCode !== null || child.signalCode !== null) throw new Error(`process exited (${child.exitCode ?? child.signalCode}) before logging "${readyLine}":\n${out}`);
+      if (Date.now() > deadline) throw new Error(`no "${readyLine}" in the log within 60 s:\n${out}`);
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  }
   return {
     url,
     pid: child.pid!,
@@ -145,10 +154,49 @@ export function buildSnapshot(dir: string): Build {
   return { dir, main, code };
 }
 
-/** `node <build>/dist/main.js serve --config FILE`, optionally under the V8 CPU profiler. */
-export function startMxkeys(build: Build, configFile: string, port: number, cpuProf?: CpuProfile): Promise<Child> {
+export interface MxkeysOptions {
+  /** Run under node --cpu-prof (one process only). */
+  readonly cpuProf?: CpuProfile | undefined;
+  /**
+   * `serve --workers N`. With more than one, startMxkeys waits for the supervisor's
+   * "mxkeys is listening" (every worker serving), so the config's log_level must be info or lower.
+   */
+  readonly workers?: number | undefined;
+}
+
+/** `node <build>/dist/main.js serve --config FILE [--workers N]`, optionally under the V8 CPU profiler. */
+export function startMxkeys(build: Build, configFile: string, port: number, options: MxkeysOptions = {}): Promise<Child> {
+  const { cpuProf, workers = 1 } = options;
   const prof = cpuProf ? ['--cpu-prof', '--cpu-prof-dir', cpuProf.dir, '--cpu-prof-name', cpuProf.name] : [];
-  return startChild([...prof, build.main, 'serve', '--config', configFile], port, '/_matrix/federation/v1/version');
+  const args = [...prof, build.main, 'serve', '--config', configFile, ...(workers > 1 ? ['--workers', String(workers)] : [])];
+  return startChild(args, port, '/_matrix/federation/v1/version', workers > 1 ? '"msg":"mxkeys is listening"' : undefined);
+}
+
+/** `pid` and every process below it (the workers of `serve --workers N`), from /proc. */
+export function processTree(pid: number): number[] {
+  const out = [pid];
+  for (let i = 0; i < out.length; i++) {
+    try {
+      for (const task of readdirSync(`/proc/${out[i]}/task`)) {
+        const children = readFileSync(`/proc/${out[i]}/task/${task}/children`, 'utf8').trim();
+        if (children) out.push(...children.split(/\s+/).map(Number));
+      }
+    } catch {
+      // The process ended meanwhile.
+    }
+  }
+  return out;
+}
+
+/** VmRSS (resident now) and VmHWM (the peak) of a process, in bytes, from /proc/<pid>/status. */
+export function residentMemory(pid: number): { rss: number; peak: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (field: string) => {
+    const m = new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status);
+    if (!m) throw new Error(`no ${field} in /proc/${pid}/status`);
+    return Number(m[1]) * 1024;
+  };
+  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
 }
 
 /** Average milliseconds of a 4 KiB write + fdatasync in `dir`: what a durable SQLite commit waits for. */
@@ -194,20 +242,6 @@ export async function benchConfig(dir: string, name: string, settings: { databas
   // JSON is YAML.
   writeFileSync(configFile, JSON.stringify(config, null, 2));
   return { configFile, port };
-}
-
-export function writeConfig(file: string, settings: { port: number; database: Json; signingKeyPath: string; secret: string; maxOneTimeKeys: number }): void {
-  const config = {
-    server_name: 'bench.local',
-    listen: { host: '127.0.0.1', port: settings.port },
-    database: settings.database,
-    signing_key_path: settings.signingKeyPath,
-    registration_shared_secret: settings.secret,
-    max_one_time_keys_per_device: settings.maxOneTimeKeys,
-    log_level: 'warn',
-  };
-  // JSON is YAML.
-  writeFileSync(file, JSON.stringify(config, null, 2));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,7 +301,8 @@ export interface CpuShare {
 }
 
 export interface CpuRoles {
-  readonly server: number;
+  /** The server's processes (with --workers: the supervisor and its workers). */
+  readonly server: readonly number[];
   readonly loadgen: number;
   readonly postgres: readonly number[];
 }
@@ -278,7 +313,7 @@ export function cpuShare(a: CpuSnapshot, b: CpuSnapshot, roles: CpuRoles): CpuSh
   const pct = (j: number) => (100 * j) / hz / seconds;
   // A process started meanwhile counts from 0; one that ended is lost (and left in "other").
   const used = (pid: number) => (b.pids.has(pid) ? b.pids.get(pid)! - (a.pids.get(pid) ?? 0) : 0);
-  const server = used(roles.server);
+  const server = roles.server.reduce((sum, pid) => sum + used(pid), 0);
   const loadgen = used(roles.loadgen);
   const postgres = roles.postgres.reduce((sum, pid) => sum + used(pid), 0);
   const steal = b.steal - a.steal;
@@ -313,12 +348,36 @@ export async function ok<T = Json>(base: string, method: string, path: string, o
   return r;
 }
 
-/** Synapse's shared-secret registration (GET nonce, POST with the HMAC-SHA1 mac). */
-export async function registerUser(base: string, secret: string, username: string): Promise<Session> {
+/** GET `path` from a given local address (another 127.x.y.z: a client of its own for per-address rate limits). */
+function getFrom(localAddress: string, base: string, path: string): Promise<{ status: number; text: string }> {
+  return new Promise((resolve, reject) => {
+    const req = httpGet(new URL(path, base), { localAddress, agent: false }, (res) => {
+      let text = '';
+      res.setEncoding('utf8');
+      res.on('data', (d: string) => (text += d));
+      res.on('end', () => resolve({ status: res.statusCode ?? 0, text }));
+    });
+    req.on('error', reject);
+  });
+}
+
+/**
+ * Synapse's shared-secret registration (GET nonce, POST with the HMAC-SHA1 mac). mxkeys hands out
+ * 2 nonces a second per client address (20 at once): a harness registering many users gives each
+ * batch of them its own `nonceFrom` address on the loopback network (127.0.0.0/8).
+ */
+export async function registerUser(base: string, secret: string, username: string, nonceFrom?: string): Promise<Session> {
   const password = `pw-${username}`;
-  const { body } = await ok<{ nonce: string }>(base, 'GET', '/_synapse/admin/v1/register');
-  const mac = registrationMac(secret, body.nonce, username, password, false);
-  const r = await ok(base, 'POST', '/_synapse/admin/v1/register', { body: { nonce: body.nonce, username, password, admin: false, mac } });
+  let nonce: string;
+  if (nonceFrom) {
+    const r = await getFrom(nonceFrom, base, '/_synapse/admin/v1/register');
+    if (r.status !== 200) throw new Error(`GET /_synapse/admin/v1/register from ${nonceFrom}: ${r.status} ${r.text.slice(0, 500)}`);
+    nonce = (JSON.parse(r.text) as { nonce: string }).nonce;
+  } else {
+    nonce = (await ok<{ nonce: string }>(base, 'GET', '/_synapse/admin/v1/register')).body.nonce;
+  }
+  const mac = registrationMac(secret, nonce, username, password, false);
+  const r = await ok(base, 'POST', '/_synapse/admin/v1/register', { body: { nonce, username, password, admin: false, mac } });
   return { userId: r.body['user_id'] as string, deviceId: r.body['device_id'] as string, accessToken: r.body['access_token'] as string, password };
 }
 
