@@ -4,7 +4,8 @@
  *  - SQLite: one DELETE … RETURNING picking each device's oldest key in a subquery; a statement
  *    holds the database's write lock, so no other connection or process can take the same row.
  *  - PostgreSQL: one DELETE … RETURNING over a LATERAL pick with FOR UPDATE SKIP LOCKED, so
- *    concurrent claimers each lock (and delete) a different row instead of queueing on one.
+ *    concurrent claimers each lock (and delete) a different row instead of queueing on one, with
+ *    the fallback keys in the same statement (PG_CLAIM).
  */
 import { CHUNK, chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
@@ -38,6 +39,41 @@ interface ClaimRow {
 }
 
 const toCrossSigning = (r: CrossSigningRow): StoredCrossSigningKey => ({ userId: r.user_id, keyType: r.key_type, publicKey: r.public_key, json: r.key_json });
+const toClaimed = (r: ClaimRow & { fallback: boolean }): ClaimedKey => ({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: r.fallback });
+
+/**
+ * The whole claim on PostgreSQL, one statement for any number of devices (the requests travel as
+ * one JSON parameter, so the text never changes and is prepared once per connection):
+ *  - each device's oldest one-time key of the algorithm is locked with SKIP LOCKED, so concurrent
+ *    claimers each take a different row instead of queueing on one, and deleted: a key is handed
+ *    out by the one statement that deleted it, at most once;
+ *  - for the devices that got none, the fallback key is marked used and handed out. Those rows are
+ *    locked in (user, device, algorithm) order first, as the count trigger locks its rows, so
+ *    claims naming the same devices in different orders wait for each other, never deadlock.
+ * The statement is its own transaction: nothing is handed out unless all of it commits.
+ */
+const PG_CLAIM = `
+  WITH req (user_id, device_id, algorithm) AS (SELECT r->>0, r->>1, r->>2 FROM json_array_elements(?::json) AS r),
+  picked AS (
+    SELECT k.id FROM req CROSS JOIN LATERAL (
+      SELECT o.id FROM e2e_one_time_keys o
+      WHERE o.user_id = req.user_id AND o.device_id = req.device_id AND o.algorithm = req.algorithm
+      ORDER BY o.id LIMIT 1 FOR UPDATE SKIP LOCKED) k),
+  taken AS (
+    DELETE FROM e2e_one_time_keys t USING picked WHERE t.id = picked.id
+    RETURNING t.user_id, t.device_id, t.algorithm, t.key_id, t.key_json),
+  fallback AS (
+    SELECT f.user_id, f.device_id, f.algorithm FROM e2e_fallback_keys f
+      JOIN req ON f.user_id = req.user_id AND f.device_id = req.device_id AND f.algorithm = req.algorithm
+    WHERE NOT EXISTS (SELECT 1 FROM taken WHERE taken.user_id = f.user_id AND taken.device_id = f.device_id AND taken.algorithm = f.algorithm)
+    ORDER BY f.user_id, f.device_id, f.algorithm FOR UPDATE OF f),
+  used AS (
+    UPDATE e2e_fallback_keys f SET used = true FROM fallback
+    WHERE f.user_id = fallback.user_id AND f.device_id = fallback.device_id AND f.algorithm = fallback.algorithm
+    RETURNING f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json)
+  SELECT user_id, device_id, algorithm, key_id, key_json, false AS fallback FROM taken
+  UNION ALL
+  SELECT user_id, device_id, algorithm, key_id, key_json, true FROM used`;
 
 async function oneTimeKeyCounts(q: Queryable, userId: string, deviceId: string): Promise<Record<string, number>> {
   const rows = await q.all<{ algorithm: string; n: number }>(
@@ -254,7 +290,7 @@ export class SqlKeysStore implements KeysStore {
   }
 
   claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
-    if (this.db.dialect !== 'sqlite') return this.claimOn(this.db, requests);
+    if (this.db.dialect === 'postgres') return this.claimOn(this.db, requests);
     // SQLite commits (and fsyncs) one transaction at a time, so claims that arrive together are
     // committed together: queued until the event loop has taken in what it has read, then run in
     // one transaction with one fsync. Each still deletes its own row; nobody learns a key before
@@ -282,37 +318,26 @@ export class SqlKeysStore implements KeysStore {
     }
   }
 
-  /** The claim itself on `q` (the database, or a transaction): one statement, plus one for fallbacks. */
+  /** The claim itself on `q` (the database, or a transaction). */
   private async claimOn(q: Queryable, requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
+    if (q.dialect === 'postgres') return (await q.all<ClaimRow & { fallback: boolean }>(PG_CLAIM, [JSON.stringify(requests.map((r) => [r.userId, r.deviceId, r.algorithm]))])).map(toClaimed);
+    // SQLite: one statement for the one-time keys, then one for the fallback keys of the devices
+    // that had none.
     const claimed: ClaimedKey[] = [];
     for (const part of chunks(requests)) {
-      const params = part.flatMap((r) => [r.userId, r.deviceId, r.algorithm]);
-      const rows =
-        q.dialect === 'sqlite'
-          ? await q.all<ClaimRow>(
-              `DELETE FROM e2e_one_time_keys WHERE id IN (
-                 SELECT (SELECT o.id FROM e2e_one_time_keys o
-                         WHERE o.user_id = r.column1 AND o.device_id = r.column2 AND o.algorithm = r.column3
-                         ORDER BY o.id LIMIT 1)
-                 FROM (VALUES ${valuesList(part.length, 3)}) AS r)
-               RETURNING user_id, device_id, algorithm, key_id, key_json`,
-              params,
-            )
-          : await q.all<ClaimRow>(
-              `WITH req (user_id, device_id, algorithm) AS (VALUES ${valuesList(part.length, 3).replace('(?, ?, ?)', '(?::text, ?::text, ?::text)')}),
-               picked AS (
-                 SELECT k.id FROM req CROSS JOIN LATERAL (
-                   SELECT o.id FROM e2e_one_time_keys o
-                   WHERE o.user_id = req.user_id AND o.device_id = req.device_id AND o.algorithm = req.algorithm
-                   ORDER BY o.id LIMIT 1 FOR UPDATE SKIP LOCKED) k)
-               DELETE FROM e2e_one_time_keys t USING picked WHERE t.id = picked.id
-               RETURNING t.user_id, t.device_id, t.algorithm, t.key_id, t.key_json`,
-              params,
-            );
+      const rows = await q.all<ClaimRow>(
+        `DELETE FROM e2e_one_time_keys WHERE id IN (
+           SELECT (SELECT o.id FROM e2e_one_time_keys o
+                   WHERE o.user_id = r.column1 AND o.device_id = r.column2 AND o.algorithm = r.column3
+                   ORDER BY o.id LIMIT 1)
+           FROM (VALUES ${valuesList(part.length, 3)}) AS r)
+         RETURNING user_id, device_id, algorithm, key_id, key_json`,
+        part.flatMap((r) => [r.userId, r.deviceId, r.algorithm]),
+      );
       const got = new Set<string>();
       for (const r of rows) {
         got.add(`${r.user_id}\0${r.device_id}\0${r.algorithm}`);
-        claimed.push({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: false });
+        claimed.push(toClaimed({ ...r, fallback: false }));
       }
       const missing = part.filter((r) => !got.has(`${r.userId}\0${r.deviceId}\0${r.algorithm}`));
       if (missing.length === 0) continue;
@@ -322,9 +347,7 @@ export class SqlKeysStore implements KeysStore {
          RETURNING user_id, device_id, algorithm, key_id, key_json`,
         [true, ...missing.flatMap((r) => [r.userId, r.deviceId, r.algorithm])],
       );
-      for (const r of fallbacks) {
-        claimed.push({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: true });
-      }
+      for (const r of fallbacks) claimed.push(toClaimed({ ...r, fallback: true }));
     }
     return claimed;
   }

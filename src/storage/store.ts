@@ -317,8 +317,8 @@ export interface KeysStore {
   /**
    * Claims one key per request: the device's oldest one-time key of the algorithm, deleted in the
    * same statement so it is handed out at most once even across processes; for devices that have
-   * none left, the fallback key (marked used). Two statements, whatever the number of devices.
-   * Devices with neither are absent from the result.
+   * none left, the fallback key (marked used). One statement on PostgreSQL, two on SQLite,
+   * whatever the number of devices. Devices with neither are absent from the result.
    */
   claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]>;
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>>;
