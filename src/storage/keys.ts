@@ -7,7 +7,7 @@
  *    concurrent claimers each lock (and delete) a different row instead of queueing on one, with
  *    the fallback keys in the same statement (PG_CLAIM).
  */
-import { CHUNK, chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
+import { chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
 import type {
   ClaimedKey,
@@ -16,7 +16,9 @@ import type {
   KeysStore,
   KeysTransaction,
   StoredCrossSigningKey,
+  KeysOfUser,
   KeysOfUsers,
+  StoredDeviceKeys,
   StoredFallbackKey,
   StoredOneTimeKey,
   StoredSignature,
@@ -216,8 +218,8 @@ class SqlKeysTransaction implements KeysTransaction {
 export class SqlKeysStore implements KeysStore {
   /** Pairs (viewer, tracked) known to be stored, so repeated queries do not write again. */
   private readonly trackedCache = new Set<string>();
-  /** Each user's device keys, cross-signing keys and signatures (getKeysOf), while unchanged. */
-  private readonly keysOfUser: ReadCache<KeysOfUsers> | undefined;
+  /** Each user's device keys, cross-signing keys and signatures (keysByUser), while unchanged. */
+  private readonly keysOfUser: ReadCache<KeysOfUser> | undefined;
   /** SQLite claims waiting for the next group commit. */
   private readonly claimQueue: { requests: readonly ClaimRequest[]; resolve: (keys: ClaimedKey[]) => void; reject: (e: unknown) => void }[] = [];
 
@@ -240,15 +242,7 @@ export class SqlKeysStore implements KeysStore {
   }
 
   async getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
-    if (!this.keysOfUser) return this.readKeysOf(userIds);
-    const byUser = await this.keysOfUser.getMany(userIds, async (missing) => {
-      const rows = await this.readKeysOf(missing);
-      const split = new Map<string, KeysOfUsers>(missing.map((u) => [u, { devices: [], crossSigning: [], signatures: [] }]));
-      for (const d of rows.devices) split.get(d.userId)!.devices.push(d);
-      for (const k of rows.crossSigning) split.get(k.userId)!.crossSigning.push(k);
-      for (const s of rows.signatures) split.get(s.targetUserId)!.signatures.push(s);
-      return split;
-    });
+    const byUser = await this.keysByUser(userIds);
     if (byUser.size === 1) return byUser.values().next().value!;
     const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
     for (const k of byUser.values()) {
@@ -259,28 +253,41 @@ export class SqlKeysStore implements KeysStore {
     return out;
   }
 
-  private async readKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
-    const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
-    for (const part of chunks(userIds, Math.floor(CHUNK / 3))) {
-      const inList = placeholders(part.length);
-      // One round trip for the three kinds of rows; `kind` tells them apart, a–d carry the columns.
-      const rows = await this.db.all<{ kind: number; user_id: string; a: string; b: string | null; c: string; d: string | null }>(
-        `SELECT 0 AS kind, k.user_id, k.device_id AS a, d.display_name AS b, k.key_json AS c, NULL AS d
-           FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
-          WHERE k.user_id IN (${inList})
-         UNION ALL
-         SELECT 1, user_id, key_type, public_key, key_json, NULL FROM e2e_cross_signing_keys WHERE user_id IN (${inList})
-         UNION ALL
-         SELECT 2, target_user_id, target_key_id, signer_user_id, signature, signer_key_id
-           FROM e2e_cross_signing_signatures WHERE target_user_id IN (${inList})`,
-        [...part, ...part, ...part],
-      );
-      for (const r of rows) {
-        if (r.kind === 0) out.devices.push({ userId: r.user_id, deviceId: r.a, displayName: r.b, json: r.c });
-        else if (r.kind === 1) out.crossSigning.push({ userId: r.user_id, keyType: r.a as CrossSigningKeyType, publicKey: r.b!, json: r.c });
-        else out.signatures.push({ targetUserId: r.user_id, targetKeyId: r.a, signerUserId: r.b!, signerKeyId: r.d!, signature: r.c });
-      }
+  keysByUser(userIds: readonly string[]): Promise<Map<string, KeysOfUser>> {
+    return this.keysOfUser ? this.keysOfUser.getMany(userIds, (missing) => this.readKeysOf(missing)) : this.readKeysOf(userIds);
+  }
+
+  /**
+   * One statement for any number of users: their list travels as one JSON parameter, so the
+   * statement text never changes (prepared once per connection on PostgreSQL, once per process
+   * on SQLite). `kind` tells the four kinds of rows apart; a–d carry their columns.
+   */
+  private async readKeysOf(userIds: readonly string[]): Promise<Map<string, KeysOfUser>> {
+    const out = new Map<string, { account: boolean; devices: StoredDeviceKeys[]; crossSigning: StoredCrossSigningKey[]; signatures: StoredSignature[] }>();
+    for (const u of userIds) out.set(u, { account: false, devices: [], crossSigning: [], signatures: [] });
+    const list = this.db.dialect === 'postgres' ? 'SELECT json_array_elements_text(?::json) AS user_id' : 'SELECT value AS user_id FROM json_each(?)';
+    const rows = await this.db.all<{ kind: number; user_id: string; a: string | null; b: string | null; c: string | null; d: string | null }>(
+      `WITH u (user_id) AS (${list})
+       SELECT 0 AS kind, k.user_id, k.device_id AS a, d.display_name AS b, k.key_json AS c, NULL AS d
+         FROM u JOIN e2e_device_keys k ON k.user_id = u.user_id JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
+       UNION ALL
+       SELECT 1, c.user_id, c.key_type, c.public_key, c.key_json, NULL FROM u JOIN e2e_cross_signing_keys c ON c.user_id = u.user_id
+       UNION ALL
+       SELECT 2, s.target_user_id, s.target_key_id, s.signer_user_id, s.signature, s.signer_key_id
+         FROM u JOIN e2e_cross_signing_signatures s ON s.target_user_id = u.user_id
+       UNION ALL
+       SELECT 3, a.user_id, NULL, NULL, NULL, NULL FROM u JOIN users a ON a.user_id = u.user_id`,
+      [JSON.stringify([...out.keys()])],
+    );
+    for (const r of rows) {
+      const user = out.get(r.user_id)!;
+      if (r.kind === 0) user.devices.push({ userId: r.user_id, deviceId: r.a!, displayName: r.b, json: r.c! });
+      else if (r.kind === 1) user.crossSigning.push({ userId: r.user_id, keyType: r.a as CrossSigningKeyType, publicKey: r.b!, json: r.c! });
+      else if (r.kind === 2) user.signatures.push({ targetUserId: r.user_id, targetKeyId: r.a!, signerUserId: r.b!, signerKeyId: r.d!, signature: r.c! });
+      else user.account = true;
     }
+    // Device ID order on both databases (SQLite reads them in that order anyway).
+    for (const user of out.values()) if (user.devices.length > 1) user.devices.sort((x, y) => (x.deviceId < y.deviceId ? -1 : x.deviceId > y.deviceId ? 1 : 0));
     return out;
   }
 
@@ -364,23 +371,27 @@ export class SqlKeysStore implements KeysStore {
     return rows.map((r) => r.algorithm);
   }
 
-  async trackUsers(userId: string, tracked: readonly string[]): Promise<void> {
+  async trackUsers(userId: string, tracked: readonly string[], answerable = false): Promise<void> {
     const fresh = tracked.filter((t) => t !== userId && !this.trackedCache.has(`${userId}\0${t}`));
     if (fresh.length === 0) return;
     for (const part of chunks(fresh)) {
       // Only users this server can answer for: invented IDs would be rows nobody ever needs.
       const inList = placeholders(part.length);
-      const known = await this.db.all<{ user_id: string }>(
-        `SELECT user_id FROM users WHERE user_id IN (${inList}) UNION SELECT user_id FROM remote_device_lists WHERE user_id IN (${inList})`,
-        [...part, ...part],
-      );
+      const known = answerable
+        ? part
+        : (
+            await this.db.all<{ user_id: string }>(
+              `SELECT user_id FROM users WHERE user_id IN (${inList}) UNION SELECT user_id FROM remote_device_lists WHERE user_id IN (${inList})`,
+              [...part, ...part],
+            )
+          ).map((k) => k.user_id);
       if (known.length === 0) continue;
       await this.db.run(
         `INSERT INTO e2e_tracked_users (user_id, tracked_user_id) VALUES ${valuesList(known.length, 2)} ON CONFLICT DO NOTHING`,
-        known.flatMap((k) => [userId, k.user_id]),
+        known.flatMap((k) => [userId, k]),
       );
       if (this.trackedCache.size > 100_000) this.trackedCache.clear();
-      for (const k of known) this.trackedCache.add(`${userId}\0${k.user_id}`);
+      for (const k of known) this.trackedCache.add(`${userId}\0${k}`);
     }
   }
 
