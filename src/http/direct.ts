@@ -20,11 +20,11 @@ export interface DirectRoute {
   /** The exact path; the query string is not part of the match. */
   readonly path: string;
   /**
-   * Resolves to the JSON text of a 200 answer; throws as a Fastify handler would. `body` is the
-   * parsed JSON body (`undefined` when there is none): the whole body is read before the route
-   * runs, as Synapse does, so its authentication and reads happen in one go.
+   * Resolves to the JSON of a 200 answer, as text or as UTF-8 bytes; throws as a Fastify handler
+   * would. `body` is the parsed JSON body (`undefined` when there is none): the whole body is read
+   * before the route runs, as Synapse does, so its authentication and reads happen in one go.
    */
-  handle(raw: IncomingMessage, body: unknown): Promise<string>;
+  handle(raw: IncomingMessage, body: unknown): Promise<string | Buffer>;
 }
 
 export interface DirectRoutesOptions {
@@ -109,9 +109,9 @@ export class DirectRoutes {
     return true;
   }
 
-  private send(req: IncomingMessage, res: ServerResponse, route: DirectRoute, start: number, status: number, extra: Record<string, string> | undefined, text: string): void {
+  private send(req: IncomingMessage, res: ServerResponse, route: DirectRoute, start: number, status: number, extra: Record<string, string> | undefined, text: string | Buffer): void {
     if (res.headersSent || res.destroyed) return;
-    const length = String(Buffer.byteLength(text));
+    const length = String(typeof text === 'string' ? Buffer.byteLength(text) : text.length);
     if (extra === undefined) {
       this.okHeaders['content-length'] = length;
       res.writeHead(status, this.okHeaders);

@@ -7,9 +7,10 @@
 import { MatrixError } from '../matrix/errors.js';
 import { canonicalJson } from '../matrix/canonical-json.js';
 import { isLocalUser, isValidDeviceId, isValidKeyPart, parseUserId } from '../matrix/ids.js';
-import type { ClaimedKey, ClaimRequest, DeviceListsStore, KeysOfUsers, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
+import type { ClaimedKey, ClaimRequest, DeviceListsStore, KeysOfUser, KeysOfUsers, KeysStore, StoredCrossSigningKey, StoredSignature } from '../storage/store.js';
 import type { RemoteKeyLookup, RemoteQueryResult, ServerFailure } from './remote.js';
-import { sameKeyIgnoringSignatures, withSignatures, withUnsigned } from './json-text.js';
+import { sameKeyIgnoringSignatures, withSignatures } from './json-text.js';
+import { answerBytes, objectText, UserAnswerCache, userAnswer, type UserAnswer, type Viewer } from './query-text.js';
 import { badJson, checkTimeout, parseKeyMap, requireObject, requireObjectField, validateDeviceKeys } from './validate.js';
 import { parseStreamToken } from './sync-token.js';
 
@@ -19,8 +20,7 @@ export interface Requester {
   readonly deviceId: string;
 }
 
-/** Who reads keys: a local user, or another server (no user: only owners' own signatures show). */
-export type Viewer = { readonly userId: string } | null;
+export type { Viewer } from './query-text.js';
 
 /** How much one key query or claim may ask for; more is refused with 400 naming the setting. */
 export interface RequestLimits {
@@ -50,18 +50,6 @@ export interface KeysOptions {
 export type { ServerFailure } from './remote.js';
 
 type JsonObject = Record<string, unknown>;
-
-/** `{"k":v,…}` from keys and already-encoded JSON values. */
-export function objectText(entries: Iterable<readonly [string, string]>): string {
-  let out = '{';
-  let first = true;
-  for (const [k, v] of entries) {
-    if (!first) out += ',';
-    first = false;
-    out += `${JSON.stringify(k)}:${v}`;
-  }
-  return `${out}}`;
-}
 
 /**
  * A function that adds to a stored key object the uploaded signatures on it that `viewer` may see
@@ -98,11 +86,14 @@ export interface KeyStats {
 /**
  * Query answers are kept for reuse while the data is unchanged, bounded by what they hold: the
  * request (the key) and the answer count, so a small answer to a huge request cannot pin memory.
+ * Sizes are in bytes (the request counted in UTF-16 code units: the same for the ASCII of IDs).
  */
-const MAX_KEPT_ANSWER_CHARS = 16_384;
+const MAX_KEPT_ANSWER_BYTES = 16_384;
 const MAX_KEPT_REQUEST_CHARS = 4096;
-/** All kept requests and answers together, in UTF-16 code units (about 2 bytes each): ~16 MB. */
-export const ANSWER_CACHE_BUDGET_CHARS = 8 * 1024 * 1024;
+/** All kept requests and answers together: ~16 MB. */
+export const ANSWER_CACHE_BUDGET_BYTES = 16 * 1024 * 1024;
+/** The same for users' parts of answers (query-text.ts): ~32 MB, the keys of several thousand users. */
+const USER_ANSWER_BUDGET_BYTES = 32 * 1024 * 1024;
 
 /** The `failures` object of a client answer. */
 function failuresText(failures: ReadonlyMap<string, ServerFailure>): string {
@@ -118,9 +109,11 @@ export class Keys {
    * Query answers by viewer, options and request, valid for one data version of the store: the
    * same question about unchanged data has the same answer (clients and servers repeat queries).
    */
-  private readonly answers = new Map<string, string>();
+  private readonly answers = new Map<string, Buffer>();
   private answersVersion: number | undefined;
-  private answersChars = 0;
+  private answersBytes = 0;
+  /** Each user's part of query answers, while the data is unchanged. */
+  private readonly userAnswerCache = new UserAnswerCache(USER_ANSWER_BUDGET_BYTES);
   private readonly limits: RequestLimits;
   private readonly now: () => number;
 
@@ -159,9 +152,9 @@ export class Keys {
     }
   }
 
-  /** Used by the query-answer cache, in UTF-16 code units (metrics and tests). */
-  answerCacheChars(): number {
-    return this.answersChars;
+  /** Used by the query-answer cache, in bytes (metrics and tests). */
+  answerCacheBytes(): number {
+    return this.answersBytes;
   }
 
   /** POST /keys/upload */
@@ -314,11 +307,11 @@ export class Keys {
   }
 
   /**
-   * POST /keys/query (client) and /user/keys/query (federation): the response body as JSON text.
+   * POST /keys/query (client) and /user/keys/query (federation): the response body, JSON as UTF-8.
    * Keys come back exactly as uploaded, plus `unsigned` and the signatures the viewer may see.
    * Users on other servers (client API only) come from the remote key lookup.
    */
-  async query(viewer: Viewer, body: unknown, options: QueryOptions): Promise<string> {
+  async query(viewer: Viewer, body: unknown, options: QueryOptions): Promise<Buffer> {
     const wanted = requireObjectField(body, 'device_keys');
     const deadline = this.now() + checkTimeout(body as JsonObject);
     const userIds = Object.keys(wanted);
@@ -336,10 +329,9 @@ export class Keys {
         ? await this.options.remote.queryKeys(new Map(remote.map((u) => [u, wanted[u] as string[]])), deadline)
         : { keys: EMPTY_KEYS, known: [], failures: this.unreachable(remote) };
       if (viewer) await this.store.trackUsers(viewer.userId, [...local, ...fromRemote.known]);
-      return this.buildQueryAnswer(viewer, wanted, local, { users: remote, result: fromRemote }, options);
+      return this.answerWithRemote(viewer, wanted, local, remote, fromRemote, options);
     }
 
-    if (viewer) await this.store.trackUsers(viewer.userId, local);
     const version = this.store.dataVersion();
     const request = JSON.stringify(wanted);
     const answerKey =
@@ -347,65 +339,71 @@ export class Keys {
     if (answerKey !== undefined) {
       if (version !== this.answersVersion) {
         this.answers.clear();
-        this.answersChars = 0;
+        this.answersBytes = 0;
         this.answersVersion = version;
       }
+      // Kept only if nothing changed since it was built, after its users were tracked: a hit
+      // needs no tracking either.
       const kept = this.answers.get(answerKey);
       if (kept !== undefined) return kept;
     }
-    const answer = await this.buildQueryAnswer(viewer, wanted, local, undefined, options);
-    // Built from data at least as new as `version`; a change since has moved the version on.
-    if (answerKey !== undefined && this.answersVersion === version && answer.length <= MAX_KEPT_ANSWER_CHARS) this.keepAnswer(answerKey, answer);
+    const parts = await this.userAnswers(version, local, options.displayNames);
+    // Users without an account here are not tracked (nobody can answer for them); the read
+    // above said which have one.
+    if (viewer) await this.store.trackUsers(viewer.userId, local.filter((u) => parts.get(u)!.account), true);
+    const answer = answerBytes(local, parts, wanted, viewer, options.clientApi, options.clientApi ? ',"failures":{}' : '');
+    // Built from data as of `version`; tracking that wrote, or any other change, moved it on.
+    if (answerKey !== undefined && this.store.dataVersion() === version && this.answersVersion === version && answer.length <= MAX_KEPT_ANSWER_BYTES) {
+      this.keepAnswer(answerKey, answer);
+    }
     return answer;
   }
 
   /** Keeps an answer, dropping the oldest ones while the cache would exceed its budget. */
-  private keepAnswer(key: string, answer: string): void {
+  private keepAnswer(key: string, answer: Buffer): void {
     const size = key.length + answer.length;
     for (const [oldKey, oldAnswer] of this.answers) {
-      if (this.answersChars + size <= ANSWER_CACHE_BUDGET_CHARS) break;
+      if (this.answersBytes + size <= ANSWER_CACHE_BUDGET_BYTES) break;
       this.answers.delete(oldKey);
-      this.answersChars -= oldKey.length + oldAnswer.length;
+      this.answersBytes -= oldKey.length + oldAnswer.length;
     }
     this.answers.set(key, answer);
-    this.answersChars += size;
+    this.answersBytes += size;
   }
 
-  private async buildQueryAnswer(
-    viewer: Viewer,
-    wanted: JsonObject,
-    local: readonly string[],
-    remote: { readonly users: readonly string[]; readonly result: RemoteQueryResult } | undefined,
-    options: QueryOptions,
-  ): Promise<string> {
+  /**
+   * The answer parts of local users: those kept for this data version as they are, the others
+   * from one read of the store (reusing a kept part when the keys read are the ones it was built
+   * from).
+   */
+  private async userAnswers(version: number | undefined, users: readonly string[], displayNames: boolean): Promise<Map<string, UserAnswer>> {
+    const { found, missing } = this.userAnswerCache.lookup(version, users, displayNames);
+    if (missing.length === 0) return found;
+    const read = await this.store.keysByUser(missing);
+    // Current for `version` only if nothing changed while reading.
+    const readAt = version !== undefined && this.store.dataVersion() === version ? version : undefined;
+    for (const [u, keys] of read) found.set(u, this.userAnswerCache.partFor(u, keys, displayNames, readAt));
+    return found;
+  }
+
+  /** A client query naming users of other servers: their keys as fetched, with the signatures our users made on them. */
+  private async answerWithRemote(viewer: Viewer, wanted: JsonObject, local: readonly string[], remote: readonly string[], result: RemoteQueryResult, options: QueryOptions): Promise<Buffer> {
     // Remote users whose server answered (or whose list is cached) are listed, with or without devices.
-    const failed = remote?.result.failures;
-    const known = new Set(remote?.result.known);
-    const answered = remote ? remote.users.filter((u) => known.has(u) || !failed!.has(parseUserId(u)!.serverName)) : [];
-    const users = answered.length > 0 ? [...local, ...answered] : local;
+    const known = new Set(result.known);
+    const answered = remote.filter((u) => known.has(u) || !result.failures.has(parseUserId(u)!.serverName));
+    const parts = await this.userAnswers(this.store.dataVersion(), local, options.displayNames);
     // For remote users the store holds only signatures our users made on their keys.
-    const stored = users.length ? await this.store.getKeysOf(users) : EMPTY_KEYS;
-    const devices = remote ? [...stored.devices, ...remote.result.keys.devices] : stored.devices;
-    const crossSigning = remote ? [...stored.crossSigning, ...remote.result.keys.crossSigning] : stored.crossSigning;
-    const signed = withVisibleSignatures(stored.signatures, viewer);
-
-    const deviceEntries = new Map<string, [string, string][]>(users.map((u) => [u, []]));
-    for (const d of devices) {
-      const only = wanted[d.userId] as string[];
-      if (only.length > 0 && !only.includes(d.deviceId)) continue;
-      const unsigned = options.displayNames && d.displayName !== null ? `{"device_display_name":${JSON.stringify(d.displayName)}}` : '{}';
-      deviceEntries.get(d.userId)?.push([d.deviceId, withUnsigned(signed(d.json, d.userId, d.deviceId), unsigned)]);
+    const stored = answered.length > 0 ? await this.store.keysByUser(answered) : new Map<string, KeysOfUser>();
+    for (const u of answered) {
+      const keys: KeysOfUser = {
+        account: false,
+        devices: result.keys.devices.filter((d) => d.userId === u),
+        crossSigning: result.keys.crossSigning.filter((k) => k.userId === u),
+        signatures: stored.get(u)?.signatures ?? [],
+      };
+      parts.set(u, userAnswer(u, keys, options.displayNames));
     }
-
-    const keysOfType = (type: StoredCrossSigningKey['keyType']): [string, string][] =>
-      crossSigning
-        .filter((k) => k.keyType === type && (type !== 'user_signing' || (viewer !== null && k.userId === viewer.userId)))
-        .map((k) => [k.userId, signed(k.json, k.userId, k.publicKey)]);
-
-    let out = `{"device_keys":${objectText([...deviceEntries].map(([u, entries]) => [u, objectText(entries)] as const))}`;
-    out += `,"master_keys":${objectText(keysOfType('master'))},"self_signing_keys":${objectText(keysOfType('self_signing'))}`;
-    if (options.clientApi) out += `,"user_signing_keys":${objectText(keysOfType('user_signing'))},"failures":${failuresText(failed ?? new Map())}`;
-    return `${out}}`;
+    return answerBytes([...local, ...answered], parts, wanted, viewer, options.clientApi, `,"failures":${failuresText(result.failures)}`);
   }
 
   /**

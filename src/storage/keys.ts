@@ -4,9 +4,10 @@
  *  - SQLite: one DELETE … RETURNING picking each device's oldest key in a subquery; a statement
  *    holds the database's write lock, so no other connection or process can take the same row.
  *  - PostgreSQL: one DELETE … RETURNING over a LATERAL pick with FOR UPDATE SKIP LOCKED, so
- *    concurrent claimers each lock (and delete) a different row instead of queueing on one.
+ *    concurrent claimers each lock (and delete) a different row instead of queueing on one, with
+ *    the fallback keys in the same statement (PG_CLAIM).
  */
-import { CHUNK, chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
+import { chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
 import type {
   ClaimedKey,
@@ -15,7 +16,9 @@ import type {
   KeysStore,
   KeysTransaction,
   StoredCrossSigningKey,
+  KeysOfUser,
   KeysOfUsers,
+  StoredDeviceKeys,
   StoredFallbackKey,
   StoredOneTimeKey,
   StoredSignature,
@@ -38,6 +41,41 @@ interface ClaimRow {
 }
 
 const toCrossSigning = (r: CrossSigningRow): StoredCrossSigningKey => ({ userId: r.user_id, keyType: r.key_type, publicKey: r.public_key, json: r.key_json });
+const toClaimed = (r: ClaimRow & { fallback: boolean }): ClaimedKey => ({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: r.fallback });
+
+/**
+ * The whole claim on PostgreSQL, one statement for any number of devices (the requests travel as
+ * one JSON parameter, so the text never changes and is prepared once per connection):
+ *  - each device's oldest one-time key of the algorithm is locked with SKIP LOCKED, so concurrent
+ *    claimers each take a different row instead of queueing on one, and deleted: a key is handed
+ *    out by the one statement that deleted it, at most once;
+ *  - for the devices that got none, the fallback key is marked used and handed out. Those rows are
+ *    locked in (user, device, algorithm) order first, as the count trigger locks its rows, so
+ *    claims naming the same devices in different orders wait for each other, never deadlock.
+ * The statement is its own transaction: nothing is handed out unless all of it commits.
+ */
+const PG_CLAIM = `
+  WITH req (user_id, device_id, algorithm) AS (SELECT r->>0, r->>1, r->>2 FROM json_array_elements(?::json) AS r),
+  picked AS (
+    SELECT k.id FROM req CROSS JOIN LATERAL (
+      SELECT o.id FROM e2e_one_time_keys o
+      WHERE o.user_id = req.user_id AND o.device_id = req.device_id AND o.algorithm = req.algorithm
+      ORDER BY o.id LIMIT 1 FOR UPDATE SKIP LOCKED) k),
+  taken AS (
+    DELETE FROM e2e_one_time_keys t USING picked WHERE t.id = picked.id
+    RETURNING t.user_id, t.device_id, t.algorithm, t.key_id, t.key_json),
+  fallback AS (
+    SELECT f.user_id, f.device_id, f.algorithm FROM e2e_fallback_keys f
+      JOIN req ON f.user_id = req.user_id AND f.device_id = req.device_id AND f.algorithm = req.algorithm
+    WHERE NOT EXISTS (SELECT 1 FROM taken WHERE taken.user_id = f.user_id AND taken.device_id = f.device_id AND taken.algorithm = f.algorithm)
+    ORDER BY f.user_id, f.device_id, f.algorithm FOR UPDATE OF f),
+  used AS (
+    UPDATE e2e_fallback_keys f SET used = true FROM fallback
+    WHERE f.user_id = fallback.user_id AND f.device_id = fallback.device_id AND f.algorithm = fallback.algorithm
+    RETURNING f.user_id, f.device_id, f.algorithm, f.key_id, f.key_json)
+  SELECT user_id, device_id, algorithm, key_id, key_json, false AS fallback FROM taken
+  UNION ALL
+  SELECT user_id, device_id, algorithm, key_id, key_json, true FROM used`;
 
 async function oneTimeKeyCounts(q: Queryable, userId: string, deviceId: string): Promise<Record<string, number>> {
   const rows = await q.all<{ algorithm: string; n: number }>(
@@ -180,8 +218,8 @@ class SqlKeysTransaction implements KeysTransaction {
 export class SqlKeysStore implements KeysStore {
   /** Pairs (viewer, tracked) known to be stored, so repeated queries do not write again. */
   private readonly trackedCache = new Set<string>();
-  /** Each user's device keys, cross-signing keys and signatures (getKeysOf), while unchanged. */
-  private readonly keysOfUser: ReadCache<KeysOfUsers> | undefined;
+  /** Each user's device keys, cross-signing keys and signatures (keysByUser), while unchanged. */
+  private readonly keysOfUser: ReadCache<KeysOfUser> | undefined;
   /** SQLite claims waiting for the next group commit. */
   private readonly claimQueue: { requests: readonly ClaimRequest[]; resolve: (keys: ClaimedKey[]) => void; reject: (e: unknown) => void }[] = [];
 
@@ -204,15 +242,7 @@ export class SqlKeysStore implements KeysStore {
   }
 
   async getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
-    if (!this.keysOfUser) return this.readKeysOf(userIds);
-    const byUser = await this.keysOfUser.getMany(userIds, async (missing) => {
-      const rows = await this.readKeysOf(missing);
-      const split = new Map<string, KeysOfUsers>(missing.map((u) => [u, { devices: [], crossSigning: [], signatures: [] }]));
-      for (const d of rows.devices) split.get(d.userId)!.devices.push(d);
-      for (const k of rows.crossSigning) split.get(k.userId)!.crossSigning.push(k);
-      for (const s of rows.signatures) split.get(s.targetUserId)!.signatures.push(s);
-      return split;
-    });
+    const byUser = await this.keysByUser(userIds);
     if (byUser.size === 1) return byUser.values().next().value!;
     const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
     for (const k of byUser.values()) {
@@ -223,28 +253,41 @@ export class SqlKeysStore implements KeysStore {
     return out;
   }
 
-  private async readKeysOf(userIds: readonly string[]): Promise<KeysOfUsers> {
-    const out: KeysOfUsers = { devices: [], crossSigning: [], signatures: [] };
-    for (const part of chunks(userIds, Math.floor(CHUNK / 3))) {
-      const inList = placeholders(part.length);
-      // One round trip for the three kinds of rows; `kind` tells them apart, a–d carry the columns.
-      const rows = await this.db.all<{ kind: number; user_id: string; a: string; b: string | null; c: string; d: string | null }>(
-        `SELECT 0 AS kind, k.user_id, k.device_id AS a, d.display_name AS b, k.key_json AS c, NULL AS d
-           FROM e2e_device_keys k JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
-          WHERE k.user_id IN (${inList})
-         UNION ALL
-         SELECT 1, user_id, key_type, public_key, key_json, NULL FROM e2e_cross_signing_keys WHERE user_id IN (${inList})
-         UNION ALL
-         SELECT 2, target_user_id, target_key_id, signer_user_id, signature, signer_key_id
-           FROM e2e_cross_signing_signatures WHERE target_user_id IN (${inList})`,
-        [...part, ...part, ...part],
-      );
-      for (const r of rows) {
-        if (r.kind === 0) out.devices.push({ userId: r.user_id, deviceId: r.a, displayName: r.b, json: r.c });
-        else if (r.kind === 1) out.crossSigning.push({ userId: r.user_id, keyType: r.a as CrossSigningKeyType, publicKey: r.b!, json: r.c });
-        else out.signatures.push({ targetUserId: r.user_id, targetKeyId: r.a, signerUserId: r.b!, signerKeyId: r.d!, signature: r.c });
-      }
+  keysByUser(userIds: readonly string[]): Promise<Map<string, KeysOfUser>> {
+    return this.keysOfUser ? this.keysOfUser.getMany(userIds, (missing) => this.readKeysOf(missing)) : this.readKeysOf(userIds);
+  }
+
+  /**
+   * One statement for any number of users: their list travels as one JSON parameter, so the
+   * statement text never changes (prepared once per connection on PostgreSQL, once per process
+   * on SQLite). `kind` tells the four kinds of rows apart; a–d carry their columns.
+   */
+  private async readKeysOf(userIds: readonly string[]): Promise<Map<string, KeysOfUser>> {
+    const out = new Map<string, { account: boolean; devices: StoredDeviceKeys[]; crossSigning: StoredCrossSigningKey[]; signatures: StoredSignature[] }>();
+    for (const u of userIds) out.set(u, { account: false, devices: [], crossSigning: [], signatures: [] });
+    const list = this.db.dialect === 'postgres' ? 'SELECT json_array_elements_text(?::json) AS user_id' : 'SELECT value AS user_id FROM json_each(?)';
+    const rows = await this.db.all<{ kind: number; user_id: string; a: string | null; b: string | null; c: string | null; d: string | null }>(
+      `WITH u (user_id) AS (${list})
+       SELECT 0 AS kind, k.user_id, k.device_id AS a, d.display_name AS b, k.key_json AS c, NULL AS d
+         FROM u JOIN e2e_device_keys k ON k.user_id = u.user_id JOIN devices d ON d.user_id = k.user_id AND d.device_id = k.device_id
+       UNION ALL
+       SELECT 1, c.user_id, c.key_type, c.public_key, c.key_json, NULL FROM u JOIN e2e_cross_signing_keys c ON c.user_id = u.user_id
+       UNION ALL
+       SELECT 2, s.target_user_id, s.target_key_id, s.signer_user_id, s.signature, s.signer_key_id
+         FROM u JOIN e2e_cross_signing_signatures s ON s.target_user_id = u.user_id
+       UNION ALL
+       SELECT 3, a.user_id, NULL, NULL, NULL, NULL FROM u JOIN users a ON a.user_id = u.user_id`,
+      [JSON.stringify([...out.keys()])],
+    );
+    for (const r of rows) {
+      const user = out.get(r.user_id)!;
+      if (r.kind === 0) user.devices.push({ userId: r.user_id, deviceId: r.a!, displayName: r.b, json: r.c! });
+      else if (r.kind === 1) user.crossSigning.push({ userId: r.user_id, keyType: r.a as CrossSigningKeyType, publicKey: r.b!, json: r.c! });
+      else if (r.kind === 2) user.signatures.push({ targetUserId: r.user_id, targetKeyId: r.a!, signerUserId: r.b!, signerKeyId: r.d!, signature: r.c! });
+      else user.account = true;
     }
+    // Device ID order on both databases (SQLite reads them in that order anyway).
+    for (const user of out.values()) if (user.devices.length > 1) user.devices.sort((x, y) => (x.deviceId < y.deviceId ? -1 : x.deviceId > y.deviceId ? 1 : 0));
     return out;
   }
 
@@ -254,7 +297,7 @@ export class SqlKeysStore implements KeysStore {
   }
 
   claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
-    if (this.db.dialect !== 'sqlite') return this.claimOn(this.db, requests);
+    if (this.db.dialect === 'postgres') return this.claimOn(this.db, requests);
     // SQLite commits (and fsyncs) one transaction at a time, so claims that arrive together are
     // committed together: queued until the event loop has taken in what it has read, then run in
     // one transaction with one fsync. Each still deletes its own row; nobody learns a key before
@@ -282,37 +325,26 @@ export class SqlKeysStore implements KeysStore {
     }
   }
 
-  /** The claim itself on `q` (the database, or a transaction): one statement, plus one for fallbacks. */
+  /** The claim itself on `q` (the database, or a transaction). */
   private async claimOn(q: Queryable, requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
+    if (q.dialect === 'postgres') return (await q.all<ClaimRow & { fallback: boolean }>(PG_CLAIM, [JSON.stringify(requests.map((r) => [r.userId, r.deviceId, r.algorithm]))])).map(toClaimed);
+    // SQLite: one statement for the one-time keys, then one for the fallback keys of the devices
+    // that had none.
     const claimed: ClaimedKey[] = [];
     for (const part of chunks(requests)) {
-      const params = part.flatMap((r) => [r.userId, r.deviceId, r.algorithm]);
-      const rows =
-        q.dialect === 'sqlite'
-          ? await q.all<ClaimRow>(
-              `DELETE FROM e2e_one_time_keys WHERE id IN (
-                 SELECT (SELECT o.id FROM e2e_one_time_keys o
-                         WHERE o.user_id = r.column1 AND o.device_id = r.column2 AND o.algorithm = r.column3
-                         ORDER BY o.id LIMIT 1)
-                 FROM (VALUES ${valuesList(part.length, 3)}) AS r)
-               RETURNING user_id, device_id, algorithm, key_id, key_json`,
-              params,
-            )
-          : await q.all<ClaimRow>(
-              `WITH req (user_id, device_id, algorithm) AS (VALUES ${valuesList(part.length, 3).replace('(?, ?, ?)', '(?::text, ?::text, ?::text)')}),
-               picked AS (
-                 SELECT k.id FROM req CROSS JOIN LATERAL (
-                   SELECT o.id FROM e2e_one_time_keys o
-                   WHERE o.user_id = req.user_id AND o.device_id = req.device_id AND o.algorithm = req.algorithm
-                   ORDER BY o.id LIMIT 1 FOR UPDATE SKIP LOCKED) k)
-               DELETE FROM e2e_one_time_keys t USING picked WHERE t.id = picked.id
-               RETURNING t.user_id, t.device_id, t.algorithm, t.key_id, t.key_json`,
-              params,
-            );
+      const rows = await q.all<ClaimRow>(
+        `DELETE FROM e2e_one_time_keys WHERE id IN (
+           SELECT (SELECT o.id FROM e2e_one_time_keys o
+                   WHERE o.user_id = r.column1 AND o.device_id = r.column2 AND o.algorithm = r.column3
+                   ORDER BY o.id LIMIT 1)
+           FROM (VALUES ${valuesList(part.length, 3)}) AS r)
+         RETURNING user_id, device_id, algorithm, key_id, key_json`,
+        part.flatMap((r) => [r.userId, r.deviceId, r.algorithm]),
+      );
       const got = new Set<string>();
       for (const r of rows) {
         got.add(`${r.user_id}\0${r.device_id}\0${r.algorithm}`);
-        claimed.push({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: false });
+        claimed.push(toClaimed({ ...r, fallback: false }));
       }
       const missing = part.filter((r) => !got.has(`${r.userId}\0${r.deviceId}\0${r.algorithm}`));
       if (missing.length === 0) continue;
@@ -322,9 +354,7 @@ export class SqlKeysStore implements KeysStore {
          RETURNING user_id, device_id, algorithm, key_id, key_json`,
         [true, ...missing.flatMap((r) => [r.userId, r.deviceId, r.algorithm])],
       );
-      for (const r of fallbacks) {
-        claimed.push({ userId: r.user_id, deviceId: r.device_id, algorithm: r.algorithm, keyId: r.key_id, json: r.key_json, fallback: true });
-      }
+      for (const r of fallbacks) claimed.push(toClaimed({ ...r, fallback: true }));
     }
     return claimed;
   }
@@ -341,23 +371,27 @@ export class SqlKeysStore implements KeysStore {
     return rows.map((r) => r.algorithm);
   }
 
-  async trackUsers(userId: string, tracked: readonly string[]): Promise<void> {
+  async trackUsers(userId: string, tracked: readonly string[], answerable = false): Promise<void> {
     const fresh = tracked.filter((t) => t !== userId && !this.trackedCache.has(`${userId}\0${t}`));
     if (fresh.length === 0) return;
     for (const part of chunks(fresh)) {
       // Only users this server can answer for: invented IDs would be rows nobody ever needs.
       const inList = placeholders(part.length);
-      const known = await this.db.all<{ user_id: string }>(
-        `SELECT user_id FROM users WHERE user_id IN (${inList}) UNION SELECT user_id FROM remote_device_lists WHERE user_id IN (${inList})`,
-        [...part, ...part],
-      );
+      const known = answerable
+        ? part
+        : (
+            await this.db.all<{ user_id: string }>(
+              `SELECT user_id FROM users WHERE user_id IN (${inList}) UNION SELECT user_id FROM remote_device_lists WHERE user_id IN (${inList})`,
+              [...part, ...part],
+            )
+          ).map((k) => k.user_id);
       if (known.length === 0) continue;
       await this.db.run(
         `INSERT INTO e2e_tracked_users (user_id, tracked_user_id) VALUES ${valuesList(known.length, 2)} ON CONFLICT DO NOTHING`,
-        known.flatMap((k) => [userId, k.user_id]),
+        known.flatMap((k) => [userId, k]),
       );
       if (this.trackedCache.size > 100_000) this.trackedCache.clear();
-      for (const k of known) this.trackedCache.add(`${userId}\0${k.user_id}`);
+      for (const k of known) this.trackedCache.add(`${userId}\0${k}`);
     }
   }
 

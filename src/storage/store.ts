@@ -251,6 +251,11 @@ export interface KeysOfUsers {
   readonly signatures: StoredSignature[];
 }
 
+/** One user's part of KeysOfUsers (devices in device ID order), and whether they have an account here. */
+export interface KeysOfUser extends KeysOfUsers {
+  readonly account: boolean;
+}
+
 export interface ClaimRequest {
   readonly userId: string;
   readonly deviceId: string;
@@ -313,12 +318,14 @@ export interface KeysStore {
    * on either. The result may be shared with other callers (a cache): read it, do not modify it.
    */
   getKeysOf(userIds: readonly string[]): Promise<KeysOfUsers>;
+  /** The same per user, for every user asked about (also those without an account or keys). */
+  keysByUser(userIds: readonly string[]): Promise<Map<string, KeysOfUser>>;
   getCrossSigningKeys(userIds: readonly string[]): Promise<StoredCrossSigningKey[]>;
   /**
    * Claims one key per request: the device's oldest one-time key of the algorithm, deleted in the
    * same statement so it is handed out at most once even across processes; for devices that have
-   * none left, the fallback key (marked used). Two statements, whatever the number of devices.
-   * Devices with neither are absent from the result.
+   * none left, the fallback key (marked used). One statement on PostgreSQL, two on SQLite,
+   * whatever the number of devices. Devices with neither are absent from the result.
    */
   claimKeys(requests: readonly ClaimRequest[]): Promise<ClaimedKey[]>;
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>>;
@@ -327,8 +334,10 @@ export interface KeysStore {
   /**
    * Remembers that `userId` has asked for these users' keys (for /keys/changes). Only users this
    * server can answer for are kept: existing local users and remote users with a cached list.
+   * `answerable` says the caller has just read that all of them are (KeysOfUser.account), which
+   * saves looking it up again.
    */
-  trackUsers(userId: string, tracked: readonly string[]): Promise<void>;
+  trackUsers(userId: string, tracked: readonly string[], answerable?: boolean): Promise<void>;
   /**
    * A number that stays the same while no stored data can have changed, through this process or
    * any other (SQLite: the data generation); undefined when the store cannot tell cheaply

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
-import { exactly, login, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
+import { exactly, login, passwordAuth, registerUser, SHARED_SECRET, type Session, expectMatrixError } from '../support/client.js';
 import { TestDevice } from '../support/keys.js';
 
 const C = '/_matrix/client/v3';
@@ -317,6 +317,93 @@ describeEachBackend('POST /keys/claim', (backend) => {
     assert.deepEqual([...new Set(statuses)], [200], 'every claim succeeded');
     assert.equal(handedOut.size, 320 * 6, 'each claim got one distinct key of every device');
     assert.equal(server.mx.store.retryCount() - retries, 0, 'no claim waited for a deadlock to be detected and ran again');
+  });
+
+  test('claims running past the last one-time keys of devices named in different orders get the fallback keys, at once, without deadlocks', async () => {
+    const { server, alice, bob } = await setup(backend);
+    const devices = [alice, ...(await Promise.all([1, 2, 3, 4, 5].map(() => login(server, 'alice', alice.password))))];
+    for (const d of devices) {
+      const keys = new TestDevice(alice.userId, d.deviceId);
+      assert.equal((await upload(server, d, { one_time_keys: keys.oneTimeKeys(5), fallback_keys: { 'signed_curve25519:fb': keys.fallbackKey() } })).status, 200);
+    }
+    const ids = devices.map((d) => d.deviceId);
+    const retries = server.mx.store.retryCount();
+    const oneTime = new Set<string>();
+    let fallbacks = 0;
+    await Promise.all(
+      Array.from({ length: 16 }, async (_, worker) => {
+        for (let i = 0; i < 5; i++) {
+          const order = (worker + i) % 2 === 0 ? ids : [...ids].reverse();
+          const r = await claim(server, bob, { [alice.userId]: Object.fromEntries(order.map((d) => [d, 'signed_curve25519'])) });
+          assert.equal(r.status, 200, r.text);
+          const got = ((r.body['one_time_keys'] as Json)[alice.userId] ?? {}) as Record<string, Json>;
+          assert.deepEqual(Object.keys(got).sort(), [...ids].sort(), 'a key for every device');
+          for (const [device, keys] of Object.entries(got)) {
+            const id = Object.keys(keys)[0]!;
+            if (id === 'signed_curve25519:fb') fallbacks++;
+            else oneTime.add(`${device} ${id}`);
+          }
+        }
+      }),
+    );
+    assert.equal(oneTime.size, 5 * 6, 'every one-time key handed out, each once');
+    assert.equal(fallbacks, 16 * 5 * 6 - 5 * 6, 'the fallback key for the rest');
+    assert.equal(server.mx.store.retryCount() - retries, 0, 'no claim waited for a deadlock to be detected and ran again');
+    assert.deepEqual((await counts(server, alice)).device_unused_fallback_key_types, []);
+  });
+
+  test('claims racing uploads to the same device hand out each key at most once, and the count of keys left stays exact', async () => {
+    const { server, alice, bob, aliceDevice } = await setup(backend);
+    await upload(server, alice, { fallback_keys: { 'signed_curve25519:fb': aliceDevice.fallbackKey() } });
+    const handedOut: string[] = [];
+    const uploads = Promise.all(
+      Array.from({ length: 5 }, async (_, i) => {
+        const r = await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(40, `u${i}x`) });
+        assert.equal(r.status, 200, r.text);
+      }),
+    );
+    const claims = Promise.all(
+      Array.from({ length: 8 }, async () => {
+        for (let i = 0; i < 15; i++) {
+          const [id] = (await claimOne(server, bob, alice))!;
+          if (id !== 'signed_curve25519:fb') handedOut.push(id);
+        }
+      }),
+    );
+    await Promise.all([uploads, claims]);
+    assert.equal(new Set(handedOut).size, handedOut.length, 'no key was handed out twice');
+    const left = (await counts(server, alice)).device_one_time_keys_count['signed_curve25519']!;
+    assert.equal(left + handedOut.length, 200, `${left} left + ${handedOut.length} handed out`);
+    // What is left comes out, once each, and nothing more.
+    for (let i = 0; i < left; i++) handedOut.push((await claimOne(server, bob, alice))![0]);
+    assert.equal(new Set(handedOut).size, 200);
+    assert.equal((await claimOne(server, bob, alice))?.[0], 'signed_curve25519:fb');
+  });
+
+  test('claims racing the deletion of the device hand out each key at most once, and none after it is gone', async () => {
+    const { server, alice, bob } = await setup(backend);
+    const phone = await login(server, 'alice', alice.password);
+    const phoneKeys = new TestDevice(alice.userId, phone.deviceId);
+    await upload(server, phone, { one_time_keys: phoneKeys.oneTimeKeys(100), fallback_keys: { 'signed_curve25519:fb': phoneKeys.fallbackKey() } });
+    const challenge = await http(server.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken });
+    const handedOut: string[] = [];
+    let deleted = false;
+    const claims = Promise.all(
+      Array.from({ length: 8 }, async () => {
+        for (let i = 0; i < 20; i++) {
+          const afterDeletion = deleted;
+          const got = await claimOne(server, bob, phone);
+          if (got && got[0] !== 'signed_curve25519:fb') handedOut.push(got[0]);
+          if (afterDeletion) assert.equal(got, undefined, 'nothing is handed out once the deletion is answered');
+        }
+      }),
+    );
+    const del = await http(server.url, 'DELETE', `${C}/devices/${phone.deviceId}`, { token: alice.accessToken, body: { auth: passwordAuth(alice, challenge.body['session'] as string) } });
+    assert.equal(del.status, 200, del.text);
+    deleted = true;
+    await claims;
+    assert.equal(new Set(handedOut).size, handedOut.length, 'no key was handed out twice');
+    assert.equal(await claimOne(server, bob, phone), undefined);
   });
 
   test('64 concurrent claimers against one device with N keys get exactly N distinct keys, then the fallback key', async () => {

@@ -9,7 +9,7 @@ import { backends, describeEachBackend } from '../support/backends.js';
 import { http, startServer, type TestServer } from '../support/server.js';
 import { expectMatrixError, registerUser, SHARED_SECRET } from '../support/client.js';
 import { FakeHomeserver } from '../support/fake-homeserver.js';
-import { ANSWER_CACHE_BUDGET_CHARS } from '../../src/keys/service.js';
+import { ANSWER_CACHE_BUDGET_BYTES } from '../../src/keys/service.js';
 import type { SqlDatabase } from '../../src/storage/sql.js';
 
 const C = '/_matrix/client/v3';
@@ -69,13 +69,13 @@ describe('the query-answer cache [sqlite]', () => {
     const viewer = { userId: '@alice:test.local' };
     // Requests of ~4,000 characters with tiny answers: the kind that used to pin memory.
     const bigRequest = (i: number) => ({ device_keys: { [`@nobody${i}:test.local`]: Array.from({ length: 250 }, (_, j) => `D${i}x${j}`) } });
-    for (let i = 0; i < (ANSWER_CACHE_BUDGET_CHARS / 3000) * 1.5; i++) {
+    for (let i = 0; i < (ANSWER_CACHE_BUDGET_BYTES / 6000) * 1.5; i++) {
       await keys.query(viewer, bigRequest(i), { displayNames: true, clientApi: true });
-      assert.ok(keys.answerCacheChars() <= ANSWER_CACHE_BUDGET_CHARS, `the cache holds ${keys.answerCacheChars()} characters after ${i + 1} queries`);
+      assert.ok(keys.answerCacheBytes() <= ANSWER_CACHE_BUDGET_BYTES, `the cache holds ${keys.answerCacheBytes()} bytes after ${i + 1} queries`);
     }
     // A request too large to be worth keeping is not kept at all.
-    const before = keys.answerCacheChars();
+    const before = keys.answerCacheBytes();
     await keys.query(viewer, { device_keys: { '@x:test.local': Array.from({ length: 5000 }, (_, j) => `DEVICE${j}`) } }, { displayNames: true, clientApi: true });
-    assert.equal(keys.answerCacheChars(), before);
+    assert.equal(keys.answerCacheBytes(), before);
   });
 });
