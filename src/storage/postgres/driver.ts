@@ -22,7 +22,7 @@ const types = {
 interface Prepared {
   readonly name: string;
   readonly text: string;
-  /** A SELECT that writes nothing: it leaves the data generation alone. */
+  /** A query that writes nothing (SELECT, or WITH … SELECT): it leaves the data generation alone. */
   readonly readOnly: boolean;
 }
 
@@ -36,7 +36,7 @@ function prepared(sql: string): Prepared {
   if (!p) {
     let n = 0;
     const text = sql.replace(/\?/g, () => `$${++n}`);
-    const readOnly = /^\s*SELECT\b/i.test(sql) && !WRITES.test(sql);
+    const readOnly = /^\s*(SELECT|WITH)\b/i.test(sql) && !WRITES.test(sql);
     p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text, readOnly };
     if (preparedCache.size >= 10_000) preparedCache.clear();
     preparedCache.set(sql, p);
