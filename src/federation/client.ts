@@ -268,10 +268,13 @@ export interface FederationClientOptions {
 
 const MAX_RESPONSE_BYTES = 1024 * 1024;
 
-/** `work`, or `timeout()` as a rejection if it has not settled within `ms`. */
-function withTimeout<T>(work: Promise<T>, ms: number, timeout: () => Error): Promise<T> {
+/**
+ * Settles as `work` does, or as `late()` does if `ms` pass first (`work` goes on, unwatched):
+ * `late` returns the answer for a late piece of work, or a rejected promise to fail it.
+ */
+export function settleWithin<T>(work: Promise<T>, ms: number, late: () => T | PromiseLike<T>): Promise<T> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(timeout()), ms);
+    const timer = setTimeout(() => resolve(late()), Math.max(0, ms));
     work.then(
       (v) => {
         clearTimeout(timer);
@@ -283,6 +286,11 @@ function withTimeout<T>(work: Promise<T>, ms: number, timeout: () => Error): Pro
       },
     );
   });
+}
+
+/** `work`, or `timeout()` as a rejection if it has not settled within `ms`. */
+function withTimeout<T>(work: Promise<T>, ms: number, timeout: () => Error): Promise<T> {
+  return settleWithin(work, ms, () => Promise.reject(timeout()));
 }
 
 export interface SignedRequestOptions {

@@ -13,6 +13,7 @@
  */
 import type { RemoteKeyLookup, RemoteQueryResult, ServerFailure } from '../keys/remote.js';
 import type { ClaimedKey, ClaimRequest, KeysOfUsers, RemoteDeviceList, RemoteDeviceListsStore } from '../storage/store.js';
+import { settleWithin } from './client.js';
 import type { Destinations } from './destinations.js';
 import { ask, MAX_REMOTE_ANSWER_BYTES, type Asked, type RemoteDeviceListCache, type SignedRequester } from './device-list-cache.js';
 import { checkKeysClaimAnswer, checkKeysQueryAnswer, Problems, serverOf } from './remote-answers.js';
@@ -38,23 +39,6 @@ function byServer<T>(items: Iterable<T>, userOf: (item: T) => string): Map<strin
     else out.set(server, [item]);
   }
   return out;
-}
-
-/** Resolves to `work`'s result, or to `late()` if `deadline` comes first (the work goes on). */
-function beforeDeadline<T>(work: Promise<T>, deadline: number, late: () => T): Promise<T> {
-  return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => resolve(late()), Math.max(0, deadline - Date.now()));
-    work.then(
-      (v) => {
-        clearTimeout(timer);
-        resolve(v);
-      },
-      (e: unknown) => {
-        clearTimeout(timer);
-        reject(e as Error);
-      },
-    );
-  });
 }
 
 export class RemoteKeys implements RemoteKeyLookup {
@@ -97,7 +81,7 @@ export class RemoteKeys implements RemoteKeyLookup {
         }
         if (toResync.length === 0 && toQuery.size === 0) return;
         const work = this.askServer(server, toResync, toQuery, lists, deadline);
-        const outcome = await beforeDeadline(work, deadline, () => ({ known: [] as string[], keys: undefined, failure: this.timedOut(server, deadline, started) }));
+        const outcome = await settleWithin(work, deadline - Date.now(), () => ({ known: [] as string[], keys: undefined, failure: this.timedOut(server, deadline, started) }));
         for (const u of outcome.known) known.add(u);
         if (outcome.keys) {
           fetched.devices.push(...outcome.keys.devices);
@@ -178,7 +162,7 @@ export class RemoteKeys implements RemoteKeyLookup {
           deadline,
           maxBytes: MAX_REMOTE_ANSWER_BYTES,
         }).then((answer) => this.checked(answer, server, 'key claim', (b, problems) => checkKeysClaimAnswer(b, asked, problems)));
-        const outcome = await beforeDeadline(work, deadline, () => ({ failure: this.timedOut(server, deadline, started) }));
+        const outcome = await settleWithin(work, deadline - Date.now(), () => ({ failure: this.timedOut(server, deadline, started) }));
         if ('failure' in outcome) failures.set(server, outcome.failure);
         else claimed.push(...outcome.value);
       }),
