@@ -294,7 +294,7 @@ async function openBackend(name: BackendName, dir: string): Promise<Backend> {
   if (name === 'sqlite') {
     const file = join(dir, 'mxkeys.db');
     const mem = new Database(':memory:');
-    const version = `SQLite ${(mem.prepare('SELECT sqlite_version() AS v').get() as { v: string }).v} (better-sqlite3; WAL, synchronous=FULL)`;
+    const version = `SQLite ${(mem.prepare('SELECT sqlite_version() AS v').get() as { v: string }).v} (better-sqlite3; WAL, fsync before each answer)`;
     mem.close();
     return {
       name,

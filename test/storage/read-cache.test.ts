@@ -62,9 +62,11 @@ describe('the SQLite data generation', () => {
   test('looks at other connections once per run of the job queue, then again in the next', async () => {
     const { writer, reader } = await twoConnections();
     const g0 = reader.dataGeneration();
-    // Another process's commit arriving while this run goes on (simulated by a second connection).
-    await writer.run('INSERT INTO t VALUES (1)');
+    // Another process's commit arriving while this run goes on (simulated by a second connection,
+    // whose statement runs at once; its answer waits for the WAL flush, in a later run).
+    const written = writer.run('INSERT INTO t VALUES (1)');
     assert.equal(reader.dataGeneration(), g0, 'within the run the first look stands');
+    await written;
     await nextRun();
     assert.notEqual(reader.dataGeneration(), g0, 'the next run sees the commit');
   });

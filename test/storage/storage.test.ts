@@ -36,6 +36,36 @@ test('a new SQLite database, with its -wal and -shm files, is readable and writa
   }
 });
 
+test('on SQLite a write is answered only once the WAL file holding it is flushed to disk, and writes made together share one flush', async () => {
+  const db = new SqliteDatabase({ path: join(tempDir(), 'durable.db') });
+  try {
+    // SQLite itself no longer syncs inside COMMIT (NORMAL); the driver does, off the event loop.
+    assert.equal(await db.get<{ synchronous: number }>('PRAGMA synchronous').then((r) => r?.synchronous), 1);
+    await db.exec('CREATE TABLE t (n INTEGER)');
+    const flushedWhenAnswered: boolean[] = [];
+    const before = db.walSyncs;
+    await Promise.all(
+      Array.from({ length: 50 }, (_, n) =>
+        db.run('INSERT INTO t (n) VALUES (?)', [n]).then(() => flushedWhenAnswered.push(db.walSyncs > before)),
+      ),
+    );
+    assert.deepEqual(flushedWhenAnswered, new Array<boolean>(50).fill(true), 'every insert was answered after a flush');
+    assert.ok(db.walSyncs - before < 50, `50 inserts made together shared flushes (${db.walSyncs - before} flushes)`);
+    const inTransaction = db.walSyncs;
+    await db.transaction(async (tx) => {
+      await tx.run('INSERT INTO t (n) VALUES (?)', [50]);
+      assert.equal(db.walSyncs, inTransaction, 'nothing is flushed before the commit');
+    });
+    assert.equal(db.walSyncs, inTransaction + 1, 'a transaction is answered after its commit is flushed');
+    const reads = db.walSyncs;
+    await db.all('SELECT n FROM t');
+    await db.transaction((tx) => tx.all('SELECT n FROM t'));
+    assert.equal(db.walSyncs, reads, 'reads flush nothing');
+  } finally {
+    await db.close();
+  }
+});
+
 const insertJson = "INSERT INTO server_key_responses (server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, 'ed25519:k', ?, ?, ?, ?)";
 
 describeEachBackend('storage', (backend) => {

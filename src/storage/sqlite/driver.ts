@@ -10,6 +10,7 @@
  */
 import Database from 'better-sqlite3';
 import { closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
 import { WalIndexHeader } from './wal-index.js';
@@ -54,6 +55,15 @@ export class SqliteDatabase implements SqlDatabase {
   private readonly direct: Queryable;
   private readonly busyTimeoutMs: number;
   statementCount = 0;
+  /** The WAL file synced after commits (undefined: SQLite syncs inside COMMIT itself). */
+  private readonly walPath: string | undefined;
+  private walFile: Promise<FileHandle> | undefined;
+  /** Write statements run so far, and how many of them are known to be on disk. */
+  private writes = 0;
+  private syncedWrites = 0;
+  private syncing: Promise<void> | undefined;
+  /** WAL syncs done (for tests and metrics). */
+  walSyncs = 0;
 
   constructor(options: SqliteOptions) {
     if (options.path !== ':memory:') {
@@ -66,10 +76,15 @@ export class SqliteDatabase implements SqlDatabase {
     // Opening waits longer for locks: two processes starting on a new file both switch it to WAL
     // (which needs the file to themselves), and nothing else is being served yet.
     this.db = new Database(options.path, { timeout: STARTUP_BUSY_MS });
-    this.db.pragma('journal_mode = WAL');
-    // FULL fsyncs the WAL on every commit (~0.1 ms here), so a claimed one-time key stays claimed
-    // even across power loss; NORMAL would only survive process crashes.
-    this.db.pragma('synchronous = FULL');
+    const wal = this.db.pragma('journal_mode = WAL', { simple: true }) === 'wal' && options.path !== ':memory:';
+    // Every write is answered only once it is on disk, so a claimed one-time key stays claimed
+    // even across power loss. In WAL mode that means an fsync of the WAL file after the commit:
+    // SQLite's synchronous=FULL would do it inside COMMIT, blocking the event loop for the whole
+    // fsync; with NORMAL, SQLite syncs only around checkpoints and this driver syncs the WAL in
+    // the thread pool after each commit (one sync shared by the commits made meanwhile, see
+    // durable()). Without WAL (an unusual file system), FULL.
+    this.walPath = wal ? `${options.path}-wal` : undefined;
+    this.db.pragma(wal ? 'synchronous = NORMAL' : 'synchronous = FULL');
     this.db.pragma('foreign_keys = ON');
     // SQLite's default page cache is 2 MiB; with millions of one-time keys the hot index pages
     // no longer fit, and claims start reading pages from the OS. 64 MiB keeps them in memory.
@@ -83,6 +98,7 @@ export class SqliteDatabase implements SqlDatabase {
       run: async (sql: string, params?: readonly SqlValue[]) => this.prepare(sql).run(...bind(params)).changes,
       exec: async (script: string) => {
         this.generation++;
+        this.writes++;
         this.db.exec(script);
       },
       afterCommit: (fn: () => void) => {
@@ -91,15 +107,56 @@ export class SqliteDatabase implements SqlDatabase {
     };
   }
 
-  private prepare(sql: string): Statement {
-    this.statementCount++;
+  /** The prepared statement of `sql` (prepared once per process). */
+  private statement(sql: string): Statement {
     let st = this.statements.get(sql);
     if (!st) {
       st = this.db.prepare(sql);
       this.statements.set(sql, st);
     }
-    if (!st.readonly) this.generation++;
     return st;
+  }
+
+  /** The statement of `sql`, about to run: counted, and a write moves the generation on. */
+  private prepare(sql: string): Statement {
+    this.statementCount++;
+    const st = this.statement(sql);
+    if (!st.readonly) {
+      this.generation++;
+      this.writes++;
+    }
+    return st;
+  }
+
+  /**
+   * Resolves once every write made so far is on disk: the WAL file is fsynced (fdatasync) in the
+   * thread pool; commits made while a sync runs share the next one. An fsync flushes the file,
+   * whichever descriptor wrote to it, so SQLite's writes are covered by this driver's own handle.
+   */
+  private async durable(): Promise<void> {
+    const upTo = this.writes;
+    if (this.walPath === undefined) return;
+    while (this.syncedWrites < upTo) {
+      if (this.syncing) {
+        await this.syncing;
+        continue;
+      }
+      const covered = this.writes;
+      this.syncing = (async () => {
+        this.walFile ??= open(this.walPath!, 'r');
+        await (await this.walFile).datasync();
+        this.walSyncs++;
+        this.syncedWrites = Math.max(this.syncedWrites, covered);
+      })().finally(() => (this.syncing = undefined));
+      await this.syncing;
+    }
+  }
+
+  /** `op`'s result once what it wrote is on disk. */
+  private async thenDurable<T>(op: Promise<T>): Promise<T> {
+    const result = await op;
+    await this.durable();
+    return result;
   }
 
   /**
@@ -187,15 +244,17 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
-    return this.retrying(() => this.prepare(sql).all(...bind(params)) as T[]);
+    const out = this.retrying(() => this.prepare(sql).all(...bind(params)) as T[]);
+    return this.statement(sql).readonly ? out : this.thenDurable(out);
   }
 
   get<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T | undefined> {
-    return this.retrying(() => this.prepare(sql).get(...bind(params)) as T | undefined);
+    const out = this.retrying(() => this.prepare(sql).get(...bind(params)) as T | undefined);
+    return this.statement(sql).readonly ? out : this.thenDurable(out);
   }
 
   run(sql: string, params?: readonly SqlValue[]): Promise<number> {
-    return this.retrying(() => this.prepare(sql).run(...bind(params)).changes);
+    return this.thenDurable(this.retrying(() => this.prepare(sql).run(...bind(params)).changes));
   }
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
@@ -203,6 +262,9 @@ export class SqliteDatabase implements SqlDatabase {
     let release!: () => void;
     this.txTail = new Promise<void>((resolve) => (release = resolve));
     await previous;
+    let result: T;
+    let writesBefore = 0;
+    const callbacks: (() => void)[] = [];
     try {
       // txOpen must be set in the same synchronous step as BEGIN: any gap would let another
       // request's statement run inside this transaction (and be rolled back with it).
@@ -210,9 +272,8 @@ export class SqliteDatabase implements SqlDatabase {
         this.db.exec('BEGIN IMMEDIATE');
         this.txOpen = true;
       });
-      let result: T;
-      const callbacks: (() => void)[] = [];
       this.commitCallbacks = callbacks;
+      writesBefore = this.writes;
       try {
         result = await fn(this.direct);
         this.db.exec('COMMIT');
@@ -222,12 +283,14 @@ export class SqliteDatabase implements SqlDatabase {
       } finally {
         this.commitCallbacks = [];
       }
-      for (const cb of callbacks) cb();
-      return result;
     } finally {
       this.txOpen = false;
       release();
     }
+    for (const cb of callbacks) cb();
+    // The next transaction may run while this one's commit is being synced.
+    if (this.writes !== writesBefore) await this.durable();
+    return result;
   }
 
   afterCommit(fn: () => void): void {
@@ -236,7 +299,9 @@ export class SqliteDatabase implements SqlDatabase {
 
   async exec(script: string): Promise<void> {
     this.generation++;
+    this.writes++;
     await this.retrying(() => this.db.exec(script));
+    await this.durable();
   }
 
   async withExclusiveLock<T>(fn: () => Promise<T>): Promise<T> {
@@ -245,6 +310,9 @@ export class SqliteDatabase implements SqlDatabase {
 
   async close(): Promise<void> {
     await this.outsideTransaction();
+    await this.syncing;
+    if (this.walFile) await (await this.walFile.catch(() => undefined))?.close();
+    this.walFile = undefined;
     if (this.db.open) {
       this.closeWatch();
       this.db.close();
