@@ -51,6 +51,25 @@ export interface SqlDatabase extends Queryable {
   close(): Promise<void>;
 }
 
+/**
+ * Tables no read cache reads (one-time keys, fallback keys and their counts: claimed and uploaded
+ * all the time, and never part of a cached answer). A statement that writes only these leaves the
+ * data generation alone, so a claim does not empty the caches of token lookups and key queries.
+ */
+const UNCACHED_TABLES = new Set(['e2e_one_time_keys', 'e2e_fallback_keys', 'e2e_one_time_key_counts']);
+/** The table after INSERT INTO, DELETE FROM or UPDATE (not FOR UPDATE or DO UPDATE). */
+const WRITE_TARGET = /\b(?:INSERT\s+(?:OR\s+\w+\s+)?INTO|DELETE\s+FROM|(?<!\b(?:FOR|DO)\s+)UPDATE)\s+(\w+)/gi;
+
+/**
+ * Whether a write statement may change what a read cache holds: true unless every table it
+ * writes to is named and none is read by a cache. Anything it cannot tell (DDL, a function call)
+ * counts as a change.
+ */
+export function writeMovesDataGeneration(sql: string): boolean {
+  const targets = [...sql.matchAll(WRITE_TARGET)].map((m) => m[1]!.toLowerCase());
+  return targets.length === 0 || targets.some((t) => !UNCACHED_TABLES.has(t));
+}
+
 /** Rows per multi-row statement: well below SQLite's 32766 and PostgreSQL's 65535 parameters. */
 export const CHUNK = 500;
 

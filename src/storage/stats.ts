@@ -1,6 +1,6 @@
 /**
  * StatsStore: figures for metrics, read at scrape time. `e2e_one_time_key_counts` is kept by
- * triggers (migration 11), so "devices running out of one-time keys" is one pass over one narrow
+ * triggers (migration 10) and, on PostgreSQL, by the claims themselves (migration 13), so "devices running out of one-time keys" is one pass over one narrow
  * row per device instead of a count over every stored key.
  */
 import type { SqlDatabase } from './sql.js';

@@ -74,6 +74,39 @@ describe('PostgreSQL read caches across processes', { skip: POSTGRES_URL ? false
     assert.equal(await a.accounts.getAccessToken('T'), undefined);
   });
 
+  test('claims and one-time key uploads leave cached token lookups and key reads in place in the process that made them; a device key upload does not', async () => {
+    const store = await openStore(await postgres.freshDatabase());
+    try {
+      await store.accounts.createUser({ userId: '@c:x', passwordHash: null, admin: false, createdTs: 0 }, { tokenHash: 'T', deviceId: 'D', displayName: null, ts: 0, ip: null });
+      await store.keys.transaction(async (tx) => {
+        await tx.putDeviceKeys('@c:x', 'D', '{"v":1}');
+        await tx.addOneTimeKeys('@c:x', 'D', [{ algorithm: 'signed_curve25519', keyId: 'AAAA0', json: '{}' }]);
+      });
+      const reads = async () => {
+        await store.accounts.getAccessToken('T');
+        return (await store.keys.getKeysOf(['@c:x'])).devices.map((d) => d.json).join();
+      };
+      /** Whether the reads were answered from the caches (no statement). */
+      const cached = async () => {
+        const before = store.statementCount();
+        await reads();
+        return store.statementCount() === before;
+      };
+      // Cached only while the notification connection is up; it connects in the background.
+      await eventually('the reads are cached', cached);
+      const claimOne = () => store.keys.claimKeys([{ userId: '@c:x', deviceId: 'D', algorithm: 'signed_curve25519' }]);
+      assert.equal((await claimOne()).length, 1);
+      assert.equal((await claimOne()).length, 0, 'no key, no fallback key left');
+      await store.keys.transaction((tx) => tx.addOneTimeKeys('@c:x', 'D', [{ algorithm: 'signed_curve25519', keyId: 'AAAA1', json: '{}' }]));
+      await store.keys.claimKeys([{ userId: '@c:x', deviceId: 'D', algorithm: 'signed_curve25519' }, { userId: '@c:x', deviceId: 'E', algorithm: 'signed_curve25519' }]);
+      assert.equal(await cached(), true, 'still cached after claims and an upload of one-time keys');
+      await store.keys.transaction((tx) => tx.putDeviceKeys('@c:x', 'D', '{"v":2}'));
+      assert.equal(await reads(), '{"v":2}', 'a device key change is read at once');
+    } finally {
+      await store.close();
+    }
+  });
+
   test('a process reads its own writes at once, before their notification comes back', async () => {
     const { a } = await twoProcesses();
     await cachedIn(a, () => keyJson(a));

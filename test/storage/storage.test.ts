@@ -261,8 +261,39 @@ describeEachBackend('storage', (backend) => {
       const claimed = await Promise.all(Array.from({ length: 15 }, () => store.keys.claimKeys([{ ...claim, userId: '@u:x', deviceId: 'A' }, claim, { ...claim, userId: '@u:x', deviceId: 'C' }])));
       assert.equal(claimed.flat().filter((k) => k.deviceId === 'D').length, 15);
       assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 10, 50]), [3, 3, 4], '45 left on D; A and C are empty now');
+      // Claims of one device each, concurrently (on PostgreSQL one statement each).
+      const single = await Promise.all(Array.from({ length: 40 }, () => store.keys.claimKeys([claim])));
+      assert.equal(new Set(single.flat().map((k) => k.keyId)).size, 40, '40 different keys');
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 10, 50]), [3, 4, 4], '5 left on D');
       await store.accounts.deleteDevices('@d:x', ['D']);
       assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1, 10, 50]), [3, 3, 3], 'a deleted device is no longer counted');
+    } finally {
+      await store.close();
+    }
+  });
+
+  test('claims made together share out a device\'s last keys: each key once, oldest first, then its fallback key to the rest', async () => {
+    const store = await openStore(await backend.freshDatabase());
+    try {
+      const alg = 'signed_curve25519';
+      for (const d of ['A', 'B']) {
+        await store.keys.transaction(async (tx) => {
+          await tx.putDeviceKeys('@s:x', d, '{}');
+          await tx.addOneTimeKeys('@s:x', d, [0, 1, 2].map((i) => ({ algorithm: alg, keyId: `${d}${i}`, json: `{"n":${i}}` })));
+        });
+      }
+      await store.keys.transaction((tx) => tx.putFallbackKey('@s:x', 'A', { algorithm: alg, keyId: 'FA', json: '{"fallback":true}', used: false }));
+      const a = { userId: '@s:x', deviceId: 'A', algorithm: alg };
+      const b = { ...a, deviceId: 'B' };
+      // Five claims in one turn of the event loop: they are done as one batch.
+      const results = await Promise.all([[a], [a, b], [b, a], [a], [a, b]].map((c) => store.keys.claimKeys(c)));
+      const ofA = results.map((r) => r.find((k) => k.deviceId === 'A')?.keyId);
+      assert.deepEqual(ofA, ['A0', 'A1', 'A2', 'FA', 'FA'], "A's three keys in order, then its fallback key");
+      const ofB = results.map((r) => r.find((k) => k.deviceId === 'B')?.keyId);
+      assert.deepEqual(ofB, [undefined, 'B0', 'B1', undefined, 'B2']);
+      assert.equal(results[3]!.find((k) => k.deviceId === 'A')!.fallback, true);
+      assert.deepEqual(await store.keys.oneTimeKeyCounts('@s:x', 'A'), {});
+      assert.deepEqual(await store.stats.devicesWithFewOneTimeKeys([1]), [2], 'both devices counted as out of keys');
     } finally {
       await store.close();
     }

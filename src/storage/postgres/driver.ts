@@ -5,7 +5,7 @@
  */
 import pg from 'pg';
 import { createHash } from 'node:crypto';
-import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+import { writeMovesDataGeneration, type Queryable, type SqlDatabase, type SqlValue } from '../sql.js';
 import { DatabaseUnavailableError } from '../errors.js';
 import { ChangeListener } from './change-listener.js';
 
@@ -22,8 +22,12 @@ const types = {
 interface Prepared {
   readonly name: string;
   readonly text: string;
-  /** A query that writes nothing (SELECT, or WITH … SELECT): it leaves the data generation alone. */
-  readonly readOnly: boolean;
+  /**
+   * Whether running it moves the data generation on: a write, unless it writes only tables no
+   * read cache reads (writeMovesDataGeneration). A query that writes nothing (SELECT, or
+   * WITH … SELECT) never does.
+   */
+  readonly movesGeneration: boolean;
 }
 
 const WRITES = /\b(INSERT|DELETE|UPDATE\s+\w+\s+SET|pg_notify|nextval|setval)\b/i;
@@ -37,7 +41,7 @@ function prepared(sql: string): Prepared {
     let n = 0;
     const text = sql.replace(/\?/g, () => `$${++n}`);
     const readOnly = /^\s*(SELECT|WITH)\b/i.test(sql) && !WRITES.test(sql);
-    p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text, readOnly };
+    p = { name: `mx_${createHash('sha1').update(sql).digest('hex').slice(0, 20)}`, text, movesGeneration: !readOnly && writeMovesDataGeneration(sql) };
     if (preparedCache.size >= 10_000) preparedCache.clear();
     preparedCache.set(sql, p);
   }
@@ -80,8 +84,16 @@ async function runAgainOnConflict(run: () => Promise<pg.QueryResult>, db: Postgr
   }
 }
 
-/** `commitCallbacks` collects afterCommit callbacks inside a transaction; without it they run at once. */
-function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commitCallbacks?: (() => void)[]): Queryable {
+/** What a transaction collects until it commits. */
+interface TransactionState {
+  /** afterCommit callbacks. */
+  readonly callbacks: (() => void)[];
+  /** Whether a statement in it may have changed what a read cache holds. */
+  movesGeneration: boolean;
+}
+
+/** `tx` collects afterCommit callbacks inside a transaction; without it they run at once. */
+function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, tx?: TransactionState): Queryable {
   const q = async (sql: string, params?: readonly SqlValue[]): Promise<pg.QueryResult> => {
     db.statementCount++;
     const p = prepared(sql);
@@ -89,8 +101,11 @@ function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commit
     // Statements built for a list of N values exist once per N; preparing each of them on every
     // connection would pile up without bound, so only short parameter lists are named.
     const run = () => db.watch(client.query(values.length <= MAX_NAMED_PARAMS ? { name: p.name, text: p.text, values } : { text: p.text, values }));
-    if (commitCallbacks) return run();
-    if (!p.readOnly) return db.writing(runAgainOnConflict(run, db));
+    if (tx) {
+      if (p.movesGeneration) tx.movesGeneration = true;
+      return run();
+    }
+    if (p.movesGeneration) return db.writing(runAgainOnConflict(run, db));
     return runAgainOnConflict(run, db);
   };
   return {
@@ -99,10 +114,11 @@ function queryable(client: pg.Pool | pg.PoolClient, db: PostgresDatabase, commit
     get: async <T extends object>(sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rows[0] as T | undefined,
     run: async (sql: string, params?: readonly SqlValue[]) => (await q(sql, params)).rowCount ?? 0,
     exec: async (script: string) => {
+      if (tx) tx.movesGeneration = true;
       await db.writing(db.watch(client.query(script)));
     },
     afterCommit: (fn: () => void) => {
-      if (commitCallbacks) commitCallbacks.push(fn);
+      if (tx) tx.callbacks.push(fn);
       else queueMicrotask(fn);
     },
   };
@@ -232,12 +248,13 @@ export class PostgresDatabase implements SqlDatabase {
     for (let attempt = 1; ; attempt++) {
       const client = await this.watch(this.pool.connect());
       let broken = false;
-      const callbacks: (() => void)[] = [];
+      const tx: TransactionState = { callbacks: [], movesGeneration: false };
       try {
         await this.watch(client.query('BEGIN'));
-        const result = await fn(queryable(client, this, callbacks));
-        await this.writing(this.watch(client.query('COMMIT')));
-        for (const cb of callbacks) cb();
+        const result = await fn(queryable(client, this, tx));
+        const commit = this.watch(client.query('COMMIT'));
+        await (tx.movesGeneration ? this.writing(commit) : commit);
+        for (const cb of tx.callbacks) cb();
         return result;
       } catch (e) {
         try {

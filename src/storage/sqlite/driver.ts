@@ -117,7 +117,10 @@ export class SqliteDatabase implements SqlDatabase {
     return st;
   }
 
-  /** The statement of `sql`, about to run: counted, and a write moves the generation on. */
+  /**
+   * The statement of `sql`, about to run: counted, and a write moves the generation on (any
+   * write: the wal-index header, which shows other processes' commits, shows this one's too).
+   */
   private prepare(sql: string): Statement {
     this.statementCount++;
     const st = this.statement(sql);

@@ -357,4 +357,11 @@ export const migrations: readonly Migration[] = [
       CREATE INDEX device_federation_outbox_by_ts ON device_federation_outbox (queued_ts);
     `,
   },
+  {
+    version: 13,
+    name: 'one-time key counts: claims take their keys off the count themselves',
+    // PostgreSQL only. On SQLite the row trigger of migration 10 stays: with one writer at a time
+    // it costs a row update, nothing more. The version exists so both backends report the same one.
+    sql: ``,
+  },
 ];
