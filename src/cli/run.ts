@@ -4,6 +4,7 @@
  */
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 import { existsSync, readFileSync } from 'node:fs';
+import { setFlagsFromString } from 'node:v8';
 import { MatrixError } from '../matrix/errors.js';
 import { parseUserId, userIdFor } from '../matrix/ids.js';
 import { stringify as toYaml } from 'yaml';
@@ -113,6 +114,21 @@ function commandErrorFrom(e: unknown, userId: string): unknown {
 }
 
 /**
+ * How far V8 lets the heap grow past what the last full collection kept, in percent, in a serving
+ * process. V8's own choice (up to 4× on a busy server) let the garbage of large key queries hold
+ * ~350 MiB where ~50 MiB was alive; at 100 (2×) the same load stays under 250 MiB for a few percent
+ * more of another core spent marking (docs/benchmarks.md, "Memory"). `node --heap-growing-percent=N
+ * dist/main.js serve` chooses another value; 0 is V8's own.
+ */
+const HEAP_GROWING_PERCENT = 100;
+
+/** Sets HEAP_GROWING_PERCENT unless the node command line chose a value. */
+function boundHeapGrowth(): void {
+  if (process.execArgv.some((a) => /^--heap[-_]growing[-_]percent\b/.test(a))) return;
+  setFlagsFromString(`--heap-growing-percent=${HEAP_GROWING_PERCENT}`);
+}
+
+/**
  * One serving process (`mxkeys serve`, or one worker of `--workers N`): listens, reloads the TLS
  * certificate on SIGHUP, drains and closes on the stop signal.
  */
@@ -120,6 +136,7 @@ async function serveProcess(
   config: Readonly<Config>,
   options: { logger?: Logger; clusterWorker?: boolean; stopSignal: () => Promise<string>; onReload?: ((handler: () => void) => void) | undefined },
 ): Promise<number> {
+  boundHeapGrowth();
   const mx = await createMxkeys(config, { ...(options.logger ? { logger: options.logger } : {}), clusterWorker: options.clusterWorker ?? false });
   let url: string;
   try {

@@ -6,7 +6,7 @@
  * bytes, not work per device. Keys are never rebuilt from a model: the text is the uploaded text
  * (json-text.ts).
  */
-import type { KeysOfUser, StoredSignature } from '../storage/store.js';
+import { keysOfUserBytes, type KeysOfUser, type StoredSignature } from '../storage/store.js';
 import { withSignatures, withUnsigned } from './json-text.js';
 
 /** Who reads keys: a local user, or another server (no user: only owners' own signatures show). */
@@ -173,6 +173,8 @@ interface Kept {
   /** What the part was built from. */
   readonly keys: KeysOfUser;
   readonly part: UserAnswer;
+  /** The bytes of both, as counted against the budget. */
+  readonly bytes: number;
   /** The data version it is known to be current for; undefined: only its keys say what it is. */
   version: number | undefined;
 }
@@ -215,18 +217,19 @@ export class UserAnswerCache {
       return kept.part;
     }
     const part = userAnswer(userId, keys, displayNames);
+    const bytes = part.size + keysOfUserBytes(keys);
     // Room is made by dropping kept parts, map by map, oldest first.
     for (const m of this.entries) {
       for (const [oldUser, old] of m) {
-        if (this.bytes + part.size <= this.budgetBytes) break;
+        if (this.bytes + bytes <= this.budgetBytes) break;
         m.delete(oldUser);
-        this.bytes -= old.part.size;
+        this.bytes -= old.bytes;
       }
     }
     const before = entries.get(userId);
-    if (before !== undefined) this.bytes -= before.part.size;
-    entries.set(userId, { keys, part, version });
-    this.bytes += part.size;
+    if (before !== undefined) this.bytes -= before.bytes;
+    entries.set(userId, { keys, part, version, bytes });
+    this.bytes += bytes;
     return part;
   }
 

@@ -90,10 +90,13 @@ export interface KeyStats {
  */
 const MAX_KEPT_ANSWER_BYTES = 16_384;
 const MAX_KEPT_REQUEST_CHARS = 4096;
-/** All kept requests and answers together: ~16 MB. */
-export const ANSWER_CACHE_BUDGET_BYTES = 16 * 1024 * 1024;
-/** The same for users' parts of answers (query-text.ts): ~32 MB, the keys of several thousand users. */
-const USER_ANSWER_BUDGET_BYTES = 32 * 1024 * 1024;
+/** All kept requests and answers together: ~8 MB. */
+export const ANSWER_CACHE_BUDGET_BYTES = 8 * 1024 * 1024;
+/**
+ * The same for users' parts of answers (query-text.ts), counting the parts and the keys they were
+ * built from: ~24 MB, the keys of about 5,000 users with three devices each.
+ */
+const USER_ANSWER_BUDGET_BYTES = 24 * 1024 * 1024;
 
 /** The `failures` object of a client answer. */
 function failuresText(failures: ReadonlyMap<string, ServerFailure>): string {

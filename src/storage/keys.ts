@@ -9,6 +9,7 @@
  */
 import { chunks, placeholders, valuesList, type Queryable, type SqlDatabase, type SqlValue } from './sql.js';
 import { readCacheFor, type ReadCache } from './read-cache.js';
+import { keysOfUserBytes } from './store.js';
 import type {
   ClaimedKey,
   ClaimRequest,
@@ -325,6 +326,9 @@ class SqlKeysTransaction implements KeysTransaction {
   }
 }
 
+/** The most the cache of users' keys (keysByUser) holds. */
+const KEYS_OF_USER_BUDGET_BYTES = 8 * 1024 * 1024;
+
 export class SqlKeysStore implements KeysStore {
   /** Pairs (viewer, tracked) known to be stored, so repeated queries do not write again. */
   private readonly trackedCache = new Set<string>();
@@ -337,7 +341,7 @@ export class SqlKeysStore implements KeysStore {
     private readonly db: SqlDatabase,
     private readonly deviceLists: DeviceListWriter,
   ) {
-    this.keysOfUser = readCacheFor(db);
+    this.keysOfUser = readCacheFor(db, { maxBytes: KEYS_OF_USER_BUDGET_BYTES, sizeOf: keysOfUserBytes });
   }
 
   transaction<T>(fn: (tx: KeysTransaction) => Promise<T>): Promise<T> {

@@ -6,14 +6,26 @@
  * other processes are learnt through LISTEN/NOTIFY, within database.cache_staleness_bound
  * (postgres/change-listener.ts); with that set to 0 there is no cache and every read is a statement.
  */
+export interface ReadCacheLimits<V> {
+  /** Entries kept at most (default 10,000). */
+  readonly maxEntries?: number;
+  /** With `sizeOf`: the bytes kept at most, as `sizeOf` counts them. */
+  readonly maxBytes?: number;
+  readonly sizeOf?: (value: V) => number;
+}
+
 export class ReadCache<V> {
   private readonly entries = new Map<string, V>();
   private generation = -1;
+  private bytes = 0;
+  private readonly maxEntries: number;
 
   constructor(
     private readonly currentGeneration: () => number,
-    private readonly maxEntries = 10_000,
-  ) {}
+    private readonly limits: ReadCacheLimits<V> = {},
+  ) {
+    this.maxEntries = limits.maxEntries ?? 10_000;
+  }
 
   /** The value for `key`: cached, or from `read` (kept unless undefined). */
   async get(key: string, read: () => Promise<V | undefined>): Promise<V | undefined> {
@@ -48,7 +60,7 @@ export class ReadCache<V> {
   private sync(): number {
     const generation = this.currentGeneration();
     if (generation !== this.generation) {
-      this.entries.clear();
+      this.clear();
       this.generation = generation;
     }
     return generation;
@@ -59,13 +71,21 @@ export class ReadCache<V> {
     // on, which discards it. If another caller already saw a newer generation, the value may be
     // older than what that generation holds: not kept.
     if (this.generation !== generation) return;
-    if (this.entries.size >= this.maxEntries) this.entries.clear();
+    const size = this.limits.sizeOf?.(value) ?? 0;
+    if (this.entries.size >= this.maxEntries || this.bytes + size > (this.limits.maxBytes ?? Infinity)) this.clear();
+    if (this.entries.has(key)) return;
     this.entries.set(key, value);
+    this.bytes += size;
+  }
+
+  private clear(): void {
+    this.entries.clear();
+    this.bytes = 0;
   }
 }
 
 /** A ReadCache when the database has a data generation, else undefined. */
-export function readCacheFor<V>(db: { dataGeneration?: () => number }): ReadCache<V> | undefined {
+export function readCacheFor<V>(db: { dataGeneration?: () => number }, limits?: ReadCacheLimits<V>): ReadCache<V> | undefined {
   const generation = db.dataGeneration;
-  return generation ? new ReadCache<V>(generation) : undefined;
+  return generation ? new ReadCache<V>(generation, limits) : undefined;
 }

@@ -256,6 +256,15 @@ export interface KeysOfUser extends KeysOfUsers {
   readonly account: boolean;
 }
 
+/** Roughly the bytes `keys` takes in memory: its strings, and some for each object (cache budgets). */
+export function keysOfUserBytes(keys: KeysOfUser): number {
+  let n = 64;
+  for (const d of keys.devices) n += 96 + d.userId.length + d.deviceId.length + (d.displayName?.length ?? 0) + d.json.length;
+  for (const c of keys.crossSigning) n += 96 + c.userId.length + c.publicKey.length + c.json.length;
+  for (const s of keys.signatures) n += 96 + s.targetUserId.length + s.targetKeyId.length + s.signerUserId.length + s.signerKeyId.length + s.signature.length;
+  return n;
+}
+
 export interface ClaimRequest {
   readonly userId: string;
   readonly deviceId: string;

@@ -133,9 +133,22 @@ describe('ReadCache', () => {
 
   test('stays within its size by starting over', async () => {
     let reads = 0;
-    const cache = new ReadCache<number>(() => 1, 2);
+    const cache = new ReadCache<number>(() => 1, { maxEntries: 2 });
     for (const k of ['a', 'b', 'c']) await cache.get(k, async () => ++reads);
     await cache.get('a', async () => ++reads);
     assert.equal(reads, 4, '"a" was dropped when the cache was full');
+  });
+
+  test('stays within its bytes, as its size function counts them, by starting over', async () => {
+    const reads: string[] = [];
+    const cache = new ReadCache<string>(() => 1, { maxBytes: 10, sizeOf: (v) => v.length });
+    const read = (v: string) => async () => (reads.push(v), v);
+    await cache.get('a', read('aaaa'));
+    await cache.get('b', read('bbbbbb'));
+    await cache.get('a', read('aaaa'));
+    assert.deepEqual(reads, ['aaaa', 'bbbbbb'], '4 + 6 bytes fit');
+    await cache.get('c', read('c'));
+    await cache.get('a', read('aaaa'));
+    assert.deepEqual(reads, ['aaaa', 'bbbbbb', 'c', 'aaaa'], 'one more byte did not: "a" was dropped');
   });
 });

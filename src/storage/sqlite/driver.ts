@@ -87,8 +87,9 @@ export class SqliteDatabase implements SqlDatabase {
     this.db.pragma(wal ? 'synchronous = NORMAL' : 'synchronous = FULL');
     this.db.pragma('foreign_keys = ON');
     // SQLite's default page cache is 2 MiB; with millions of one-time keys the hot index pages
-    // no longer fit, and claims start reading pages from the OS. 64 MiB keeps them in memory.
-    this.db.pragma('cache_size = -65536');
+    // no longer fit, and claims start reading pages from the OS. 16 MiB holds them (claims on
+    // 10^6 keys as fast as on a small database, measured); 64 MiB only added resident memory.
+    this.db.pragma('cache_size = -16384');
     this.otherCommits = this.commitWatch(options.path);
     this.db.pragma(`busy_timeout = ${SYNC_BUSY_MS}`);
     this.direct = {
