@@ -62,7 +62,7 @@ export class SqliteDatabase implements SqlDatabase {
   private writes = 0;
   private syncedWrites = 0;
   private syncing: Promise<void> | undefined;
-  /** WAL syncs done (for tests and metrics). */
+  /** WAL syncs done (for tests). */
   walSyncs = 0;
 
   constructor(options: SqliteOptions) {
@@ -164,6 +164,14 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   /**
+   * `op`, a run of `sql`: at once if `sql` is known to only read, else once what it wrote is on
+   * disk. (Not prepared yet, because it waits for a transaction or failed: treated as a write.)
+   */
+  private answer<T>(sql: string, op: Promise<T>): Promise<T> {
+    return this.statements.get(sql)?.readonly ? op : this.thenDurable(op);
+  }
+
+  /**
    * The data_version seen first in the current run of this process's job queue stands for the
    * whole run: a run (one I/O or timer callback with the ticks and promise jobs it sets off)
    * takes in nothing from outside, so every request handled in it arrived before the check, and
@@ -248,17 +256,15 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   all<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T[]> {
-    const out = this.retrying(() => this.prepare(sql).all(...bind(params)) as T[]);
-    return this.statement(sql).readonly ? out : this.thenDurable(out);
+    return this.answer(sql, this.retrying(() => this.prepare(sql).all(...bind(params)) as T[]));
   }
 
   get<T extends object>(sql: string, params?: readonly SqlValue[]): Promise<T | undefined> {
-    const out = this.retrying(() => this.prepare(sql).get(...bind(params)) as T | undefined);
-    return this.statement(sql).readonly ? out : this.thenDurable(out);
+    return this.answer(sql, this.retrying(() => this.prepare(sql).get(...bind(params)) as T | undefined));
   }
 
   run(sql: string, params?: readonly SqlValue[]): Promise<number> {
-    return this.thenDurable(this.retrying(() => this.prepare(sql).run(...bind(params)).changes));
+    return this.answer(sql, this.retrying(() => this.prepare(sql).run(...bind(params)).changes));
   }
 
   async transaction<T>(fn: (tx: Queryable) => Promise<T>): Promise<T> {
