@@ -334,7 +334,7 @@ export class SqlKeysStore implements KeysStore {
   private readonly trackedCache = new Set<string>();
   /** Each user's device keys, cross-signing keys and signatures (keysByUser), while unchanged. */
   private readonly keysOfUser: ReadCache<KeysOfUser> | undefined;
-  /** SQLite claims waiting for the next group commit. */
+  /** Claims waiting for the next batch (claimKeys). */
   private readonly claimQueue: { requests: readonly ClaimRequest[]; resolve: (keys: ClaimedKey[]) => void; reject: (e: unknown) => void }[] = [];
 
   constructor(

@@ -108,23 +108,18 @@ export class SqliteDatabase implements SqlDatabase {
     };
   }
 
-  /** The prepared statement of `sql` (prepared once per process). */
-  private statement(sql: string): Statement {
+  /**
+   * The statement of `sql` (prepared once per process), about to run: counted, and a write moves
+   * the generation on (any write: the wal-index header, which shows other processes' commits,
+   * shows this one's too).
+   */
+  private prepare(sql: string): Statement {
+    this.statementCount++;
     let st = this.statements.get(sql);
     if (!st) {
       st = this.db.prepare(sql);
       this.statements.set(sql, st);
     }
-    return st;
-  }
-
-  /**
-   * The statement of `sql`, about to run: counted, and a write moves the generation on (any
-   * write: the wal-index header, which shows other processes' commits, shows this one's too).
-   */
-  private prepare(sql: string): Statement {
-    this.statementCount++;
-    const st = this.statement(sql);
     if (!st.readonly) {
       this.generation++;
       this.writes++;
@@ -138,8 +133,8 @@ export class SqliteDatabase implements SqlDatabase {
    * whichever descriptor wrote to it, so SQLite's writes are covered by this driver's own handle.
    */
   private async durable(): Promise<void> {
-    const upTo = this.writes;
     if (this.walPath === undefined) return;
+    const upTo = this.writes;
     while (this.syncedWrites < upTo) {
       if (this.syncing) {
         await this.syncing;
@@ -156,19 +151,16 @@ export class SqliteDatabase implements SqlDatabase {
     }
   }
 
-  /** `op`'s result once what it wrote is on disk. */
-  private async thenDurable<T>(op: Promise<T>): Promise<T> {
-    const result = await op;
-    await this.durable();
-    return result;
-  }
-
   /**
    * `op`, a run of `sql`: at once if `sql` is known to only read, else once what it wrote is on
    * disk. (Not prepared yet, because it waits for a transaction or failed: treated as a write.)
    */
   private answer<T>(sql: string, op: Promise<T>): Promise<T> {
-    return this.statements.get(sql)?.readonly ? op : this.thenDurable(op);
+    if (this.statements.get(sql)?.readonly) return op;
+    return op.then(async (result) => {
+      await this.durable();
+      return result;
+    });
   }
 
   /**
