@@ -102,7 +102,13 @@ export class BackupPurger {
   private async run(): Promise<void> {
     try {
       this.renewedAt = -Infinity;
-      if (!(await this.holdLease())) return;
+      this.again = false;
+      while (!(await this.holdLease())) {
+        // A drain asked for while the lease was being tried (another process may have released
+        // it meanwhile) tries once more, rather than returning what began before it.
+        if (!this.again || this.stopped) return;
+        this.again = false;
+      }
       try {
         do {
           this.again = false;
