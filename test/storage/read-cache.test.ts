@@ -59,6 +59,35 @@ describe('the SQLite data generation', () => {
     assert.notEqual(db.dataGeneration(), g1, 'a write that returns rows counts too');
   });
 
+  test("this connection's claims (writes to one-time-key tables only) leave it alone; another connection's do not", async () => {
+    const path = join(tempDir(), 'claims.db');
+    const own = database(path);
+    const other = database(path);
+    await own.exec('CREATE TABLE e2e_one_time_keys (id INTEGER PRIMARY KEY, k TEXT); CREATE TABLE t (x INTEGER)');
+    await own.run("INSERT INTO e2e_one_time_keys (k) VALUES ('a'), ('b'), ('c'), ('d')");
+    await nextRun();
+    const g0 = own.dataGeneration();
+    await own.all('DELETE FROM e2e_one_time_keys WHERE id = (SELECT min(id) FROM e2e_one_time_keys) RETURNING k');
+    await own.transaction(async (tx) => {
+      await tx.all('DELETE FROM e2e_one_time_keys WHERE id = (SELECT min(id) FROM e2e_one_time_keys) RETURNING k');
+    });
+    assert.equal(own.dataGeneration(), g0, 'at once');
+    await nextRun();
+    assert.equal(own.dataGeneration(), g0, 'nor in the next run, though the wal-index header moved');
+    // Our claim and another connection's commit between two looks: the other is still seen.
+    await own.all('DELETE FROM e2e_one_time_keys WHERE id = (SELECT min(id) FROM e2e_one_time_keys) RETURNING k');
+    await other.run('INSERT INTO t VALUES (1)');
+    await nextRun();
+    const g1 = own.dataGeneration();
+    assert.notEqual(g1, g0, "the other connection's commit is noticed");
+    await other.all('DELETE FROM e2e_one_time_keys WHERE id = (SELECT min(id) FROM e2e_one_time_keys) RETURNING k');
+    await nextRun();
+    assert.notEqual(own.dataGeneration(), g1, "another connection's claim counts as a change: this one cannot tell what it wrote");
+    const g2 = own.dataGeneration();
+    await own.run('INSERT INTO t VALUES (2)');
+    assert.notEqual(own.dataGeneration(), g2, 'a write to any other table moves it at once');
+  });
+
   test('looks at other connections once per run of the job queue, then again in the next', async () => {
     const { writer, reader } = await twoConnections();
     const g0 = reader.dataGeneration();

@@ -12,10 +12,15 @@ import Database from 'better-sqlite3';
 import { closeSync, existsSync, mkdirSync, openSync } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
-import type { Queryable, SqlDatabase, SqlValue } from '../sql.js';
+import { writeMovesDataGeneration, type Queryable, type SqlDatabase, type SqlValue } from '../sql.js';
 import { WalIndexHeader } from './wal-index.js';
 
 type Statement = Database.Statement<unknown[]>;
+/** A prepared statement, and whether running it moves the data generation on (sql.ts). */
+interface Prepared {
+  readonly st: Statement;
+  readonly movesGeneration: boolean;
+}
 
 function bind(params: readonly SqlValue[] | undefined): readonly unknown[] {
   if (!params) return [];
@@ -42,7 +47,7 @@ function isBusy(e: unknown): boolean {
 export class SqliteDatabase implements SqlDatabase {
   readonly dialect = 'sqlite' as const;
   private readonly db: Database.Database;
-  private readonly statements = new Map<string, Statement>();
+  private readonly statements = new Map<string, Prepared>();
   /** Moves on with every write statement here and every commit elsewhere (dataGeneration). */
   private generation = 0;
   /** How commits by other connections are noticed: the wal-index header, or data_version. */
@@ -110,21 +115,22 @@ export class SqliteDatabase implements SqlDatabase {
 
   /**
    * The statement of `sql` (prepared once per process), about to run: counted, and a write moves
-   * the generation on (any write: the wal-index header, which shows other processes' commits,
-   * shows this one's too).
+   * the generation on unless it writes only tables no read cache reads (commitWatch tells this
+   * connection's commits from other connections', so those stay unnoticed).
    */
   private prepare(sql: string): Statement {
     this.statementCount++;
-    let st = this.statements.get(sql);
-    if (!st) {
-      st = this.db.prepare(sql);
-      this.statements.set(sql, st);
+    let p = this.statements.get(sql);
+    if (!p) {
+      const st = this.db.prepare(sql);
+      p = { st, movesGeneration: !st.readonly && writeMovesDataGeneration(sql) };
+      this.statements.set(sql, p);
     }
-    if (!st.readonly) {
-      this.generation++;
+    if (!p.st.readonly) {
+      if (p.movesGeneration) this.generation++;
       this.writes++;
     }
-    return st;
+    return p.st;
   }
 
   /**
@@ -156,7 +162,7 @@ export class SqliteDatabase implements SqlDatabase {
    * disk. (Not prepared yet, because it waits for a transaction or failed: treated as a write.)
    */
   private answer<T>(sql: string, op: Promise<T>): Promise<T> {
-    if (this.statements.get(sql)?.readonly) return op;
+    if (this.statements.get(sql)?.st.readonly) return op;
     return op.then(async (result) => {
       await this.durable();
       return result;
@@ -190,23 +196,29 @@ export class SqliteDatabase implements SqlDatabase {
     const mode = this.db.pragma('journal_mode', { simple: true });
     // A first read transaction creates the -shm file when this is the only connection.
     this.db.pragma('schema_version');
-    if (mode === 'wal' && path !== ':memory:') {
-      try {
-        const header = new WalIndexHeader(`${path}-shm`);
-        this.closeWatch = () => header.close();
-        return () => header.changed();
-      } catch {
-        // No -shm file to read (an unusual file system): data_version below.
-      }
-    }
+    // data_version moves with other connections' commits only ("unchanged for changes committed
+    // on the same database connection", sqlite.org/pragma.html#pragma_data_version).
     const dataVersion = this.db.prepare<[], number>('PRAGMA data_version').pluck();
-    let last = -1;
-    return () => {
+    let last = dataVersion.get()!;
+    const otherCommitted = (): boolean => {
       const version = dataVersion.get()!;
       if (version === last) return false;
       last = version;
       return true;
     };
+    if (mode === 'wal' && path !== ':memory:') {
+      try {
+        const header = new WalIndexHeader(`${path}-shm`);
+        this.closeWatch = () => header.close();
+        // The header moves with every commit, this connection's too; data_version, which costs
+        // a read transaction, is asked only when it moved. Read after the header, it covers
+        // every commit the header showed, so a commit elsewhere is never taken for our own.
+        return () => header.changed() && otherCommitted();
+      } catch {
+        // No -shm file to read (an unusual file system): data_version alone.
+      }
+    }
+    return otherCommitted;
   }
 
   private closeWatch = () => {};
