@@ -266,6 +266,27 @@ class SqlKeysTransaction implements KeysTransaction {
     );
   }
 
+  /**
+   * One device's claim, in a transaction: its oldest key read, then deleted by its id (two plain
+   * statements cost less than the DELETE … RETURNING with a subquery above, which materialises
+   * what it returns), else its fallback key.
+   */
+  private async oneOnSqlite(tx: Queryable, { userId, deviceId, algorithm }: ClaimRequest): Promise<ClaimedKey[]> {
+    const key = await tx.get<ClaimRow & { id: number }>(
+      'SELECT id, user_id, device_id, algorithm, key_id, key_json FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? AND algorithm = ? ORDER BY id LIMIT 1',
+      [userId, deviceId, algorithm],
+    );
+    if (key) {
+      await tx.run('DELETE FROM e2e_one_time_keys WHERE id = ?', [key.id]);
+      return [toClaimed({ ...key, fallback: false })];
+    }
+    const fallback = await tx.get<ClaimRow>(
+      'UPDATE e2e_fallback_keys SET used = ? WHERE user_id = ? AND device_id = ? AND algorithm = ? RETURNING user_id, device_id, algorithm, key_id, key_json',
+      [true, userId, deviceId, algorithm],
+    );
+    return fallback ? [toClaimed({ ...fallback, fallback: true })] : [];
+  }
+
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>> {
     return oneTimeKeyCounts(this.tx, userId, deviceId);
   }
@@ -431,7 +452,8 @@ export class SqlKeysStore implements KeysStore {
       }
       return handOut(claims, await this.claimManyOnPostgres(claims.flat()));
     }
-    if (claims.length === 1) return [await this.claimOnSqlite(this.db, claims[0]!)];
+    // One statement is atomic on its own; a claim of one device reads, then deletes (oneOnSqlite).
+    if (claims.length === 1 && claims[0]!.length > 1) return [await this.claimOnSqlite(this.db, claims[0]!)];
     return this.db.transaction(async (tx) => {
       const out: ClaimedKey[][] = [];
       for (const c of claims) out.push(await this.claimOnSqlite(tx, c));
@@ -452,8 +474,9 @@ export class SqlKeysStore implements KeysStore {
     return rows.map(toClaimed);
   }
 
-  /** The claim itself on SQLite, on `q` (the database, or a transaction). */
+  /** The claim itself on SQLite, on `q` (the database, or a transaction; a transaction for one device). */
   private async claimOnSqlite(q: Queryable, requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
+    if (requests.length === 1) return this.oneOnSqlite(q, requests[0]!);
     // One statement for the one-time keys, then one for the fallback keys of the devices that had none.
     const claimed: ClaimedKey[] = [];
     for (const part of chunks(requests)) {
@@ -482,6 +505,27 @@ export class SqlKeysStore implements KeysStore {
       for (const r of fallbacks) claimed.push(toClaimed({ ...r, fallback: true }));
     }
     return claimed;
+  }
+
+  /**
+   * One device's claim, in a transaction: its oldest key read, then deleted by its id (two plain
+   * statements cost less than the DELETE … RETURNING with a subquery above, which materialises
+   * what it returns), else its fallback key.
+   */
+  private async oneOnSqlite(tx: Queryable, { userId, deviceId, algorithm }: ClaimRequest): Promise<ClaimedKey[]> {
+    const key = await tx.get<ClaimRow & { id: number }>(
+      'SELECT id, user_id, device_id, algorithm, key_id, key_json FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? AND algorithm = ? ORDER BY id LIMIT 1',
+      [userId, deviceId, algorithm],
+    );
+    if (key) {
+      await tx.run('DELETE FROM e2e_one_time_keys WHERE id = ?', [key.id]);
+      return [toClaimed({ ...key, fallback: false })];
+    }
+    const fallback = await tx.get<ClaimRow>(
+      'UPDATE e2e_fallback_keys SET used = ? WHERE user_id = ? AND device_id = ? AND algorithm = ? RETURNING user_id, device_id, algorithm, key_id, key_json',
+      [true, userId, deviceId, algorithm],
+    );
+    return fallback ? [toClaimed({ ...fallback, fallback: true })] : [];
   }
 
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>> {

@@ -268,7 +268,7 @@ describeEachBackend('POST /keys/claim', (backend) => {
     assert.deepEqual(Object.keys(r.body['failures'] as Json), ['elsewhere.example']);
   });
 
-  test('a claim for 20 devices costs the same number of database statements as a claim for one', async () => {
+  test('a claim for 20 devices costs no more database statements than a claim for one', async () => {
     const { server, alice, bob, aliceDevice } = await setup(backend);
     await upload(server, alice, { one_time_keys: aliceDevice.oneTimeKeys(1) });
     const sessions: Session[] = [];
@@ -291,7 +291,8 @@ describeEachBackend('POST /keys/claim', (backend) => {
     await statementsFor({ [alice.userId]: { NO_SUCH_DEVICE: 'signed_curve25519' } });
     const one = await statementsFor({ [alice.userId]: { [alice.deviceId]: 'signed_curve25519' } });
     const many = await statementsFor({ [bob.userId]: Object.fromEntries(sessions.map((s) => [s.deviceId, 'signed_curve25519'])) });
-    assert.equal(many, one, `one device: ${one} statements; 20 devices: ${many}`);
+    // (On SQLite one device's claim reads its key, then deletes it: two cheaper statements.)
+    assert.ok(many <= one, `one device: ${one} statements; 20 devices: ${many}`);
     assert.ok(one <= 3, `${one} statements (token lookup, claim, fallback)`);
   });
 
