@@ -66,6 +66,37 @@ test('on SQLite a write is answered only once the WAL file holding it is flushed
   }
 });
 
+test('on SQLite the WAL is checkpointed by a worker thread, starts over instead of growing without end under constant writes, and loses nothing', async () => {
+  const path = join(tempDir(), 'checkpoints.db');
+  const db = new SqliteDatabase({ path });
+  const page = 'x'.repeat(3000); // a row of its own on each 4 KiB page
+  const rows = 24_000;
+  try {
+    assert.equal(await db.get<{ wal_autocheckpoint: number }>('PRAGMA wal_autocheckpoint').then((r) => r?.wal_autocheckpoint), 0, 'commits on the event loop never checkpoint');
+    await db.exec('CREATE TABLE t (n INTEGER, filler TEXT)');
+    // Writes keep coming while checkpoints run: 40 rows (pages) per commit, one after the other.
+    for (let n = 0; n < rows; n += 40) {
+      await db.transaction(async (tx) => {
+        for (let i = n; i < n + 40; i++) await tx.run('INSERT INTO t (n, filler) VALUES (?, ?)', [i, page]);
+      });
+    }
+    const { passes, finished } = db.checkpoints;
+    assert.ok(passes >= 8, `the worker checkpointed as the WAL grew (${passes} passes)`);
+    assert.ok(finished >= 1, `and the WAL started over (${finished} times)`);
+    const walBytes = statSync(`${path}-wal`).size;
+    assert.ok(walBytes < (rows * 4096) / 2, `the WAL file (${walBytes} bytes) stayed well under the ${rows * 4096} bytes written`);
+  } finally {
+    await db.close();
+  }
+  const reopened = new SqliteDatabase({ path });
+  try {
+    const r = await reopened.get<{ count: number; total: number }>('SELECT count(*) AS count, sum(n) AS total FROM t');
+    assert.deepEqual(r, { count: rows, total: (rows * (rows - 1)) / 2 }, 'every row is there after closing and reopening');
+  } finally {
+    await reopened.close();
+  }
+});
+
 const insertJson = "INSERT INTO server_key_responses (server_name, key_id, from_server, valid_until_ts, fetched_ts, key_json) VALUES (?, 'ed25519:k', ?, ?, ?, ?)";
 
 describeEachBackend('storage', (backend) => {

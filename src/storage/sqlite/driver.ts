@@ -14,6 +14,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { writeMovesDataGeneration, type Queryable, type SqlDatabase, type SqlValue } from '../sql.js';
 import { WalIndexHeader } from './wal-index.js';
+import { Checkpointer, CHECKPOINT_FRAMES } from './checkpointer.js';
 
 type Statement = Database.Statement<unknown[]>;
 /** A prepared statement, and whether running it moves the data generation on (sql.ts). */
@@ -52,6 +53,10 @@ export class SqliteDatabase implements SqlDatabase {
   private generation = 0;
   /** How commits by other connections are noticed: the wal-index header, or data_version. */
   private readonly otherCommits: () => boolean;
+  /** The wal-index header, when there is one to read. */
+  private walIndex: WalIndexHeader | undefined;
+  /** Checkpoints the WAL in a worker thread (WAL mode with a wal-index to read). */
+  private readonly checkpointer: Checkpointer | undefined;
   /** Resolves when the transaction currently open (and every one queued before it) has ended. */
   private txTail: Promise<void> = Promise.resolve();
   private txOpen = false;
@@ -70,6 +75,11 @@ export class SqliteDatabase implements SqlDatabase {
   /** WAL syncs done (for tests). */
   walSyncs = 0;
 
+  /** Checkpoint passes made by the worker thread, and how many this connection finished (for tests). */
+  get checkpoints(): { passes: number; finished: number } {
+    return { passes: this.checkpointer?.passesDone ?? 0, finished: this.checkpointer?.finished ?? 0 };
+  }
+
   constructor(options: SqliteOptions) {
     if (options.path !== ':memory:') {
       mkdirSync(dirname(options.path), { recursive: true });
@@ -85,9 +95,10 @@ export class SqliteDatabase implements SqlDatabase {
     // Every write is answered only once it is on disk, so a claimed one-time key stays claimed
     // even across power loss. In WAL mode that means an fsync of the WAL file after the commit:
     // SQLite's synchronous=FULL would do it inside COMMIT, blocking the event loop for the whole
-    // fsync; with NORMAL, SQLite syncs only around checkpoints and this driver syncs the WAL in
-    // the thread pool after each commit (one sync shared by the commits made meanwhile, see
-    // durable()). Without WAL (an unusual file system), FULL.
+    // fsync; with NORMAL, SQLite syncs only around checkpoints (made in a worker thread,
+    // checkpointer.ts) and this driver syncs the WAL in the thread pool after each commit (one
+    // sync shared by the commits made meanwhile, see durable()). Without WAL (an unusual file
+    // system), FULL.
     this.walPath = wal ? `${options.path}-wal` : undefined;
     this.db.pragma(wal ? 'synchronous = NORMAL' : 'synchronous = FULL');
     this.db.pragma('foreign_keys = ON');
@@ -96,6 +107,15 @@ export class SqliteDatabase implements SqlDatabase {
     // 10^6 keys as fast as on a small database, measured); 64 MiB only added resident memory.
     this.db.pragma('cache_size = -16384');
     this.otherCommits = this.commitWatch(options.path);
+    const walIndex = this.walIndex;
+    if (walIndex) {
+      this.db.pragma('wal_autocheckpoint = 0');
+      this.checkpointer = new Checkpointer(options.path, {
+        walFrames: () => walIndex.frames(),
+        finish: () => void this.checkpointHere(),
+        checkpointItself: () => this.db.open && this.db.pragma(`wal_autocheckpoint = ${CHECKPOINT_FRAMES}`),
+      });
+    }
     this.db.pragma(`busy_timeout = ${SYNC_BUSY_MS}`);
     this.direct = {
       dialect: 'sqlite',
@@ -152,6 +172,7 @@ export class SqliteDatabase implements SqlDatabase {
         await (await this.walFile).datasync();
         this.walSyncs++;
         this.syncedWrites = Math.max(this.syncedWrites, covered);
+        if (this.db.open) this.checkpointer?.wrote();
       })().finally(() => (this.syncing = undefined));
       await this.syncing;
     }
@@ -209,6 +230,7 @@ export class SqliteDatabase implements SqlDatabase {
     if (mode === 'wal' && path !== ':memory:') {
       try {
         const header = new WalIndexHeader(`${path}-shm`);
+        this.walIndex = header;
         this.closeWatch = () => header.close();
         // The header moves with every commit, this connection's too; data_version, which costs
         // a read transaction, is asked only when it moved. Read after the header, it covers
@@ -222,6 +244,17 @@ export class SqliteDatabase implements SqlDatabase {
   }
 
   private closeWatch = () => {};
+
+  /** A PASSIVE checkpoint on this connection, outside any transaction of ours (checkpointer.ts). */
+  private async checkpointHere(): Promise<void> {
+    if (this.txOpen) await this.outsideTransaction();
+    if (!this.db.open) return;
+    try {
+      this.db.pragma('wal_checkpoint(PASSIVE)');
+    } catch {
+      // Locked elsewhere: the next one will do.
+    }
+  }
 
   private async outsideTransaction(): Promise<void> {
     while (this.txOpen) await this.txTail;
@@ -325,6 +358,7 @@ export class SqliteDatabase implements SqlDatabase {
   async close(): Promise<void> {
     await this.outsideTransaction();
     await this.syncing;
+    await this.checkpointer?.close();
     if (this.walFile) await (await this.walFile.catch(() => undefined))?.close();
     this.walFile = undefined;
     if (this.db.open) {

@@ -6,11 +6,15 @@
  * data_version` opens a read transaction, with its file locks, which costs several times more.
  */
 import { closeSync, openSync, readSync } from 'node:fs';
+import { endianness } from 'node:os';
 
 /** The header is 48 bytes, and SQLite keeps two copies of it, one after the other. */
 const HEADER = 48;
 /** The `isInit` byte: 0 until a connection has built the wal-index. */
 const IS_INIT = 12;
+/** mxFrame: how many frames of the WAL hold committed pages (the wal-index is in native byte order). */
+const MX_FRAME = 16;
+const LITTLE_ENDIAN = endianness() === 'LE';
 
 export class WalIndexHeader {
   private readonly fd: number;
@@ -34,6 +38,12 @@ export class WalIndexHeader {
     if (first.equals(this.last)) return false;
     first.copy(this.last);
     return true;
+  }
+
+  /** The WAL's length in frames (pages), as the header says; 0 when it cannot be read. */
+  frames(): number {
+    if (readSync(this.fd, this.read, 0, HEADER, 0) < HEADER) return 0;
+    return LITTLE_ENDIAN ? this.read.readUInt32LE(MX_FRAME) : this.read.readUInt32BE(MX_FRAME);
   }
 
   close(): void {
