@@ -266,27 +266,6 @@ class SqlKeysTransaction implements KeysTransaction {
     );
   }
 
-  /**
-   * One device's claim, in a transaction: its oldest key read, then deleted by its id (two plain
-   * statements cost less than the DELETE … RETURNING with a subquery above, which materialises
-   * what it returns), else its fallback key.
-   */
-  private async oneOnSqlite(tx: Queryable, { userId, deviceId, algorithm }: ClaimRequest): Promise<ClaimedKey[]> {
-    const key = await tx.get<ClaimRow & { id: number }>(
-      'SELECT id, user_id, device_id, algorithm, key_id, key_json FROM e2e_one_time_keys WHERE user_id = ? AND device_id = ? AND algorithm = ? ORDER BY id LIMIT 1',
-      [userId, deviceId, algorithm],
-    );
-    if (key) {
-      await tx.run('DELETE FROM e2e_one_time_keys WHERE id = ?', [key.id]);
-      return [toClaimed({ ...key, fallback: false })];
-    }
-    const fallback = await tx.get<ClaimRow>(
-      'UPDATE e2e_fallback_keys SET used = ? WHERE user_id = ? AND device_id = ? AND algorithm = ? RETURNING user_id, device_id, algorithm, key_id, key_json',
-      [true, userId, deviceId, algorithm],
-    );
-    return fallback ? [toClaimed({ ...fallback, fallback: true })] : [];
-  }
-
   oneTimeKeyCounts(userId: string, deviceId: string): Promise<Record<string, number>> {
     return oneTimeKeyCounts(this.tx, userId, deviceId);
   }
