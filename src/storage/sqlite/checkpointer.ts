@@ -47,7 +47,6 @@ parentPort.on('message', (m) => {
 });
 `;
 
-const driverPath = createRequire(import.meta.url).resolve('better-sqlite3');
 
 /** What the serving connection gives the checkpointer. */
 export interface CheckpointTarget {
@@ -86,7 +85,12 @@ export class Checkpointer {
     this.askedAt = frames;
     this.running = true;
     this.passes = 1;
-    this.start().postMessage('checkpoint');
+    try {
+      this.start().postMessage('checkpoint');
+    } catch {
+      // No worker thread here (better-sqlite3 not loadable from one, say): checkpoint as SQLite does.
+      this.fail();
+    }
   }
 
   /** A pass is done: past RESTART_FRAMES, another pass or the serving connection's finish. */
@@ -106,7 +110,8 @@ export class Checkpointer {
 
   private start(): Worker {
     if (this.worker) return this.worker;
-    const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { path: this.path, driver: driverPath } });
+    const driver = createRequire(import.meta.url).resolve('better-sqlite3');
+    const worker = new Worker(WORKER_SOURCE, { eval: true, execArgv: [], workerData: { path: this.path, driver } });
     worker.unref();
     worker.on('message', (m: { error?: string; result?: { busy: number; checkpointed: number } }) => {
       if (m.error !== undefined || !m.result) return this.fail();
