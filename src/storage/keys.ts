@@ -431,8 +431,7 @@ export class SqlKeysStore implements KeysStore {
       }
       return handOut(claims, await this.claimManyOnPostgres(claims.flat()));
     }
-    // One statement is atomic on its own; a claim of one device reads, then deletes (oneOnSqlite).
-    if (claims.length === 1 && claims[0]!.length > 1) return [await this.claimOnSqlite(this.db, claims[0]!)];
+    // Always a transaction: a one-device claim is two statements (oneOnSqlite).
     return this.db.transaction(async (tx) => {
       const out: ClaimedKey[][] = [];
       for (const c of claims) out.push(await this.claimOnSqlite(tx, c));
@@ -453,7 +452,7 @@ export class SqlKeysStore implements KeysStore {
     return rows.map(toClaimed);
   }
 
-  /** The claim itself on SQLite, on `q` (the database, or a transaction; a transaction for one device). */
+  /** The claim itself on SQLite, in transaction `q`. */
   private async claimOnSqlite(q: Queryable, requests: readonly ClaimRequest[]): Promise<ClaimedKey[]> {
     if (requests.length === 1) return this.oneOnSqlite(q, requests[0]!);
     // One statement for the one-time keys, then one for the fallback keys of the devices that had none.

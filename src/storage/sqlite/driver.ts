@@ -53,8 +53,6 @@ export class SqliteDatabase implements SqlDatabase {
   private generation = 0;
   /** How commits by other connections are noticed: the wal-index header, or data_version. */
   private readonly otherCommits: () => boolean;
-  /** The wal-index header, when there is one to read. */
-  private walIndex: WalIndexHeader | undefined;
   /** Checkpoints the WAL in a worker thread (WAL mode with a wal-index to read). */
   private readonly checkpointer: Checkpointer | undefined;
   /** Resolves when the transaction currently open (and every one queued before it) has ended. */
@@ -106,8 +104,8 @@ export class SqliteDatabase implements SqlDatabase {
     // no longer fit, and claims start reading pages from the OS. 16 MiB holds them (claims on
     // 10^6 keys as fast as on a small database, measured); 64 MiB only added resident memory.
     this.db.pragma('cache_size = -16384');
-    this.otherCommits = this.commitWatch(options.path);
-    const walIndex = this.walIndex;
+    const { otherCommits, walIndex } = this.commitWatch(options.path);
+    this.otherCommits = otherCommits;
     if (walIndex) {
       this.db.pragma('wal_autocheckpoint = 0');
       this.checkpointer = new Checkpointer(options.path, {
@@ -213,7 +211,8 @@ export class SqliteDatabase implements SqlDatabase {
     return this.generation;
   };
 
-  private commitWatch(path: string): () => boolean {
+  /** How other connections' commits are noticed, and the wal-index header when there is one. */
+  private commitWatch(path: string): { otherCommits: () => boolean; walIndex?: WalIndexHeader } {
     const mode = this.db.pragma('journal_mode', { simple: true });
     // A first read transaction creates the -shm file when this is the only connection.
     this.db.pragma('schema_version');
@@ -230,17 +229,16 @@ export class SqliteDatabase implements SqlDatabase {
     if (mode === 'wal' && path !== ':memory:') {
       try {
         const header = new WalIndexHeader(`${path}-shm`);
-        this.walIndex = header;
         this.closeWatch = () => header.close();
         // The header moves with every commit, this connection's too; data_version, which costs
         // a read transaction, is asked only when it moved. Read after the header, it covers
         // every commit the header showed, so a commit elsewhere is never taken for our own.
-        return () => header.changed() && otherCommitted();
+        return { otherCommits: () => header.changed() && otherCommitted(), walIndex: header };
       } catch {
         // No -shm file to read (an unusual file system): data_version alone.
       }
     }
-    return otherCommitted;
+    return { otherCommits: otherCommitted };
   }
 
   private closeWatch = () => {};
