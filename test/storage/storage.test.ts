@@ -330,6 +330,42 @@ describeEachBackend('storage', (backend) => {
     }
   });
 
+  test('a one-time key that becomes visible below the last one claimed is still handed out before the fallback key', async () => {
+    const config = await backend.freshDatabase();
+    const store = await openStore(config);
+    const raw = rawDatabase(config);
+    try {
+      const alg = 'signed_curve25519';
+      const claim = [{ userId: '@l:x', deviceId: 'L', algorithm: alg }];
+      await store.keys.transaction(async (tx) => {
+        await tx.putDeviceKeys('@l:x', 'L', '{}');
+        await tx.putFallbackKey('@l:x', 'L', { algorithm: alg, keyId: 'F', json: '{}', used: false });
+      });
+      // A key whose upload committed late (ids are taken at insert) or whose claim rolled back:
+      // taken out of the table while a newer key is claimed, then put back with its old id.
+      const late = async (keyId: string, newer: string[], takeNewer: () => Promise<unknown>): Promise<void> => {
+        await store.keys.transaction((tx) => tx.addOneTimeKeys('@l:x', 'L', [keyId, ...newer].map((k) => ({ algorithm: alg, keyId: k, json: '{}' }))));
+        const row = (await raw.get<{ id: number; key_json: string; ts: number }>('SELECT id, key_json, ts FROM e2e_one_time_keys WHERE key_id = ?', [keyId]))!;
+        await raw.run('DELETE FROM e2e_one_time_keys WHERE key_id = ?', [keyId]);
+        await takeNewer();
+        await raw.run('INSERT INTO e2e_one_time_keys (id, user_id, device_id, algorithm, key_id, key_json, ts) VALUES (?, ?, ?, ?, ?, ?, ?)', [row.id, '@l:x', 'L', alg, keyId, row.key_json, row.ts]);
+      };
+      const one = async () => (await store.keys.claimKeys(claim))[0]?.keyId;
+      await late('late1', ['new1', 'new2'], async () => assert.equal(await one(), 'new1'));
+      // PostgreSQL searches above the last key taken first (new2, late1), SQLite takes the oldest.
+      const next = [await one(), await one(), await one()];
+      assert.deepEqual([...next.slice(0, 2)].sort(), ['late1', 'new2'], 'one claim at a time: the key below the last one taken is still found');
+      assert.equal(next[2], 'F');
+      await late('late2', ['new3', 'new4'], async () => assert.equal(await one(), 'new3'));
+      // Three claims in one turn of the event loop: one statement for all of them.
+      const together = await Promise.all([claim, claim, claim].map((c) => store.keys.claimKeys(c)));
+      assert.deepEqual(together.map((r) => r[0]?.keyId), ['late2', 'new4', 'F'], 'claims made together: the key above the last one taken, then the one below it');
+    } finally {
+      await raw.close();
+      await store.close();
+    }
+  });
+
   test('a device deleted while keys are being uploaded to it leaves none of them behind', async () => {
     const store = await openStore(await backend.freshDatabase());
     try {
