@@ -3,7 +3,8 @@
  * `ed25519 <key_version> <unpadded base64 seed>`. The first key signs; every key in the file is
  * published in `verify_keys`.
  */
-import { chmodSync, existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, existsSync, linkSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { decodeBase64, encodeUnpaddedBase64 } from '../matrix/base64.js';
 import { generateSigningKey, KEY_VERSION, signingKeyFromSeed, type SigningKey } from '../matrix/signing.js';
@@ -48,16 +49,28 @@ export function readSigningKeys(path: string): SigningKey[] {
   return parseSigningKeys(text, path);
 }
 
-/** Writes a new key file (mode 0600); refuses to overwrite an existing file. */
+/**
+ * Writes a new key file (mode 0600); refuses to overwrite an existing file. The key is written to a
+ * private temporary file first and then linked into place, so a process starting at the same moment
+ * sees either no file or the whole key, never an empty file.
+ */
 export function writeNewSigningKeyFile(path: string, key: SigningKey = generateSigningKey()): SigningKey {
   mkdirSync(dirname(path), { recursive: true });
+  const temporary = `${path}.${process.pid}.${randomBytes(4).toString('hex')}.tmp`;
   try {
-    writeFileSync(path, formatSigningKeys([key]), { flag: 'wx', mode: 0o600 });
+    writeFileSync(temporary, formatSigningKeys([key]), { flag: 'wx', mode: 0o600 });
+    chmodSync(temporary, 0o600);
+    linkSync(temporary, path);
   } catch (e) {
     if ((e as NodeJS.ErrnoException).code === 'EEXIST') throw new SigningKeyFileError(`${path} already exists; refusing to overwrite a signing key`);
     throw new SigningKeyFileError(`cannot write the signing key file ${path}: ${(e as Error).message}`);
+  } finally {
+    try {
+      unlinkSync(temporary);
+    } catch {
+      // Never created: the write itself failed and was reported above.
+    }
   }
-  chmodSync(path, 0o600);
   return key;
 }
 
