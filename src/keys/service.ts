@@ -90,13 +90,18 @@ export interface KeyStats {
  */
 const MAX_KEPT_ANSWER_BYTES = 16_384;
 const MAX_KEPT_REQUEST_CHARS = 4096;
-/** All kept requests and answers together: ~8 MB. */
-export const ANSWER_CACHE_BUDGET_BYTES = 8 * 1024 * 1024;
+/**
+ * All kept requests and answers together: ~4 MB. Under load V8 lets the heap grow to about twice
+ * what is live (HEAP_GROWING_PERCENT, cli/run.ts), so each MB of the read caches' budgets (these two
+ * and KEYS_OF_USER_BUDGET_BYTES in storage/keys.ts) costs about two of resident memory: halving
+ * them from 8 + 24 + 8 MB took ~20 MiB off the peak on 10^5 devices (docs/benchmarks.md, "Memory").
+ */
+export const ANSWER_CACHE_BUDGET_BYTES = 4 * 1024 * 1024;
 /**
  * The same for users' parts of answers (query-text.ts), counting the parts and the keys they were
- * built from: ~24 MB, the keys of about 5,000 users with three devices each.
+ * built from: ~12 MB, the keys of about 2,500 users with three devices each.
  */
-const USER_ANSWER_BUDGET_BYTES = 24 * 1024 * 1024;
+const USER_ANSWER_BUDGET_BYTES = 12 * 1024 * 1024;
 
 /** The `failures` object of a client answer. */
 function failuresText(failures: ReadonlyMap<string, ServerFailure>): string {

@@ -349,8 +349,8 @@ class SqlKeysTransaction implements KeysTransaction {
   }
 }
 
-/** The most the cache of users' keys (keysByUser) holds. */
-const KEYS_OF_USER_BUDGET_BYTES = 8 * 1024 * 1024;
+/** The most the cache of users' keys (keysByUser) holds (see ANSWER_CACHE_BUDGET_BYTES, keys/service.ts). */
+const KEYS_OF_USER_BUDGET_BYTES = 4 * 1024 * 1024;
 
 /** Devices whose claim hint (SqlKeysStore.claimHints) is kept at most, ~100 bytes each. */
 const MAX_CLAIM_HINTS = 100_000;
