@@ -38,7 +38,8 @@ export class CountingProxy {
   private server!: Server;
   url = '';
 
-  private constructor(private readonly target: string) {}
+  /** Where requests go; may be set after start (the proxy's address is needed before its target's). */
+  private constructor(public target: string) {}
 
   static async start(target: string, port = 0): Promise<CountingProxy> {
     const p = new CountingProxy(target);
@@ -92,8 +93,9 @@ export async function startFederation(
   /** More servers every one of them can reach (name → base URL). */
   others: Record<string, string> = {},
 ): Promise<Federation> {
-  const ports = await Promise.all(names.map(() => freePort()));
-  const fronts = await Promise.all(ports.map((port) => CountingProxy.start(`http://127.0.0.1:${port}`)));
+  // The proxies start first, as every server must know the others' addresses; each server then
+  // listens on a port of its own choosing (no free-port race) and its proxy is pointed at it.
+  const fronts = await Promise.all(names.map(() => CountingProxy.start('')));
   const servers: TestServer[] = [];
   for (const [i, name] of names.entries()) {
     const resolve = { ...others, ...Object.fromEntries(names.flatMap((other, j) => (j === i ? [] : [[other, fronts[j]!.url]]))) };
@@ -101,9 +103,10 @@ export async function startFederation(
     servers.push(
       await startServer({
         backend,
-        config: { registration_shared_secret: SHARED_SECRET, ...config, server_name: name, listen: { host: '127.0.0.1', port: ports[i] }, federation },
+        config: { registration_shared_secret: SHARED_SECRET, ...config, server_name: name, listen: { host: '127.0.0.1', port: 0 }, federation },
       }),
     );
+    fronts[i]!.target = servers[i]!.url;
   }
   return { servers, proxies: fronts };
 }
