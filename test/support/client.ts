@@ -19,7 +19,8 @@ export function registrationMac(secret: string, nonce: string, username: string,
 
 /** Registers a user through Synapse's shared-secret admin API (the server needs SHARED_SECRET). */
 export async function registerUser(server: TestServer, username: string, password = `pw-${username}`, admin = false): Promise<Session> {
-  const { body } = await http<{ nonce: string }>(server.url, 'GET', '/_synapse/admin/v1/register');
+  const { status, text, body } = await http<{ nonce: string }>(server.url, 'GET', '/_synapse/admin/v1/register');
+  assert.equal(status, 200, `GET /_synapse/admin/v1/register: ${text}`);
   const r = await http(server.url, 'POST', '/_synapse/admin/v1/register', {
     body: { nonce: body.nonce, username, password, admin, mac: registrationMac(SHARED_SECRET, body.nonce, username, password, admin) },
   });
