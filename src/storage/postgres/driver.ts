@@ -181,8 +181,9 @@ export class PostgresDatabase implements SqlDatabase {
   constructor(private readonly options: PostgresOptions) {
     // A server that accepts connections but never answers, or a wait for a free connection that
     // never ends, would hang start-up and requests silently: both fail after connect_timeout.
+    const connectionString = withoutJit(options.connectionString);
     this.pool = new pg.Pool({
-      connectionString: withoutJit(options.connectionString),
+      connectionString,
       max: Math.max(2, options.poolSize ?? 10),
       types,
       connectionTimeoutMillis: options.connectTimeoutMs ?? 10_000,
@@ -194,7 +195,7 @@ export class PostgresDatabase implements SqlDatabase {
     const boundMs = options.cacheStalenessBoundMs ?? 0;
     if (boundMs > 0) {
       const listener = new ChangeListener({
-        connectionString: withoutJit(options.connectionString),
+        connectionString,
         boundMs,
         connectTimeoutMs: options.connectTimeoutMs ?? 10_000,
         onChange: () => this.generation++,
