@@ -19,7 +19,14 @@ export function registrationMac(secret: string, nonce: string, username: string,
 
 /** Registers a user through Synapse's shared-secret admin API (the server needs SHARED_SECRET). */
 export async function registerUser(server: TestServer, username: string, password = `pw-${username}`, admin = false): Promise<Session> {
-  const { status, text, body } = await http<{ nonce: string }>(server.url, 'GET', '/_synapse/admin/v1/register');
+  let nonce = await http<{ nonce: string; retry_after_ms?: number }>(server.url, 'GET', '/_synapse/admin/v1/register');
+  // Nonces are rate-limited per address (20 at once, then 2 a second): a test registering many
+  // users waits as the server asks, as an admin script would.
+  while (nonce.status === 429) {
+    await new Promise((r) => setTimeout(r, nonce.body.retry_after_ms ?? 500));
+    nonce = await http(server.url, 'GET', '/_synapse/admin/v1/register');
+  }
+  const { status, text, body } = nonce;
   assert.equal(status, 200, `GET /_synapse/admin/v1/register: ${text}`);
   const r = await http(server.url, 'POST', '/_synapse/admin/v1/register', {
     body: { nonce: body.nonce, username, password, admin, mac: registrationMac(SHARED_SECRET, body.nonce, username, password, admin) },
